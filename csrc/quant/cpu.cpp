@@ -1,0 +1,161 @@
+// CPU kernels of the quant family: parallel over blocks (at::parallel_for), one pass to
+// find the block's absmax and one to quantize it. The nearest-code search goes through a
+// table over the float's top 16 bits, which narrows the midpoint search to the one or two
+// candidates of that bucket; the answer is exactly count_less over all midpoints.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "quant/ops.h"
+#include "quant/quant_math.h"
+
+namespace lowrank::quant {
+namespace {
+
+// count_less(mids, 0, n_mids, v) for v in [-1, 1], through a per-call table indexed by the
+// top 16 bits of ordered_key(v). start[k] counts the midpoints below the first float of
+// bucket k; the answer for any v in bucket k lies in [start[k], start[k+1]].
+class NearestSearch {
+ public:
+  NearestSearch(const float* code, int code_size) : n_mids_(code_size - 1) {
+    for (int j = 0; j < n_mids_; ++j) mids_[j] = code_midpoint(code, j);
+    first_bucket_ = ordered_key(-1.0f) >> 16;
+    const uint32_t last_bucket = ordered_key(1.0f) >> 16;
+    start_.resize(last_bucket - first_bucket_ + 2);
+    int j = 0;
+    for (uint32_t k = 0; k < start_.size(); ++k) {
+      const float first = key_to_float((first_bucket_ + k) << 16);
+      while (j < n_mids_ && mids_[j] < first) ++j;
+      start_[k] = static_cast<uint8_t>(j);  // j <= 255
+    }
+  }
+
+  int operator()(float v) const {
+    const uint32_t k = (ordered_key(v) >> 16) - first_bucket_;
+    return count_less(mids_.data(), start_[k], start_[k + 1], v);
+  }
+
+ private:
+  int n_mids_;
+  std::array<float, 255> mids_{};
+  uint32_t first_bucket_;
+  std::vector<uint8_t> start_;
+};
+
+template <typename T>
+float block_absmax(const T* x, int64_t n) {
+  float amax = 0.f;
+  bool nonfinite = false;
+  for (int64_t i = 0; i < n; ++i) absmax_step(static_cast<float>(x[i]), amax, nonfinite);
+  return finish_absmax(amax, nonfinite);
+}
+
+// Index of element i of a block (first element `base` globally) under the chosen rounding.
+struct Rounder {
+  const QuantizeParams& p;
+  const NearestSearch& nearest;
+  int code_size;
+
+  // Fills idx[0..n) for one block; `base` is the block's first global element index.
+  template <typename T>
+  void operator()(const T* x, int64_t n, int64_t base, float absmax, uint8_t* idx) const {
+    if (!p.stochastic) {
+      for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<uint8_t>(nearest(normalize(static_cast<float>(x[i]), absmax)));
+      return;
+    }
+    Philox4 r{};
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t g = static_cast<uint64_t>(base + i);
+      if (i == 0 || (g & 3) == 0) r = philox_group(p.seed, p.offset, g >> 2);
+      const float u = uniform_from_bits(r.v[g & 3]);
+      idx[i] = static_cast<uint8_t>(stochastic_index(p.code, code_size, normalize(static_cast<float>(x[i]), absmax), u));
+    }
+  }
+};
+
+template <typename T>
+void quantize_impl(const QuantizeParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int code_size = 1 << p.bits;
+  const NearestSearch nearest(p.code, code_size);
+  const Rounder round{p, nearest, code_size};
+  const int64_t grain = std::max<int64_t>(1, 32768 / p.blocksize);
+  at::parallel_for(0, p.nblocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> idx(p.bits == 4 ? p.blocksize : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * p.blocksize;
+      const int64_t n = std::min(p.blocksize, p.numel - base);
+      const float absmax = block_absmax(x + base, n);
+      p.absmax[b] = absmax;
+      if (p.bits == 8) {
+        round(x + base, n, base, absmax, p.q + base);
+      } else {  // two indices per byte, even element in the low nibble
+        round(x + base, n, base, absmax, idx.data());
+        uint8_t* qb = p.q + base / 2;
+        for (int64_t i = 0; i < n / 2; ++i) qb[i] = static_cast<uint8_t>(idx[2 * i] | (idx[2 * i + 1] << 4));
+        if (n & 1) qb[n / 2] = idx[n - 1];
+      }
+    }
+  });
+}
+
+template <typename T>
+void dequantize_impl(const DequantizeParams& p) {
+  T* out = static_cast<T*>(p.out);
+  const int64_t nblocks = (p.numel + p.blocksize - 1) / p.blocksize;
+  const int64_t grain = std::max<int64_t>(1, 32768 / p.blocksize);
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t base = b * p.blocksize;
+      const int64_t n = std::min(p.blocksize, p.numel - base);
+      const float absmax = p.absmax[b];
+      T* ob = out + base;
+      if (p.bits == 8) {
+        const uint8_t* qb = p.q + base;
+        for (int64_t i = 0; i < n; ++i) ob[i] = static_cast<T>(dequantize_value(p.code, qb[i], absmax));
+      } else {
+        const uint8_t* qb = p.q + base / 2;
+        for (int64_t i = 0; i < n; ++i) {
+          const int nibble = (qb[i >> 1] >> ((i & 1) * 4)) & 0xF;
+          ob[i] = static_cast<T>(dequantize_value(p.code, nibble, absmax));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu_op(const at::Tensor& x, const at::Tensor& code,
+                                                             int64_t blocksize, int64_t bits,
+                                                             bool stochastic_rounding, int64_t seed, int64_t offset) {
+  PreparedQuantize prep = prepare_quantize(x, code, blocksize, bits, stochastic_rounding, seed, offset);
+  quantize_blockwise_cpu(prep.params);
+  return {prep.q, prep.absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu_op(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                                       int64_t blocksize, int64_t bits, c10::SymIntArrayRef shape,
+                                       at::ScalarType dtype) {
+  PreparedDequantize prep = prepare_dequantize(q, absmax, code, blocksize, bits, shape, dtype);
+  dequantize_blockwise_cpu(prep.params);
+  return prep.out;
+}
+
+}  // namespace
+
+void quantize_blockwise_cpu(const QuantizeParams& p) {
+  LOWRANK_DISPATCH_FLOAT(p.x_kind, T, [&] { quantize_impl<T>(p); });
+}
+
+void dequantize_blockwise_cpu(const DequantizeParams& p) {
+  LOWRANK_DISPATCH_FLOAT(p.out_kind, T, [&] { dequantize_impl<T>(p); });
+}
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("quantize_blockwise", TORCH_FN(quantize_blockwise_cpu_op));
+  m.impl("dequantize_blockwise", TORCH_FN(dequantize_blockwise_cpu_op));
+}
+
+}  // namespace lowrank::quant

@@ -1,0 +1,79 @@
+#pragma once
+// The arithmetic of block-wise quantization, shared by the CPU and CUDA kernels and
+// mirrored exactly by lowrank_ext/reference/quant.py:
+//   absmax  = max |x| over the block, or NaN when the block holds a NaN or an infinity
+//             (the block then dequantizes to NaN everywhere: non-finite input is never
+//             turned into finite output)
+//   v       = x / absmax in fp32 (v = 0 when absmax is 0 or NaN)
+//   nearest = number of code midpoints m_j = 0.5f * (code[j] + code[j+1]) below v; ties
+//             go to the lower entry
+//   stochastic: with c_i <= v < c_{i+1}, pick i+1 with probability (v - c_i) / (c_{i+1} - c_i),
+//             from a Philox draw u in [0, 1) (pick i+1 when u < p)
+//   x'      = code[q] * absmax in fp32, then cast to the output dtype
+#include "common/host_device.h"
+#include "common/philox.h"
+
+namespace lowrank::quant {
+
+// Number of entries of the sorted range arr[lo, hi) that are < v (a lower bound).
+LOWRANK_HD int count_less(const float* arr, int lo, int hi, float v) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (arr[mid] < v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Number of entries of the sorted range arr[lo, hi) that are <= v (an upper bound).
+LOWRANK_HD int count_less_equal(const float* arr, int lo, int hi, float v) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (arr[mid] <= v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+LOWRANK_HD float code_midpoint(const float* code, int j) { return 0.5f * (code[j] + code[j + 1]); }
+
+// NaN-propagating |x| max step: the flag records any non-finite value seen.
+LOWRANK_HD void absmax_step(float x, float& amax, bool& nonfinite) {
+  const float a = x < 0.f ? -x : x;
+  amax = a > amax ? a : amax;
+  nonfinite |= !(a <= 3.402823466e+38f);  // true for inf and NaN
+}
+
+LOWRANK_HD float finish_absmax(float amax, bool nonfinite) {
+  return nonfinite ? bits_as_float(0x7fc00000u) : amax;
+}
+
+LOWRANK_HD float normalize(float x, float absmax) { return absmax > 0.f ? x / absmax : 0.f; }
+
+// Nearest code entry: mids[j] is the midpoint between code[j] and code[j+1].
+LOWRANK_HD int nearest_index(const float* mids, int n_mids, float v) {
+  return count_less(mids, 0, n_mids, v);
+}
+
+LOWRANK_HD int stochastic_index(const float* code, int n, float v, float u) {
+  const int i = count_less_equal(code, 0, n, v) - 1;  // largest i with code[i] <= v
+  if (i < 0) return 0;
+  if (i >= n - 1) return n - 1;
+  const float lo = code[i], hi = code[i + 1];
+  const float p = (v - lo) / (hi - lo);  // hi > v >= lo, so hi > lo
+  return u < p ? i + 1 : i;
+}
+
+LOWRANK_HD float dequantize_value(const float* code, int index, float absmax) {
+  return code[index] * absmax;
+}
+
+// Order-preserving map from finite floats to uint32 (used by the CPU search table).
+LOWRANK_HD uint32_t ordered_key(float v) {
+  const uint32_t b = float_as_bits(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+LOWRANK_HD float key_to_float(uint32_t key) {
+  return bits_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+}  // namespace lowrank::quant

@@ -1,0 +1,25 @@
+"""lowrank_ext: fused C++/CUDA kernels for low-rank and memory-efficient training.
+
+Importing the package loads the compiled library (registering ``torch.ops.lowrank.*``)
+and the fake/autograd registrations of every op family.
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (torch's libraries must be loaded before _C)
+
+from . import _C
+from . import ops, quant, reference  # noqa: F401  (registers fakes; user-facing helpers)
+
+__version__: str = _C.BUILD_INFO["version"]
+
+
+def build_info() -> dict:
+    """How the extension was built: version, torch version it was compiled against,
+    whether CUDA kernels were compiled and for which archs, OpenMP, compilers."""
+    info = dict(_C.BUILD_INFO)
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
+    info["torch_version_runtime"] = torch.__version__
+    return info
+
+
+__all__ = ["build_info", "ops", "quant", "reference", "__version__"]

@@ -1,0 +1,71 @@
+"""Block-wise quantization ops: ``torch.ops.lowrank.quantize_blockwise`` and
+``torch.ops.lowrank.dequantize_blockwise``, with their fake (meta) registrations.
+
+Neither op is differentiable (q is an integer code index), so no autograd formula is
+registered; use them on optimizer state, buffers and checkpoints. Codes come from
+:mod:`lowrank_ext.quant`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["quantize_blockwise", "dequantize_blockwise", "packed_numel"]
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes of ``q`` for ``numel`` values: one per value (8-bit) or one per two (4-bit)."""
+    return numel if bits == 8 else (numel + 1) // 2
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256, bits: int = 8,
+                       stochastic_rounding: bool = False, seed: int = 0,
+                       offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` block by block with a sorted code of ``2**bits`` float32 entries.
+
+    Args:
+        x: any shape, float32/float16/bfloat16 (non-contiguous input is copied once).
+        code: float32 ``[2**bits]``, ascending, on ``x``'s device.
+        blocksize: power of two in [64, 4096]; the last block may be partial.
+        bits: 8 (one value per byte) or 4 (two per byte, even element in the low nibble).
+        stochastic_rounding: round to one of the two neighbouring code entries with
+            probability given by the distance (unbiased); the draw is Philox from
+            ``(seed, offset, element index)``, the same on CPU and CUDA.
+
+    Returns:
+        ``q``: uint8 ``[packed_numel(x.numel(), bits)]``; ``absmax``: float32
+        ``[ceil(x.numel() / blocksize)]``. A block holding a NaN or an infinity gets
+        ``absmax = NaN`` and dequantizes to NaN; an all-zero block dequantizes to zeros.
+    """
+    return torch.ops.lowrank.quantize_blockwise(x, code, blocksize, bits, stochastic_rounding, seed, offset)
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
+                         bits: int = 8, shape: Sequence[int] | None = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``code[q] * absmax`` per block, as a tensor of ``shape`` (default: flat) and ``dtype``."""
+    if shape is None:
+        shape = [absmax.numel() * blocksize if bits == 8 else q.numel() * 2]
+    return torch.ops.lowrank.dequantize_blockwise(q, absmax, code, blocksize, bits, list(shape), dtype)
+
+
+def _check_static_args(blocksize: int, bits: int) -> None:
+    torch._check(bits in (4, 8), lambda: f"bits must be 8 or 4, got {bits}")
+    torch._check(64 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0,
+                 lambda: f"blocksize must be a power of two in [64, 4096], got {blocksize}")
+
+
+@torch.library.register_fake("lowrank::quantize_blockwise")
+def _quantize_blockwise_fake(x, code, blocksize, bits, stochastic_rounding=False, seed=0, offset=0):
+    _check_static_args(blocksize, bits)
+    numel = x.numel()
+    q = x.new_empty([packed_numel(numel, bits)], dtype=torch.uint8)
+    absmax = x.new_empty([(numel + blocksize - 1) // blocksize], dtype=torch.float32)
+    return q, absmax
+
+
+@torch.library.register_fake("lowrank::dequantize_blockwise")
+def _dequantize_blockwise_fake(q, absmax, code, blocksize, bits, shape, dtype):
+    _check_static_args(blocksize, bits)
+    return q.new_empty(shape, dtype=dtype)

@@ -1,0 +1,17 @@
+"""Pure-PyTorch references of every op, keyed by the op's qualified name.
+
+References accumulate in fp32 (or fp64) and never import lowrank_ext._C: tests compare
+the kernels against them, benchmarks time them as the baseline.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
+
+REFERENCES: dict[str, Callable] = {
+    "lowrank::quantize_blockwise": quantize_blockwise_ref,
+    "lowrank::dequantize_blockwise": dequantize_blockwise_ref,
+}
+
+__all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref"]

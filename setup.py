@@ -1,0 +1,139 @@
+"""Build lowrank_ext: setup.py only gathers facts about torch and CUDA; CMake builds.
+
+Why not torch.utils.cpp_extension or find_package(Torch): we link torch's libraries
+directly (include and lib dirs from the installed torch), which works the same with a
+CPU-only torch, with no nvcc, with CMake 4, and with torch 2.11 or 2.14, without the
+CUDA-toolkit probing that TorchConfig.cmake does. Environment knobs:
+  LOWRANK_EXT_CUDA=auto|0|1   compile the CUDA kernels (auto: when nvcc and a CUDA torch exist)
+  TORCH_CUDA_ARCH_LIST        e.g. "8.0;9.0" (default), "9.0", "9.0a"
+  MAX_JOBS                    parallel compile jobs (default: all cores)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def find_cuda_home():
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return os.path.realpath(cand)
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # /usr/local/bin/nvcc may be a wrapper script: ask nvcc where it lives
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def wheel_cuda_include_dirs():
+    """CUDA library headers (cublas_v2.h, cusparse.h, ...) shipped in torch's nvidia wheels."""
+    dirs = []
+    for sp in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def cmake_cuda_archs(arch_list):
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX", "9.0a") -> CMAKE_CUDA_ARCHITECTURES ("80-real;90")."""
+    entries = [a for a in arch_list.replace(" ", ";").split(";") if a]
+    out = []
+    for i, a in enumerate(entries):
+        ptx = a.endswith("+PTX") or i == len(entries) - 1  # PTX for the newest arch: forward compat
+        a = a.replace("+PTX", "")
+        num = a.replace(".", "")
+        out.append(num if ptx else num + "-real")
+    return ";".join(out)
+
+
+def cuda_enabled(torch):
+    mode = os.environ.get("LOWRANK_EXT_CUDA", "auto").lower()
+    if mode in ("0", "off", "false", "no"):
+        return False, None
+    cuda_home = find_cuda_home()
+    ok = torch.version.cuda is not None and cuda_home is not None
+    if mode in ("1", "on", "true", "yes") and not ok:
+        raise RuntimeError(
+            f"LOWRANK_EXT_CUDA=1 but CUDA cannot be built: torch.version.cuda={torch.version.cuda}, "
+            f"nvcc found under {cuda_home}")
+    return ok, cuda_home
+
+
+def find_tool(name):
+    here = os.path.join(os.path.dirname(sys.executable), name)  # the venv's own bin first
+    return here if os.path.exists(here) else shutil.which(name)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+        import torch
+
+        with_cuda, cuda_home = cuda_enabled(torch)
+        build_dir = os.path.join(ROOT, "build", "cmake")
+        os.makedirs(build_dir, exist_ok=True)
+        torch_dir = os.path.dirname(torch.__file__)
+        args = [
+            "-G", "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DTORCH_ROOT={torch_dir}",
+            f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DTORCH_VERSION_STR={torch.__version__}",
+            f"-DLOWRANK_VERSION={VERSION}",
+            f"-DLOWRANK_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        ninja = find_tool("ninja")
+        if ninja:
+            args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        ccache = find_tool("ccache")
+        if ccache:
+            args += [f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}"]
+        if with_cuda:
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}",
+                f"-DCUDAToolkit_ROOT={cuda_home}",
+                f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_archs(archs)}",
+                f"-DLOWRANK_CUDA_ARCH_LIST={archs}",
+                f"-DLOWRANK_CUDA_EXTRA_INCLUDES={';'.join(wheel_cuda_include_dirs())}",
+            ]
+        cmake = find_tool("cmake")
+        print(f"lowrank_ext: CUDA kernels {'ON' if with_cuda else 'OFF'}; cmake {' '.join(args)}", flush=True)
+        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
+        subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
+        built = glob.glob(os.path.join(build_dir, "_C*.so"))
+        if len(built) != 1:
+            raise RuntimeError(f"expected one _C module in {build_dir}, found {built}")
+        dest = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(built[0], dest)
+
+
+setup(
+    name="lowrank_ext",
+    version=VERSION,
+    description="Fused CUDA/C++ kernels for low-rank and memory-efficient training",
+    packages=["lowrank_ext", "lowrank_ext.ops", "lowrank_ext.reference", "lowrank_ext.bench"],
+    ext_modules=[Extension("lowrank_ext._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "expecttest"],
+        "bench": ["tqdm", "matplotlib", "peft", "bitsandbytes", "torchao", "galore-torch"],
+    },
+    zip_safe=False,
+)
