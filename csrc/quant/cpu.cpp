@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
+#include <limits>
 #include <vector>
 
 #include "quant/ops.h"
@@ -16,41 +16,71 @@ namespace lowrank::quant {
 namespace {
 
 // count_less(mids, 0, n_mids, v) for v in [-1, 1], through a per-call table indexed by the
-// top 16 bits of ordered_key(v). start[k] counts the midpoints below the first float of
-// bucket k; the answer for any v in bucket k lies in [start[k], start[k+1]].
+// top 16 bits of ordered_key(v) (sign, exponent and 7 mantissa bits: buckets 1/128 wide in
+// relative terms). start[k] counts the midpoints below the first float of bucket k, so the
+// answer for v in bucket k is start[k] + #{j < width : mids[start[k] + j] < v}, where width
+// is the largest start[k+1] - start[k] (1 for the built-in codes). Counting with a fixed
+// width and +inf padding keeps the loop free of data-dependent branches; candidates past
+// start[k+1] are >= the next bucket's first float > v, so they never count.
 class NearestSearch {
  public:
-  NearestSearch(const float* code, int code_size) : n_mids_(code_size - 1) {
-    for (int j = 0; j < n_mids_; ++j) mids_[j] = code_midpoint(code, j);
-    first_bucket_ = ordered_key(-1.0f) >> 16;
+  NearestSearch(const float* code, int code_size) {
+    const int n_mids = code_size - 1;
+    const uint32_t first_bucket = ordered_key(-1.0f) >> 16;
     const uint32_t last_bucket = ordered_key(1.0f) >> 16;
-    start_.resize(last_bucket - first_bucket_ + 2);
+    first_bucket_ = first_bucket;
+    start_.resize(last_bucket - first_bucket + 2);
+    std::vector<float> mids(n_mids);
+    for (int j = 0; j < n_mids; ++j) mids[j] = code_midpoint(code, j);
     int j = 0;
+    width_ = 0;
     for (uint32_t k = 0; k < start_.size(); ++k) {
-      const float first = key_to_float((first_bucket_ + k) << 16);
-      while (j < n_mids_ && mids_[j] < first) ++j;
+      const float first = key_to_float((first_bucket + k) << 16);
+      while (j < n_mids && mids[j] < first) ++j;
       start_[k] = static_cast<uint8_t>(j);  // j <= 255
+      if (k > 0) width_ = std::max(width_, start_[k] - start_[k - 1]);
     }
+    width_ = std::max(width_, 1);
+    mids_padded_.assign(n_mids + width_, std::numeric_limits<float>::infinity());
+    std::copy(mids.begin(), mids.end(), mids_padded_.begin());
   }
 
-  int operator()(float v) const {
+  int width() const { return width_; }
+
+  // W: the compile-time width for the common case, or 0 to use the run-time width.
+  template <int W>
+  int index(float v) const {
     const uint32_t k = (ordered_key(v) >> 16) - first_bucket_;
-    return count_less(mids_.data(), start_[k], start_[k + 1], v);
+    const float* cand = mids_padded_.data() + start_[k];
+    int idx = start_[k];
+    const int w = W > 0 ? W : width_;
+    for (int j = 0; j < w; ++j) idx += cand[j] < v;
+    return idx;
   }
 
  private:
-  int n_mids_;
-  std::array<float, 255> mids_{};
   uint32_t first_bucket_;
+  int width_;
   std::vector<uint8_t> start_;
+  std::vector<float> mids_padded_;
 };
 
+// absmax_step over the block with eight independent lanes, so the compiler vectorizes it
+// (the max of |x| does not depend on the order it is taken in).
 template <typename T>
 float block_absmax(const T* x, int64_t n) {
-  float amax = 0.f;
-  bool nonfinite = false;
-  for (int64_t i = 0; i < n; ++i) absmax_step(static_cast<float>(x[i]), amax, nonfinite);
-  return finish_absmax(amax, nonfinite);
+  constexpr int kLanes = 8;
+  float amax[kLanes] = {};
+  bool nonfinite[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) absmax_step(static_cast<float>(x[i + l]), amax[l], nonfinite[l]);
+  for (; i < n; ++i) absmax_step(static_cast<float>(x[i]), amax[0], nonfinite[0]);
+  for (int l = 1; l < kLanes; ++l) {
+    amax[0] = amax[l] > amax[0] ? amax[l] : amax[0];
+    nonfinite[0] |= nonfinite[l];
+  }
+  return finish_absmax(amax[0], nonfinite[0]);
 }
 
 // Index of element i of a block (first element `base` globally) under the chosen rounding.
@@ -63,7 +93,13 @@ struct Rounder {
   template <typename T>
   void operator()(const T* x, int64_t n, int64_t base, float absmax, uint8_t* idx) const {
     if (!p.stochastic) {
-      for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<uint8_t>(nearest(normalize(static_cast<float>(x[i]), absmax)));
+      if (nearest.width() == 1) {
+        for (int64_t i = 0; i < n; ++i)
+          idx[i] = static_cast<uint8_t>(nearest.index<1>(normalize(static_cast<float>(x[i]), absmax)));
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          idx[i] = static_cast<uint8_t>(nearest.index<0>(normalize(static_cast<float>(x[i]), absmax)));
+      }
       return;
     }
     Philox4 r{};

@@ -10,6 +10,8 @@
 //   stochastic: with c_i <= v < c_{i+1}, pick i+1 with probability (v - c_i) / (c_{i+1} - c_i),
 //             from a Philox draw u in [0, 1) (pick i+1 when u < p)
 //   x'      = code[q] * absmax in fp32, then cast to the output dtype
+#include <cmath>
+
 #include "common/host_device.h"
 #include "common/philox.h"
 
@@ -37,7 +39,7 @@ LOWRANK_HD float code_midpoint(const float* code, int j) { return 0.5f * (code[j
 
 // NaN-propagating |x| max step: the flag records any non-finite value seen.
 LOWRANK_HD void absmax_step(float x, float& amax, bool& nonfinite) {
-  const float a = x < 0.f ? -x : x;
+  const float a = fabsf(x);
   amax = a > amax ? a : amax;
   nonfinite |= !(a <= 3.402823466e+38f);  // true for inf and NaN
 }
@@ -66,10 +68,13 @@ LOWRANK_HD float dequantize_value(const float* code, int index, float absmax) {
   return code[index] * absmax;
 }
 
-// Order-preserving map from finite floats to uint32 (used by the CPU search table).
+// Order-preserving map from finite floats to uint32 (used by the CPU search table):
+// negative floats have all bits flipped, positive ones only the sign bit. Branch-free,
+// since signs are random in the data it runs over.
 LOWRANK_HD uint32_t ordered_key(float v) {
   const uint32_t b = float_as_bits(v);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  const uint32_t sign_mask = static_cast<uint32_t>(static_cast<int32_t>(b) >> 31);
+  return b ^ (sign_mask | 0x80000000u);
 }
 
 LOWRANK_HD float key_to_float(uint32_t key) {
