@@ -39,8 +39,9 @@ def wheel_cuda_include_dirs():
     """CUDA library headers (cublas_v2.h, cusparse.h, ...) shipped in torch's nvidia wheels."""
     dirs = []
     for sp in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu*", "include")))
-        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
+        # CUDA 13 wheels: one nvidia/cu13/include; CUDA 12 wheels: nvidia/<library>/include
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu[0-9]*", "include"))) or \
+            sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
@@ -106,7 +107,7 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_archs(archs)}",
-                f"-DLOWRANK_CUDA_ARCH_LIST={archs}",
+                f"-DLOWRANK_CUDA_ARCH_LIST={archs.replace(';', ',')}",  # a ';' would split the define
                 f"-DLOWRANK_CUDA_EXTRA_INCLUDES={';'.join(wheel_cuda_include_dirs())}",
             ]
         cmake = find_tool("cmake")
@@ -132,7 +133,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "expecttest"],
+        "test": ["pytest", "hypothesis"],
         "bench": ["tqdm", "matplotlib", "peft", "bitsandbytes", "torchao", "galore-torch"],
     },
     zip_safe=False,

@@ -17,7 +17,7 @@ def build_info() -> dict:
     """How the extension was built: version, torch version it was compiled against,
     whether CUDA kernels were compiled and for which archs, OpenMP, compilers."""
     info = dict(_C.BUILD_INFO)
-    info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["torch_version_runtime"] = torch.__version__
     return info
 

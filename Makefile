@@ -1,0 +1,48 @@
+# The README's commands. `make bench` (the main job) and `make test` each set everything
+# up on a fresh machine: a virtualenv, pinned dependencies, the build (CUDA kernels when
+# nvcc and a CUDA torch are there), then the benchmarks or the tests.
+# `make gpu-check` is for a GPU machine whose python3 already has torch (nothing fetched).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_PIN   ?= torch==2.14.1
+BENCH_PEERS ?= peft bitsandbytes torchao galore-torch
+RESULTS_DIR ?= benchmarks/results
+BENCH_ARGS  ?=
+export CCACHE_DIR ?= $(HOME)/.cache/lowrank_ext-ccache
+
+.PHONY: test bench build deps bench-deps gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.deps: requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q "$(TORCH_PIN)" -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+
+build: deps
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info()))"
+
+test: build
+	$(PY) -m pytest -q
+
+# Peers are optional: the harness names each one it skips and why.
+$(VENV)/.bench-deps: | $(VENV)/.deps
+	-$(PY) -m pip install -q "$(TORCH_PIN)" $(BENCH_PEERS)
+	touch $@
+
+bench-deps: $(VENV)/.bench-deps
+
+bench: build bench-deps
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m lowrank_ext.bench --out $(RESULTS_DIR) $(BENCH_ARGS)
+
+gpu-check:
+	python3 tools/gpu_check.py --results-dir $(RESULTS_DIR)
+
+clean:
+	rm -rf build lowrank_ext/_C*.so *.egg-info

@@ -1,0 +1,39 @@
+"""Shared test fixtures: seeding, the device fixture and the `cuda` marker."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import lowrank_ext  # noqa: F401  (registers the ops)
+
+HAS_CUDA = torch.cuda.is_available() and lowrank_ext.build_info()["cuda"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA kernels (skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="no CUDA GPU or lowrank_ext built without CUDA kernels")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same seed, so failures reproduce."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=[pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """Runs a test on the CPU and, when a GPU and the CUDA kernels are there, on CUDA."""
+    return request.param
