@@ -45,18 +45,29 @@ class NearestSearch {
     std::copy(mids.begin(), mids.end(), mids_padded_.begin());
   }
 
-  int width() const { return width_; }
-
-  // W: the compile-time width for the common case, or 0 to use the run-time width.
-  template <int W>
-  int index(float v) const {
-    const uint32_t k = (ordered_key(v) >> 16) - first_bucket_;
-    const float* cand = mids_padded_.data() + start_[k];
-    int idx = start_[k];
-    const int w = W > 0 ? W : width_;
-    for (int j = 0; j < w; ++j) idx += cand[j] < v;
-    return idx;
+  // idx[i] = count_less(mids, 0, n_mids, v[i]) for i < n. Two passes, so that the first
+  // (the bucket of each v: integer ops only) vectorizes and the second is branch-free.
+  void indices(const float* v, int n, uint8_t* idx) const {
+    uint32_t bucket[kChunk];
+    for (int i = 0; i < n; ++i) bucket[i] = (ordered_key(v[i]) >> 16) - first_bucket_;
+    const uint8_t* start = start_.data();
+    const float* mids = mids_padded_.data();
+    if (width_ == 1) {
+      for (int i = 0; i < n; ++i) {
+        const int s = start[bucket[i]];
+        idx[i] = static_cast<uint8_t>(s + (mids[s] < v[i]));
+      }
+    } else {
+      for (int i = 0; i < n; ++i) {
+        const int s = start[bucket[i]];
+        int count = s;
+        for (int j = 0; j < width_; ++j) count += mids[s + j] < v[i];
+        idx[i] = static_cast<uint8_t>(count);
+      }
+    }
   }
+
+  static constexpr int kChunk = 256;
 
  private:
   uint32_t first_bucket_;
@@ -83,31 +94,34 @@ float block_absmax(const T* x, int64_t n) {
   return finish_absmax(amax[0], nonfinite[0]);
 }
 
-// Index of element i of a block (first element `base` globally) under the chosen rounding.
+// Fills idx[0..n) with the code indices of one block (first global element `base`),
+// a chunk of NearestSearch::kChunk values at a time: normalize (vectorized), then search.
 struct Rounder {
   const QuantizeParams& p;
   const NearestSearch& nearest;
   int code_size;
 
-  // Fills idx[0..n) for one block; `base` is the block's first global element index.
   template <typename T>
   void operator()(const T* x, int64_t n, int64_t base, float absmax, uint8_t* idx) const {
-    if (!p.stochastic) {
-      if (nearest.width() == 1) {
-        for (int64_t i = 0; i < n; ++i)
-          idx[i] = static_cast<uint8_t>(nearest.index<1>(normalize(static_cast<float>(x[i]), absmax)));
-      } else {
-        for (int64_t i = 0; i < n; ++i)
-          idx[i] = static_cast<uint8_t>(nearest.index<0>(normalize(static_cast<float>(x[i]), absmax)));
+    constexpr int kChunk = NearestSearch::kChunk;
+    float v[kChunk];
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
+      if (absmax > 0.f) {
+        for (int i = 0; i < m; ++i) v[i] = static_cast<float>(x[c + i]) / absmax;
+      } else {  // all-zero or non-finite block: normalize() gives 0
+        for (int i = 0; i < m; ++i) v[i] = 0.f;
       }
-      return;
-    }
-    Philox4 r{};
-    for (int64_t i = 0; i < n; ++i) {
-      const uint64_t g = static_cast<uint64_t>(base + i);
-      if (i == 0 || (g & 3) == 0) r = philox_group(p.seed, p.offset, g >> 2);
-      const float u = uniform_from_bits(r.v[g & 3]);
-      idx[i] = static_cast<uint8_t>(stochastic_index(p.code, code_size, normalize(static_cast<float>(x[i]), absmax), u));
+      if (!p.stochastic) {
+        nearest.indices(v, m, idx + c);
+        continue;
+      }
+      Philox4 r{};
+      for (int i = 0; i < m; ++i) {  // base + c is a multiple of 4: one Philox call per 4 values
+        const uint64_t g = static_cast<uint64_t>(base + c + i);
+        if ((g & 3) == 0) r = philox_group(p.seed, p.offset, g >> 2);
+        idx[c + i] = static_cast<uint8_t>(stochastic_index(p.code, code_size, v[i], uniform_from_bits(r.v[g & 3])));
+      }
     }
   }
 };

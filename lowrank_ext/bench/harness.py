@@ -274,8 +274,9 @@ def run_family(family: Family, cfg: RunConfig) -> tuple[list[Row], list[str]]:
         raise RuntimeError(f"family {family.name} has no reference provider")
 
     rows: list[Row] = []
-    bar = tqdm(total=sum(p.applies_to(c) for c in cases for p in usable), desc=family.name, unit="run",
-               file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+    total = sum(p.applies_to(c) for c in cases for p in usable)
+    bar = tqdm(total=total, desc=family.name, unit="run", file=sys.stderr,
+               disable=not cfg.progress, dynamic_ncols=True)
     for case in cases:
         inputs = family.make_inputs(case, device)
         ref_out: Any = None
@@ -327,6 +328,7 @@ def _run_one(family: Family, cfg: RunConfig, case: Case, inputs: Any, p: Provide
         return None
     keep = out if p.kind == "reference" else None
     del out   # free a peer's output before timing: 64M-value cases are large
+    timed.output = None
     m = measure(timed.fn, cfg.device, cfg, p.slow)
     row.median_s, row.iqr_s, row.samples, row.times_s = m.median, m.iqr, len(m.times), m.times
     _fill_metrics(row, cfg.device)
@@ -420,7 +422,8 @@ def plot(family: Family, hdr: dict[str, Any], rows: list[Row], path: Path) -> No
     keys = list(dict.fromkeys(r.case.key for r in rows))
     names = list(dict.fromkeys(r.provider for r in rows))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(keys) * max(1, len(names)) * 0.35 + 3), 5))
+    # ~0.3 inch per bar keeps labels legible however many cases a family has.
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(keys) * len(names) + 3), 5))
     for i, name in enumerate(names):
         xs, ys = [], []
         for j, k in enumerate(keys):
@@ -434,7 +437,8 @@ def plot(family: Family, hdr: dict[str, Any], rows: list[Row], path: Path) -> No
         ax.axhline(hdr["peak_mem_bw_gbs"], color="gray", linestyle="--", linewidth=1,
                    label=f"peak {hdr['peak_mem_bw_gbs']} GB/s")
     ax.set_yscale("log")   # references are orders of magnitude slower than kernels
-    ax.set_ylabel(family.plot_metric if family.plot_metric != "speedup" else "speed-up vs reference")
+    ylabel = {"speedup": "speed-up vs reference"}.get(family.plot_metric, family.plot_metric)
+    ax.set_ylabel(ylabel)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
     ax.set_title(f"{family.name} — {hdr['device']}\n{hdr['date']}  commit {hdr['commit']}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import warnings
 from types import ModuleType
 
@@ -26,10 +27,17 @@ def load(name: str) -> tuple[ModuleType | None, str]:
     """Import peer `name`; (module, "") on success, (None, why) otherwise."""
     module_name = PEERS.get(name, name)
     try:
+        # Peers warn at import about things irrelevant here (missing GPU, deprecations),
+        # through warnings and through torch's loggers.
+        torch_log = logging.getLogger("torch")
+        level = torch_log.level
         with warnings.catch_warnings():
-            # Peers warn at import about things irrelevant here (missing GPU, deprecations).
             warnings.simplefilter("ignore")
-            module = importlib.import_module(module_name)
+            torch_log.setLevel(logging.ERROR)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                torch_log.setLevel(level)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name.split(".")[0]):
             return None, f"{name}: not installed"

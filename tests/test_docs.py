@@ -1,0 +1,27 @@
+"""The README's Python examples and the module docstring examples must run as written."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python_blocks(path: str) -> list[str]:
+    with open(path) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+@pytest.mark.parametrize("i,block", list(enumerate(_python_blocks(os.path.join(ROOT, "README.md")))))
+def test_readme_example_runs(i, block):
+    exec(compile(block, f"README.md example {i}", "exec"), {})
+
+
+def test_quant_module_example_runs():
+    import lowrank_ext.quant as quant
+
+    example = quant.__doc__.split("Example::", 1)[1]
+    code = "\n".join(line[4:] for line in example.splitlines())
+    exec(compile(code, "lowrank_ext.quant docstring", "exec"), {})
