@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "quant/ops.h"
@@ -14,6 +15,35 @@
 
 namespace lowrank::quant {
 namespace {
+
+// The division loop is compiled twice on x86-64 (target_clones: AVX2 and the baseline,
+// picked at load time) so it runs 8-wide where it can; the arithmetic is the same in both
+// (IEEE division), so results do not depend on the CPU. The table search stays scalar:
+// AVX2 gathers measured slower than it on the AMD EPYC dev machines.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOWRANK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LOWRANK_CPU_CLONES
+#endif
+
+
+// v[i] = normalize(x[i], absmax), with the block-constant branch hoisted.
+LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absmax, float* v) {
+  if (absmax > 0.f) {
+    for (int i = 0; i < n; ++i) v[i] = x[i] / absmax;
+  } else {  // all-zero or non-finite block
+    for (int i = 0; i < n; ++i) v[i] = 0.f;
+  }
+}
+
+// idx[i] = start[bucket(v[i])] + (mids[start[...]] < v[i]): the width-1 search below.
+void nearest_width1(const float* v, int n, uint32_t first_bucket, const uint8_t* start, const float* mids,
+                    uint8_t* idx) {
+  for (int i = 0; i < n; ++i) {
+    const int s = start[(ordered_key(v[i]) >> 16) - first_bucket];
+    idx[i] = static_cast<uint8_t>(s + (mids[s] < v[i] ? 1 : 0));
+  }
+}
 
 // count_less(mids, 0, n_mids, v) for v in [-1, 1], through a per-call table indexed by the
 // top 16 bits of ordered_key(v) (sign, exponent and 7 mantissa bits: buckets 1/128 wide in
@@ -45,21 +75,15 @@ class NearestSearch {
     std::copy(mids.begin(), mids.end(), mids_padded_.begin());
   }
 
-  // idx[i] = count_less(mids, 0, n_mids, v[i]) for i < n. Two passes, so that the first
-  // (the bucket of each v: integer ops only) vectorizes and the second is branch-free.
+  // idx[i] = count_less(mids, 0, n_mids, v[i]) for i < n, branch-free.
   void indices(const float* v, int n, uint8_t* idx) const {
-    uint32_t bucket[kChunk];
-    for (int i = 0; i < n; ++i) bucket[i] = (ordered_key(v[i]) >> 16) - first_bucket_;
     const uint8_t* start = start_.data();
     const float* mids = mids_padded_.data();
     if (width_ == 1) {
-      for (int i = 0; i < n; ++i) {
-        const int s = start[bucket[i]];
-        idx[i] = static_cast<uint8_t>(s + (mids[s] < v[i]));
-      }
+      nearest_width1(v, n, first_bucket_, start, mids, idx);
     } else {
       for (int i = 0; i < n; ++i) {
-        const int s = start[bucket[i]];
+        const int s = start[(ordered_key(v[i]) >> 16) - first_bucket_];
         int count = s;
         for (int j = 0; j < width_; ++j) count += mids[s + j] < v[i];
         idx[i] = static_cast<uint8_t>(count);
@@ -107,10 +131,11 @@ struct Rounder {
     float v[kChunk];
     for (int64_t c = 0; c < n; c += kChunk) {
       const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
-      if (absmax > 0.f) {
-        for (int i = 0; i < m; ++i) v[i] = static_cast<float>(x[c + i]) / absmax;
-      } else {  // all-zero or non-finite block: normalize() gives 0
-        for (int i = 0; i < m; ++i) v[i] = 0.f;
+      if constexpr (std::is_same_v<T, float>) {
+        normalize_span(x + c, m, absmax, v);
+      } else {
+        for (int i = 0; i < m; ++i) v[i] = static_cast<float>(x[c + i]);
+        normalize_span(v, m, absmax, v);
       }
       if (!p.stochastic) {
         nearest.indices(v, m, idx + c);
