@@ -281,6 +281,11 @@ def test_bad_sizes():
     _bad(lambda: dequantize_blockwise(q, a, code, 256, 8, [-1000]), "shape entries must be >= 0")
 
 
+def test_bad_device_mix_meta():
+    # the fake kernels check devices too (meta tensors dispatch to them)
+    _bad(lambda: quantize_blockwise(torch.randn(10, device="meta"), quant.dynamic_code(8), 256, 8), "one device")
+
+
 @pytest.mark.cuda
 def test_bad_device_mix():
     x = torch.randn(10, device="cuda")

@@ -59,6 +59,8 @@ def _check_static_args(blocksize: int, bits: int) -> None:
 @torch.library.register_fake("lowrank::quantize_blockwise")
 def _quantize_blockwise_fake(x, code, blocksize, bits, stochastic_rounding=False, seed=0, offset=0):
     _check_static_args(blocksize, bits)
+    torch._check(code.device == x.device, lambda: f"code is on {code.device} but x is on {x.device}; "
+                 "all tensors must be on one device")
     numel = x.numel()
     q = x.new_empty([packed_numel(numel, bits)], dtype=torch.uint8)
     absmax = x.new_empty([(numel + blocksize - 1) // blocksize], dtype=torch.float32)
@@ -68,4 +70,6 @@ def _quantize_blockwise_fake(x, code, blocksize, bits, stochastic_rounding=False
 @torch.library.register_fake("lowrank::dequantize_blockwise")
 def _dequantize_blockwise_fake(q, absmax, code, blocksize, bits, shape, dtype):
     _check_static_args(blocksize, bits)
+    torch._check(absmax.device == q.device and code.device == q.device,
+                 lambda: "q, absmax and code must be on one device")
     return q.new_empty(shape, dtype=dtype)
