@@ -37,8 +37,9 @@ LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absmax, floa
 }
 
 // idx[i] = start[bucket(v[i])] + (mids[start[...]] < v[i]): the width-1 search below.
-void nearest_width1(const float* v, int n, uint32_t first_bucket, const uint8_t* start, const float* mids,
-                    uint8_t* idx) {
+void nearest_width1(const float* __restrict v, int n, uint32_t first_bucket, const uint8_t* __restrict start,
+                    const float* __restrict mids,
+                    uint8_t* __restrict idx) {
   for (int i = 0; i < n; ++i) {
     const int s = start[(ordered_key(v[i]) >> 16) - first_bucket];
     idx[i] = static_cast<uint8_t>(s + (mids[s] < v[i] ? 1 : 0));
