@@ -65,6 +65,22 @@ def test_user_code_with_clustered_entries_matches_reference():
     assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_signed_zeros_and_zero_midpoints_match_reference(device, bits):
+    # a midpoint of exactly +-0 (from symmetric or duplicated -0.0 entries) and inputs of
+    # -0.0 / +0.0 / tiny values: the kernels compare integer keys, the reference floats
+    n = 2**bits
+    half = torch.linspace(0.2, 1.0, n // 2 - 1)
+    dup_neg_zero = torch.cat([-half.flip(0), torch.tensor([-0.0, -0.0]), half])
+    symmetric = torch.linspace(-1.0, 1.0, n)
+    x = torch.tensor([1.0, -0.0, 0.0, 1e-9, -1e-9, 1e-30, -1e-30, 0.5, -0.5] * 8)
+    for code in (dup_neg_zero, symmetric):
+        code = code.to(device)
+        q, absmax = quantize_blockwise(x.to(device), code, 64, bits)
+        q_ref, absmax_ref = quantize_blockwise_ref(x, code.cpu(), 64, bits)
+        assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
+
+
 def test_ties_go_to_the_lower_entry():
     code = quant.linear_code(8, signed=False)
     mid = float((code[10] + code[11]) * 0.5)

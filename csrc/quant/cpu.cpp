@@ -16,10 +16,10 @@
 namespace lowrank::quant {
 namespace {
 
-// The division loop is compiled twice on x86-64 (target_clones: AVX2 and the baseline,
-// picked at load time) so it runs 8-wide where it can; the arithmetic is the same in both
-// (IEEE division), so results do not depend on the CPU. The table search stays scalar:
-// AVX2 gathers measured slower than it on the AMD EPYC dev machines.
+// The division loops are compiled twice on x86-64 (target_clones: AVX2 and the baseline,
+// picked at load time) so they run 8-wide where they can; the arithmetic is the same in
+// both (IEEE division, integer ops), so results do not depend on the CPU. The table search
+// stays scalar: AVX2 gathers measured slower than it on the AMD EPYC dev machines.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LOWRANK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -28,7 +28,7 @@ namespace {
 
 
 // v[i] = normalize(x[i], absmax), with the block-constant branch hoisted.
-LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absmax, float* v) {
+LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absmax, float* v) {  // may run in place
   if (absmax > 0.f) {
     for (int i = 0; i < n; ++i) v[i] = x[i] / absmax;
   } else {  // all-zero or non-finite block
@@ -36,13 +36,12 @@ LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absmax, floa
   }
 }
 
-// idx[i] = start[bucket(v[i])] + (mids[start[...]] < v[i]): the width-1 search below.
-void nearest_width1(const float* __restrict v, int n, uint32_t first_bucket, const uint8_t* __restrict start,
-                    const float* __restrict mids,
-                    uint8_t* __restrict idx) {
-  for (int i = 0; i < n; ++i) {
-    const int s = start[(ordered_key(v[i]) >> 16) - first_bucket];
-    idx[i] = static_cast<uint8_t>(s + (mids[s] < v[i] ? 1 : 0));
+// key[i] = ordered_key(normalize(x[i], absmax)): the nearest search works on these keys.
+LOWRANK_CPU_CLONES void normalized_keys(const float* __restrict x, int n, float absmax, uint32_t* __restrict key) {
+  if (absmax > 0.f) {
+    for (int i = 0; i < n; ++i) key[i] = ordered_key(x[i] / absmax);
+  } else {
+    for (int i = 0; i < n; ++i) key[i] = ordered_key(0.f);
   }
 }
 
@@ -53,40 +52,47 @@ void nearest_width1(const float* __restrict v, int n, uint32_t first_bucket, con
 // is the largest start[k+1] - start[k] (1 for the built-in codes). Counting with a fixed
 // width and +inf padding keeps the loop free of data-dependent branches; candidates past
 // start[k+1] are >= the next bucket's first float > v, so they never count.
+// Comparisons run on ordered keys (integers): for floats that are not NaN, a < b exactly
+// when ordered_key(a) < ordered_key(b), once a midpoint of -0 is stored as +0 (so that it
+// compares equal to both zeros, as floats do). v is never NaN.
 class NearestSearch {
  public:
   NearestSearch(const float* code, int code_size) {
     const int n_mids = code_size - 1;
-    const uint32_t first_bucket = ordered_key(-1.0f) >> 16;
+    first_bucket_ = ordered_key(-1.0f) >> 16;
     const uint32_t last_bucket = ordered_key(1.0f) >> 16;
-    first_bucket_ = first_bucket;
-    start_.resize(last_bucket - first_bucket + 2);
     std::vector<float> mids(n_mids);
-    for (int j = 0; j < n_mids; ++j) mids[j] = code_midpoint(code, j);
+    for (int j = 0; j < n_mids; ++j) mids[j] = code_midpoint(code, j) + 0.f;  // -0 + 0 = +0
+    std::vector<uint32_t> start(last_bucket - first_bucket_ + 2);
     int j = 0;
     width_ = 0;
-    for (uint32_t k = 0; k < start_.size(); ++k) {
-      const float first = key_to_float((first_bucket + k) << 16);
+    for (uint32_t k = 0; k < start.size(); ++k) {
+      const float first = key_to_float((first_bucket_ + k) << 16);
       while (j < n_mids && mids[j] < first) ++j;
-      start_[k] = static_cast<uint8_t>(j);  // j <= 255
-      if (k > 0) width_ = std::max(width_, start_[k] - start_[k - 1]);
+      start[k] = static_cast<uint32_t>(j);
+      if (k > 0) width_ = std::max<int>(width_, start[k] - start[k - 1]);
     }
     width_ = std::max(width_, 1);
-    mids_padded_.assign(n_mids + width_, std::numeric_limits<float>::infinity());
-    std::copy(mids.begin(), mids.end(), mids_padded_.begin());
+    mid_keys_.assign(n_mids + width_, ordered_key(std::numeric_limits<float>::infinity()));
+    for (int m = 0; m < n_mids; ++m) mid_keys_[m] = ordered_key(mids[m]);
+    buckets_.resize(start.size());
+    for (size_t k = 0; k < start.size(); ++k) buckets_[k] = Bucket{mid_keys_[start[k]], start[k]};
   }
 
-  // idx[i] = count_less(mids, 0, n_mids, v[i]) for i < n, branch-free.
-  void indices(const float* v, int n, uint8_t* idx) const {
-    const uint8_t* start = start_.data();
-    const float* mids = mids_padded_.data();
-    if (width_ == 1) {
-      nearest_width1(v, n, first_bucket_, start, mids, idx);
+  // idx[i] = count_less(mids, 0, n_mids, v[i]) for the ordered keys of v, branch-free.
+  void indices(const uint32_t* __restrict key, int n, uint8_t* __restrict idx) const {
+    const uint32_t first = first_bucket_;
+    if (width_ == 1) {  // one candidate per bucket: one table load per value
+      const Bucket* table = buckets_.data();
+      for (int i = 0; i < n; ++i) {
+        const Bucket b = table[(key[i] >> 16) - first];
+        idx[i] = static_cast<uint8_t>(b.start + (b.mid_key < key[i] ? 1 : 0));
+      }
     } else {
       for (int i = 0; i < n; ++i) {
-        const int s = start[(ordered_key(v[i]) >> 16) - first_bucket_];
-        int count = s;
-        for (int j = 0; j < width_; ++j) count += mids[s + j] < v[i];
+        const uint32_t s = buckets_[(key[i] >> 16) - first].start;
+        uint32_t count = s;
+        for (int c = 0; c < width_; ++c) count += mid_keys_[s + c] < key[i];
         idx[i] = static_cast<uint8_t>(count);
       }
     }
@@ -95,10 +101,14 @@ class NearestSearch {
   static constexpr int kChunk = 256;
 
  private:
+  struct Bucket {
+    uint32_t mid_key;  // key of the bucket's first candidate midpoint (+inf if none)
+    uint32_t start;    // midpoints below the bucket's first float
+  };
   uint32_t first_bucket_;
   int width_;
-  std::vector<uint8_t> start_;
-  std::vector<float> mids_padded_;
+  std::vector<Bucket> buckets_;
+  std::vector<uint32_t> mid_keys_;  // padded with +inf keys to n_mids + width
 };
 
 // absmax_step over the block with eight independent lanes, so the compiler vectorizes it
@@ -130,18 +140,21 @@ struct Rounder {
   void operator()(const T* x, int64_t n, int64_t base, float absmax, uint8_t* idx) const {
     constexpr int kChunk = NearestSearch::kChunk;
     float v[kChunk];
+    uint32_t key[kChunk];
     for (int64_t c = 0; c < n; c += kChunk) {
       const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
+      const float* xf = v;
       if constexpr (std::is_same_v<T, float>) {
-        normalize_span(x + c, m, absmax, v);
+        xf = x + c;
       } else {
         for (int i = 0; i < m; ++i) v[i] = static_cast<float>(x[c + i]);
-        normalize_span(v, m, absmax, v);
       }
       if (!p.stochastic) {
-        nearest.indices(v, m, idx + c);
+        normalized_keys(xf, m, absmax, key);
+        nearest.indices(key, m, idx + c);
         continue;
       }
+      normalize_span(xf, m, absmax, v);
       Philox4 r{};
       for (int i = 0; i < m; ++i) {  // base + c is a multiple of 4: one Philox call per 4 values
         const uint64_t g = static_cast<uint64_t>(base + c + i);
