@@ -120,7 +120,9 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"expected one _C module in {build_dir}, found {built}")
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(built[0], dest)
+        tmp = dest + ".tmp"
+        shutil.copyfile(built[0], tmp)
+        os.replace(tmp, dest)  # a new file: processes that loaded the old one keep it intact
 
 
 setup(
