@@ -10,6 +10,7 @@ CUDA-toolkit probing that TorchConfig.cmake does. Environment knobs:
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,17 +58,36 @@ def cmake_cuda_archs(arch_list):
     return ";".join(out)
 
 
+def nvcc_major(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    m = re.search(r"release (\d+)\.", out.stdout)
+    return int(m.group(1)) if m else None
+
+
 def cuda_enabled(torch):
+    """(build CUDA kernels?, CUDA_HOME). Needs nvcc and a CUDA torch of the same major
+    version (a mismatch would link a second libcudart next to torch's)."""
     mode = os.environ.get("LOWRANK_EXT_CUDA", "auto").lower()
     if mode in ("0", "off", "false", "no"):
         return False, None
     cuda_home = find_cuda_home()
-    ok = torch.version.cuda is not None and cuda_home is not None
-    if mode in ("1", "on", "true", "yes") and not ok:
-        raise RuntimeError(
-            f"LOWRANK_EXT_CUDA=1 but CUDA cannot be built: torch.version.cuda={torch.version.cuda}, "
-            f"nvcc found under {cuda_home}")
-    return ok, cuda_home
+    reason = None
+    if torch.version.cuda is None:
+        reason = "torch is a CPU-only build"
+    elif cuda_home is None:
+        reason = "nvcc not found (set CUDA_HOME)"
+    else:
+        major = nvcc_major(cuda_home)
+        if major != int(torch.version.cuda.split(".")[0]):
+            reason = f"nvcc (CUDA {major}) and torch (CUDA {torch.version.cuda}) differ in major version"
+    if reason and mode in ("1", "on", "true", "yes"):
+        raise RuntimeError(f"LOWRANK_EXT_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    if reason:
+        print(f"lowrank_ext: building the CPU kernels only: {reason}", flush=True)
+    return reason is None, cuda_home
 
 
 def find_tool(name):
@@ -84,8 +104,10 @@ class CMakeBuild(build_ext):
         build_dir = os.path.join(ROOT, "build", "cmake")
         os.makedirs(build_dir, exist_ok=True)
         torch_dir = os.path.dirname(torch.__file__)
+        cmake = find_tool("cmake")
+        if cmake is None:
+            raise RuntimeError("lowrank_ext needs CMake >= 3.24 to build (pip install cmake)")
         args = [
-            "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -96,8 +118,8 @@ class CMakeBuild(build_ext):
             f"-DLOWRANK_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         ninja = find_tool("ninja")
-        if ninja:
-            args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+        if ninja:  # else CMake's default generator (Makefiles)
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         ccache = find_tool("ccache")
         if ccache:
             args += [f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CUDA_COMPILER_LAUNCHER={ccache}"]
@@ -110,7 +132,6 @@ class CMakeBuild(build_ext):
                 f"-DLOWRANK_CUDA_ARCH_LIST={archs.replace(';', ',')}",  # a ';' would split the define
                 f"-DLOWRANK_CUDA_EXTRA_INCLUDES={';'.join(wheel_cuda_include_dirs())}",
             ]
-        cmake = find_tool("cmake")
         print(f"lowrank_ext: CUDA kernels {'ON' if with_cuda else 'OFF'}; cmake {' '.join(args)}", flush=True)
         subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
@@ -129,7 +150,7 @@ setup(
     name="lowrank_ext",
     version=VERSION,
     description="Fused CUDA/C++ kernels for low-rank and memory-efficient training",
-    packages=["lowrank_ext", "lowrank_ext.ops", "lowrank_ext.reference", "lowrank_ext.bench"],
+    packages=["lowrank_ext", "lowrank_ext.ops", "lowrank_ext.optim", "lowrank_ext.reference", "lowrank_ext.bench"],
     ext_modules=[Extension("lowrank_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

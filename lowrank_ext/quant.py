@@ -1,7 +1,7 @@
 """Quantization codes and a small user-facing API over the block-wise quantization ops.
 
-Codes are sorted float32 tensors of ``2**bits`` entries in [-1, 1] (signed) or [0, 1]
-(unsigned); a value ``x`` in a block with absolute maximum ``absmax`` is stored as the
+Codes are sorted float32 tensors of ``2**bits`` entries, spanning [-1, 1] (signed) or
+[0, 1] (unsigned); a value ``x`` in a block with absolute maximum ``absmax`` is stored as the
 index of the code entry nearest to ``x / absmax``. Any sorted user code is accepted.
 
 Example::
@@ -23,7 +23,7 @@ import torch
 
 from .ops.quant import dequantize_blockwise, packed_numel, quantize_blockwise
 
-__all__ = ["dynamic_code", "linear_code", "get_code", "QuantizedTensor", "quantize", "dequantize"]
+__all__ = ["dynamic_code", "linear_code", "log_code", "get_code", "QuantizedTensor", "quantize", "dequantize"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,6 +77,27 @@ def linear_code(bits: int = 8, signed: bool = True, device: torch.device | str |
     return _linear_code_cpu(bits, signed).to(device=device, copy=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_code_cpu(bits: int, decades: float, zero: bool) -> torch.Tensor:
+    mags = torch.logspace(-decades, 0.0, 2 ** bits - (1 if zero else 0), dtype=torch.float64)
+    if zero:
+        mags = torch.cat([torch.zeros(1, dtype=torch.float64), mags])
+    return mags.to(torch.float32)
+
+
+def log_code(bits: int = 8, decades: float = 8.0, zero: bool = True,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """Unsigned code of log-spaced entries from ``10**-decades`` to 1 (and 0 first when
+    ``zero``): the same relative precision at every magnitude. Made for Adam's second
+    moment, whose entries span many decades within a block and enter the update through a
+    square root. Without 0 (``zero=False``), no second moment is ever rounded to zero,
+    which would turn its update into m / eps."""
+    _check_bits(bits)
+    if not decades > 0:
+        raise ValueError(f"decades must be > 0, got {decades}")
+    return _log_code_cpu(bits, float(decades), bool(zero)).to(device=device, copy=True)
+
+
 def get_code(code: str | torch.Tensor, bits: int, signed: bool = True,
              device: torch.device | str | None = None) -> torch.Tensor:
     """Resolve ``"dynamic"``, ``"linear"`` or a user tensor (checked: float32-able, 2**bits
@@ -118,10 +139,17 @@ class QuantizedTensor:
 
 
 def quantize(x: torch.Tensor, bits: int = 8, blocksize: int | None = None, code: str | torch.Tensor = "dynamic",
-             signed: bool = True, stochastic_rounding: bool = False, seed: int = 0,
+             signed: bool = True, stochastic_rounding: bool = False, seed: int | None = None,
              offset: int = 0) -> QuantizedTensor:
-    """Quantize ``x`` block-wise. ``blocksize`` defaults to 256 for 8-bit and 128 for 4-bit."""
+    """Quantize ``x`` block-wise. ``blocksize`` defaults to 256 for 8-bit and 128 for 4-bit.
+
+    With ``stochastic_rounding`` and no ``seed``, a seed is drawn from torch's default
+    generator, so repeated calls round independently (a fixed seed would give every call
+    the same draws, and re-quantizing a slowly changing tensor would then be biased).
+    """
     _check_bits(bits)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if stochastic_rounding else 0
     blocksize = blocksize or (256 if bits == 8 else 128)
     code_t = get_code(code, bits, signed, x.device)
     q, absmax = quantize_blockwise(x, code_t, blocksize, bits, stochastic_rounding, seed, offset)

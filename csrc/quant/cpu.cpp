@@ -57,7 +57,8 @@ template <typename T>
 void quantize_impl(const QuantizeParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const int code_size = 1 << p.bits;
-  const NearestSearch nearest(p.code, code_size);
+  // the search table costs ~0.1 ms to build: only nearest rounding needs it
+  const NearestSearch nearest(p.code, p.stochastic ? 0 : code_size);
   const Rounder round{p, nearest, code_size};
   const int64_t grain = std::max<int64_t>(1, 32768 / p.blocksize);
   at::parallel_for(0, p.nblocks, grain, [&](int64_t b0, int64_t b1) {

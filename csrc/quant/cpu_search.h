@@ -52,7 +52,9 @@ static LOWRANK_CPU_CLONES void normalized_keys(const float* __restrict x, int n,
 // compares equal to both zeros, as floats do). v is never NaN.
 class NearestSearch {
  public:
+  // code_size 0 builds an empty search (for callers that will not use it).
   NearestSearch(const float* code, int code_size) {
+    if (code_size == 0) return;
     const int n_mids = code_size - 1;
     first_bucket_ = ordered_key(-1.0f) >> 16;
     const uint32_t last_bucket = ordered_key(1.0f) >> 16;
@@ -100,8 +102,8 @@ class NearestSearch {
     uint32_t mid_key;  // key of the bucket's first candidate midpoint (+inf if none)
     uint32_t start;    // midpoints below the bucket's first float
   };
-  uint32_t first_bucket_;
-  int width_;
+  uint32_t first_bucket_ = 0;
+  int width_ = 0;
   std::vector<Bucket> buckets_;
   std::vector<uint32_t> mid_keys_;  // padded with +inf keys to n_mids + width
 };
@@ -133,6 +135,20 @@ inline float quantize_span_nearest(const float* vals, int64_t n, const NearestSe
     const int m = static_cast<int>(std::min<int64_t>(NearestSearch::kChunk, n - c));
     normalized_keys(vals + c, m, absmax, key);
     nearest.indices(key, m, idx + c);
+  }
+  return absmax;
+}
+
+// The same with stochastic rounding: element i of the span is global element base + i of
+// its tensor, drawing from the Philox stream (seed, offset).
+inline float quantize_span_stochastic(const float* vals, int64_t n, const float* code, int code_size, uint64_t seed,
+                                      uint64_t offset, int64_t base, uint8_t* idx) {
+  const float absmax = block_absmax(vals, n);
+  Philox4 r{};
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t e = static_cast<uint64_t>(base + i);
+    if (i == 0 || (e & 3) == 0) r = philox_group(seed, offset, e >> 2);
+    idx[i] = static_cast<uint8_t>(stochastic_index(code, code_size, normalize(vals[i], absmax), uniform_from_bits(r.v[e & 3])));
   }
   return absmax;
 }

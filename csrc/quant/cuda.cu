@@ -69,10 +69,13 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
       }
       if constexpr (BITS == 8) {
         uint8_t* qb = p.q + base + i0;
-        if (i0 + kVec <= n) {  // aligned: base and i0 are multiples of 4
+        if (i0 + kVec <= n) {  // aligned: q is freshly allocated, base and i0 are multiples of 4
           *reinterpret_cast<uint32_t*>(qb) = idx[0] | (idx[1] << 8) | (idx[2] << 16) | (idx[3] << 24);
         } else {
-          for (int k = 0; i0 + k < n; ++k) qb[k] = static_cast<uint8_t>(idx[k]);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {  // constant indices keep idx[] in registers
+            if (i0 + k < n) qb[k] = static_cast<uint8_t>(idx[k]);
+          }
         }
       } else {
         uint8_t* qb = p.q + (base + i0) / 2;
@@ -114,8 +117,11 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantizeParams p
 }
 
 int grid_for(int64_t work_items, int items_per_cta) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div<int64_t>(work_items, items_per_cta), sms * 32)));
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div<int64_t>(work_items, items_per_cta), int64_t{sms} * 32)));
 }
 
 template <int BITS, bool STOCHASTIC>
@@ -129,8 +135,9 @@ void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda_op(const at::Tensor& x, const at::Tensor& code,
                                                               int64_t blocksize, int64_t bits,
                                                               bool stochastic_rounding, int64_t seed, int64_t offset) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  // checks first: with x on the CPU and code on CUDA, this kernel is picked and must say so
   PreparedQuantize prep = prepare_quantize(x, code, blocksize, bits, stochastic_rounding, seed, offset);
+  const c10::cuda::OptionalCUDAGuard guard(prep.q.device());
   quantize_blockwise_cuda(prep.params, at::cuda::getCurrentCUDAStream());
   return {prep.q, prep.absmax};
 }
@@ -138,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda_op(const at::Tensor& 
 at::Tensor dequantize_blockwise_cuda_op(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
                                         int64_t blocksize, int64_t bits, c10::SymIntArrayRef shape,
                                         at::ScalarType dtype) {
-  const c10::cuda::OptionalCUDAGuard guard(q.device());
   PreparedDequantize prep = prepare_dequantize(q, absmax, code, blocksize, bits, shape, dtype);
+  const c10::cuda::OptionalCUDAGuard guard(prep.out.device());
   dequantize_blockwise_cuda(prep.params, at::cuda::getCurrentCUDAStream());
   return prep.out;
 }

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -20,8 +21,11 @@ void check_bits_and_blocksize(int64_t bits, int64_t blocksize, const char* op) {
               blocksize);
 }
 
-// code: float32, 1-D, 2^bits finite entries in ascending order, on the data's device.
-// Checking the order reads the 2^bits entries on the host (one small copy for CUDA codes).
+// code: float32, 1-D, 2^bits entries, on the data's device; a CPU code is also checked to
+// be finite and ascending. A CUDA code's values are not read here: that would cost a
+// device synchronisation per call and break CUDA-graph capture. An unsorted code cannot
+// make a kernel read or write out of bounds (both searches stay in [0, 2^bits)); it only
+// gives meaningless indices. lowrank_ext.quant.get_code checks user codes on any device.
 at::Tensor check_code(const at::Tensor& code, int64_t bits, const at::Tensor& data, const char* op,
                       const char* data_arg) {
   check_dtype(code, at::kFloat, op, "code");
@@ -30,9 +34,9 @@ at::Tensor check_code(const at::Tensor& code, int64_t bits, const at::Tensor& da
   TORCH_CHECK(code.numel() == (int64_t{1} << bits), op, ": code must have 2^bits = ", int64_t{1} << bits,
               " entries for bits=", bits, ", got ", code.numel());
   at::Tensor c = code.contiguous();
-  const at::Tensor host = c.is_cpu() ? c : c.to(at::kCPU);
-  const float* v = host.const_data_ptr<float>();
-  for (int64_t i = 0; i < host.numel(); ++i) {
+  if (!c.is_cpu()) return c;
+  const float* v = c.const_data_ptr<float>();
+  for (int64_t i = 0; i < c.numel(); ++i) {
     TORCH_CHECK(std::isfinite(v[i]), op, ": code entries must be finite, code[", i, "] = ", v[i]);
     TORCH_CHECK(i == 0 || v[i - 1] <= v[i], op, ": code must be sorted ascending, but code[", i - 1,
                 "] = ", v[i - 1], " > code[", i, "] = ", v[i]);
@@ -84,6 +88,8 @@ PreparedDequantize prepare_dequantize(const at::Tensor& q, const at::Tensor& abs
   for (const c10::SymInt& s : shape) {
     const int64_t d = s.expect_int();
     TORCH_CHECK(d >= 0, op, ": shape entries must be >= 0, got ", shape);
+    TORCH_CHECK(d == 0 || numel <= std::numeric_limits<int64_t>::max() / d, op, ": shape ", shape,
+                " has more elements than int64 can count");
     sizes.push_back(d);
     numel *= d;
   }

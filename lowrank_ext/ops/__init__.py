@@ -1,5 +1,5 @@
 """Public functions over ``torch.ops.lowrank.*``, one module per op family. Each module
 also holds its ops' fake (meta) and autograd registrations."""
-from . import quant
+from . import optim, quant
 
-__all__ = ["quant"]
+__all__ = ["optim", "quant"]

@@ -44,10 +44,24 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
                          bits: int = 8, shape: Sequence[int] | None = None,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``code[q] * absmax`` per block, as a tensor of ``shape`` (default: flat) and ``dtype``."""
+    """``code[q] * absmax`` per block, as a tensor of ``shape`` and ``dtype``.
+
+    ``shape`` defaults to ``[q.numel()]`` for 8-bit; 4-bit needs it (a byte holds two
+    values, so q alone does not say whether the count is odd).
+    """
     if shape is None:
-        shape = [absmax.numel() * blocksize if bits == 8 else q.numel() * 2]
+        if bits != 8:
+            raise ValueError("dequantize_blockwise: pass `shape` for 4-bit data (q's size does not fix the count)")
+        shape = [q.numel()]
     return torch.ops.lowrank.dequantize_blockwise(q, absmax, code, blocksize, bits, list(shape), dtype)
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_code(code: torch.Tensor, bits: int) -> None:
+    torch._check(code.dtype == torch.float32 and code.dim() == 1 and code.numel() == 2 ** bits,
+                 lambda: f"code must be a 1-D float32 tensor of 2^bits = {2 ** bits} entries")
 
 
 def _check_static_args(blocksize: int, bits: int) -> None:
@@ -59,6 +73,8 @@ def _check_static_args(blocksize: int, bits: int) -> None:
 @torch.library.register_fake("lowrank::quantize_blockwise")
 def _quantize_blockwise_fake(x, code, blocksize, bits, stochastic_rounding=False, seed=0, offset=0):
     _check_static_args(blocksize, bits)
+    torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_code(code, bits)
     torch._check(code.device == x.device, lambda: f"code is on {code.device} but x is on {x.device}; "
                  "all tensors must be on one device")
     numel = x.numel()
@@ -70,6 +86,10 @@ def _quantize_blockwise_fake(x, code, blocksize, bits, stochastic_rounding=False
 @torch.library.register_fake("lowrank::dequantize_blockwise")
 def _dequantize_blockwise_fake(q, absmax, code, blocksize, bits, shape, dtype):
     _check_static_args(blocksize, bits)
+    torch._check(dtype in _FLOAT_DTYPES, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    torch._check(q.dtype == torch.uint8 and absmax.dtype == torch.float32,
+                 lambda: f"q must be uint8 and absmax float32, got {q.dtype} and {absmax.dtype}")
+    _check_code(code, bits)
     torch._check(absmax.device == q.device and code.device == q.device,
                  lambda: "q, absmax and code must be on one device")
     return q.new_empty(shape, dtype=dtype)

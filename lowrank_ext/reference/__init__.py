@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
 REFERENCES: dict[str, Callable] = {
     "lowrank::quantize_blockwise": quantize_blockwise_ref,
     "lowrank::dequantize_blockwise": dequantize_blockwise_ref,
+    "lowrank::adamw_step_quantized_": adamw_step_quantized_ref,
+    "lowrank::adamw_step_fp32_": adamw_step_fp32_ref,
 }
 
-__all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref"]
+__all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
+           "adamw_step_fp32_ref"]

@@ -1,0 +1,182 @@
+// CPU kernels of the optim family: one pass per superblock (max of the two moments'
+// blocksizes): dequantize both moments, update param and moments in fp32
+// (optim_math.h), write the param, then re-quantize each moment's blocks with a fresh
+// absmax. Work is flattened over all superblocks of all tensors, so one parallel region
+// serves a whole parameter list, large and small tensors alike.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "optim/ops.h"
+#include "optim/optim_math.h"
+#include "quant/cpu_search.h"
+#include "quant/quant_math.h"
+
+namespace lowrank::optim {
+namespace {
+
+using quant::NearestSearch;
+
+template <typename P>
+P store_param(float value, const AdamWStepParams& p, int64_t tensor_index, int64_t element) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (p.stochastic_rounding) {
+      const Philox4 r = philox_group(p.seed, stream_offset(tensor_index, kParamStream),
+                                     static_cast<uint64_t>(element) >> 2);
+      return c10::BFloat16(bf16_bits_stochastic(value, r.v[element & 3]), c10::BFloat16::from_bits());
+    }
+  }
+  return static_cast<P>(value);
+}
+
+inline int code_index(const uint8_t* q, int bits, int64_t e) {
+  return bits == 8 ? q[e] : (q[e >> 1] >> ((e & 1) * 4)) & 0xF;
+}
+
+struct Scratch {
+  std::vector<float> exp_avg, exp_avg_sq;
+  std::vector<uint8_t> idx;
+  explicit Scratch(int64_t n) : exp_avg(n), exp_avg_sq(n), idx(n) {}
+};
+
+// How one moment is re-quantized: its code, blocks, rounding and random stream.
+struct MomentCoding {
+  const float* code;
+  int64_t blocksize;
+  const NearestSearch* search;  // nearest rounding
+  bool stochastic;
+  uint64_t seed, offset;        // stochastic rounding
+};
+
+// Re-quantizes vals[0..n) (elements base.. of the tensor) in blocks of mc.blocksize.
+void requantize(const float* vals, int64_t n, int64_t base, int bits, const MomentCoding& mc, uint8_t* q,
+                float* absmax, uint8_t* idx) {
+  for (int64_t off = 0; off < n; off += mc.blocksize) {
+    const int64_t len = std::min(mc.blocksize, n - off);
+    absmax[(base + off) / mc.blocksize] =
+        mc.stochastic ? quant::quantize_span_stochastic(vals + off, len, mc.code, 1 << bits, mc.seed, mc.offset,
+                                                         base + off, idx + off)
+                      : quant::quantize_span_nearest(vals + off, len, *mc.search, idx + off);
+  }
+  if (bits == 8) {
+    std::memcpy(q + base, idx, n);
+  } else {
+    quant::pack_nibbles(idx, n, q + base / 2);
+  }
+}
+
+template <typename P, typename G>
+void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const NearestSearch& search_m,
+                          const NearestSearch& search_v, Scratch& scratch) {
+  const TensorSlot& s = p.tensors[t];
+  const int64_t S = superblock_size(p);
+  const int64_t base = sb * S;
+  const int64_t n = std::min(S, s.numel - base);
+  P* param = static_cast<P*>(s.param) + base;
+  const G* grad = static_cast<const G*>(s.grad) + base;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = base + i;
+    const float m = quant::dequantize_value(p.code_exp_avg, code_index(s.exp_avg_q, p.bits, e),
+                                            s.exp_avg_absmax[e / p.blocksize_exp_avg]);
+    const float v = quant::dequantize_value(p.code_exp_avg_sq, code_index(s.exp_avg_sq_q, p.bits, e),
+                                            s.exp_avg_sq_absmax[e / p.blocksize_exp_avg_sq]);
+    const AdamWResult r = adamw_update(static_cast<float>(param[i]), static_cast<float>(grad[i]), m, v, p.c);
+    scratch.exp_avg[i] = r.exp_avg;
+    scratch.exp_avg_sq[i] = r.exp_avg_sq;
+    param[i] = store_param<P>(r.param, p, t, e);
+  }
+  const MomentCoding mc_m{p.code_exp_avg, p.blocksize_exp_avg, &search_m, p.stochastic_exp_avg, p.seed,
+                          stream_offset(t, kExpAvgStream)};
+  const MomentCoding mc_v{p.code_exp_avg_sq, p.blocksize_exp_avg_sq, &search_v, p.stochastic_exp_avg_sq, p.seed,
+                          stream_offset(t, kExpAvgSqStream)};
+  requantize(scratch.exp_avg.data(), n, base, p.bits, mc_m, s.exp_avg_q, s.exp_avg_absmax, scratch.idx.data());
+  requantize(scratch.exp_avg_sq.data(), n, base, p.bits, mc_v, s.exp_avg_sq_q, s.exp_avg_sq_absmax,
+             scratch.idx.data());
+}
+
+template <typename P, typename G>
+void fp32_superblock(const AdamWStepParams& p, int64_t t, int64_t sb) {
+  const TensorSlot& s = p.tensors[t];
+  const int64_t S = superblock_size(p);
+  const int64_t base = sb * S;
+  const int64_t n = std::min(S, s.numel - base);
+  P* param = static_cast<P*>(s.param) + base;
+  const G* grad = static_cast<const G*>(s.grad) + base;
+  float* m = s.exp_avg + base;
+  float* v = s.exp_avg_sq + base;
+  for (int64_t i = 0; i < n; ++i) {
+    const AdamWResult r = adamw_update(static_cast<float>(param[i]), static_cast<float>(grad[i]), m[i], v[i], p.c);
+    m[i] = r.exp_avg;
+    v[i] = r.exp_avg_sq;
+    param[i] = store_param<P>(r.param, p, t, base + i);
+  }
+}
+
+void step(const AdamWStepParams& p, const std::vector<int64_t>& offsets) {
+  const int64_t total = offsets.back();
+  if (total == 0) return;
+  std::unique_ptr<NearestSearch> search_m, search_v;
+  if (p.quantized) {
+    search_m = std::make_unique<NearestSearch>(p.code_exp_avg, 1 << p.bits);
+    search_v = std::make_unique<NearestSearch>(p.code_exp_avg_sq, 1 << p.bits);
+  }
+  const int64_t S = superblock_size(p);
+  at::parallel_for(0, total, std::max<int64_t>(1, 16384 / S), [&](int64_t b0, int64_t b1) {
+    Scratch scratch(p.quantized ? S : 0);
+    int64_t t = std::upper_bound(offsets.begin(), offsets.end(), b0) - offsets.begin() - 1;
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= offsets[t + 1]) ++t;
+      const TensorSlot& s = p.tensors[t];
+      LOWRANK_DISPATCH_FLOAT(s.param_kind, P, [&] {
+        LOWRANK_DISPATCH_FLOAT(s.grad_kind, G, [&] {
+          if (p.quantized) {
+            quantized_superblock<P, G>(p, t, b - offsets[t], *search_m, *search_v, scratch);
+          } else {
+            fp32_superblock<P, G>(p, t, b - offsets[t]);
+          }
+        });
+      });
+    }
+  });
+}
+
+void adamw_step_quantized_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
+                                 at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
+                                 at::TensorList exp_avg_sq_absmax, const at::Tensor& code_exp_avg,
+                                 const at::Tensor& code_exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, int64_t step_count, int64_t bits, int64_t blocksize_exp_avg,
+                                 int64_t blocksize_exp_avg_sq, bool stochastic_rounding, int64_t seed,
+                                 bool stochastic_exp_avg, bool stochastic_exp_avg_sq) {
+  PreparedStep prep = prepare_quantized_step(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q,
+                                             exp_avg_sq_absmax, code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps,
+                                             weight_decay, step_count, bits, blocksize_exp_avg, blocksize_exp_avg_sq,
+                                             stochastic_rounding, seed, stochastic_exp_avg, stochastic_exp_avg_sq);
+  step(prep.params, prep.block_offsets);
+}
+
+void adamw_step_fp32_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, int64_t step_count, bool stochastic_rounding, int64_t seed) {
+  PreparedStep prep = prepare_fp32_step(params, grads, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+                                        step_count, stochastic_rounding, seed);
+  step(prep.params, prep.block_offsets);
+}
+
+}  // namespace
+
+void adamw_step_cpu(const AdamWStepParams& p) {
+  std::vector<int64_t> offsets(p.num_tensors + 1, 0);
+  const int64_t S = superblock_size(p);
+  for (int64_t i = 0; i < p.num_tensors; ++i) offsets[i + 1] = offsets[i] + (p.tensors[i].numel + S - 1) / S;
+  step(p, offsets);
+}
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("adamw_step_quantized_", TORCH_FN(adamw_step_quantized_cpu_op));
+  m.impl("adamw_step_fp32_", TORCH_FN(adamw_step_fp32_cpu_op));
+}
+
+}  // namespace lowrank::optim

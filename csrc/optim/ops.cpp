@@ -1,0 +1,207 @@
+// The op boundary of the optim family, shared by the CPU and CUDA registrations: checks
+// every list entry (the kernels write in place, so a bad entry must be caught before any
+// tensor is touched), then fills one TensorSlot per parameter.
+#include "optim/ops.h"
+
+#include <cmath>
+
+#include "common/checks.h"
+
+namespace lowrank::optim {
+namespace {
+
+void check_lengths(size_t n, size_t m, const char* op, const char* arg) {
+  TORCH_CHECK(n == m, op, ": ", arg, " has ", m, " tensors but params has ", n);
+}
+
+// In-place state must be contiguous: the kernels write it through raw pointers.
+void check_state(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, int64_t numel, size_t i,
+                 const char* op, const char* arg) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", arg, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == param.device(), op, ": ", arg, "[", i, "] is on ", t.device(), " but params[", i,
+              "] is on ", param.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, "[", i, "] must be contiguous");
+  TORCH_CHECK(t.numel() == numel, op, ": ", arg, "[", i, "] must have ", numel, " elements, got ", t.numel());
+}
+
+void check_param_and_grad(const at::Tensor& p, const at::Tensor& g, const at::Device& device, size_t i,
+                          const char* op, TensorSlot& slot) {
+  TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(), " but params[0] is on ", device,
+              "; one call steps tensors of one device");
+  TORCH_CHECK(g.device() == device, op, ": grads[", i, "] is on ", g.device(), " but params[", i, "] is on ",
+              device);
+  TORCH_CHECK(!g.is_sparse() && g.layout() == at::kStrided, op, ": grads[", i, "] is sparse; AdamW does not "
+              "support sparse gradients");
+  TORCH_CHECK(!p.is_complex() && !g.is_complex(), op, ": params[", i, "] or its grad is complex; not supported");
+  slot.param_kind = float_kind(p.scalar_type(), op, "params");
+  slot.grad_kind = float_kind(g.scalar_type(), op, "grads");
+  TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous (it is updated in place)");
+  TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
+              "] has shape ", p.sizes());
+  slot.param = p.data_ptr();
+  slot.numel = p.numel();
+}
+
+void check_blocksize(int64_t bs, const char* op, const char* arg) {
+  TORCH_CHECK(bs >= 128 && bs <= 4096 && (bs & (bs - 1)) == 0, op, ": ", arg,
+              " must be a power of two in [128, 4096], got ", bs);
+}
+
+at::Tensor checked_code(const at::Tensor& code, int64_t bits, const at::Device& device, const char* op,
+                        const char* arg) {
+  check_dtype(code, at::kFloat, op, arg);
+  check_dim(code, 1, op, arg);
+  TORCH_CHECK(code.device() == device, op, ": ", arg, " is on ", code.device(), " but params are on ", device);
+  TORCH_CHECK(code.numel() == (int64_t{1} << bits), op, ": ", arg, " must have 2^bits = ", int64_t{1} << bits,
+              " entries, got ", code.numel());
+  at::Tensor c = code.contiguous();
+  const at::Tensor host = c.is_cpu() ? c : c.to(at::kCPU);
+  const float* v = host.const_data_ptr<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) {
+    TORCH_CHECK(std::isfinite(v[i]) && (i == 0 || v[i - 1] <= v[i]), op, ": ", arg,
+                " must be finite and sorted ascending (entry ", i, " = ", v[i], ")");
+  }
+  return c;
+}
+
+// One call steps tensors of one param dtype and one grad dtype (the kernels are compiled
+// per pair); the optimizers group their params accordingly.
+void check_uniform_dtypes(at::TensorList params, at::TensorList grads, const char* op, AdamWStepParams& p) {
+  for (size_t i = 1; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+                params[i].scalar_type(), " but params[0] is ", params[0].scalar_type(),
+                "; one call steps params of one dtype");
+    TORCH_CHECK(grads[i].scalar_type() == grads[0].scalar_type(), op, ": grads[", i, "] is ", grads[i].scalar_type(),
+                " but grads[0] is ", grads[0].scalar_type(), "; one call steps grads of one dtype");
+  }
+  p.param_kind = params.empty() ? FloatKind::F32 : float_kind(params[0].scalar_type(), op, "params");
+  p.grad_kind = grads.empty() ? FloatKind::F32 : float_kind(grads[0].scalar_type(), op, "grads");
+}
+
+void finish(PreparedStep& out, int64_t superblock) {
+  out.block_offsets.assign(out.slots.size() + 1, 0);
+  for (size_t i = 0; i < out.slots.size(); ++i)
+    out.block_offsets[i + 1] = out.block_offsets[i] + (out.slots[i].numel + superblock - 1) / superblock;
+  out.params.tensors = out.slots.data();
+  out.params.num_tensors = static_cast<int64_t>(out.slots.size());
+}
+
+}  // namespace
+
+AdamWConstants adamw_constants(double lr, double beta1, double beta2, double eps, double weight_decay,
+                               int64_t step, const char* op) {
+  TORCH_CHECK(lr >= 0.0, op, ": invalid learning rate: ", lr);
+  TORCH_CHECK(eps >= 0.0, op, ": invalid epsilon value: ", eps);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta parameter at index 0: ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": invalid beta parameter at index 1: ", beta2);
+  TORCH_CHECK(weight_decay >= 0.0, op, ": invalid weight_decay value: ", weight_decay);
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1 (the count after this update), got ", step);
+  AdamWConstants c;
+  c.beta1 = static_cast<float>(beta1);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+  c.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  c.eps = static_cast<float>(eps);
+  return c;
+}
+
+PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
+                                    at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
+                                    at::TensorList exp_avg_sq_absmax, const at::Tensor& code_exp_avg,
+                                    const at::Tensor& code_exp_avg_sq, double lr, double beta1, double beta2,
+                                    double eps, double weight_decay, int64_t step, int64_t bits,
+                                    int64_t blocksize_exp_avg, int64_t blocksize_exp_avg_sq,
+                                    bool stochastic_rounding, int64_t seed, bool stochastic_exp_avg,
+                                    bool stochastic_exp_avg_sq) {
+  constexpr const char* op = "adamw_step_quantized_";
+  const size_t n = params.size();
+  check_lengths(n, grads.size(), op, "grads");
+  check_lengths(n, exp_avg_q.size(), op, "exp_avg_q");
+  check_lengths(n, exp_avg_absmax.size(), op, "exp_avg_absmax");
+  check_lengths(n, exp_avg_sq_q.size(), op, "exp_avg_sq_q");
+  check_lengths(n, exp_avg_sq_absmax.size(), op, "exp_avg_sq_absmax");
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  check_blocksize(blocksize_exp_avg, op, "blocksize_exp_avg");
+  check_blocksize(blocksize_exp_avg_sq, op, "blocksize_exp_avg_sq");
+
+  PreparedStep out;
+  out.device = n ? params[0].device() : code_exp_avg.device();
+  out.code_exp_avg = checked_code(code_exp_avg, bits, out.device, op, "code_exp_avg");
+  out.code_exp_avg_sq = checked_code(code_exp_avg_sq, bits, out.device, op, "code_exp_avg_sq");
+  out.params.c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step, op);
+  check_uniform_dtypes(params, grads, op, out.params);
+  out.slots.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    TensorSlot& s = out.slots[i];
+    check_param_and_grad(params[i], grads[i], out.device, i, op, s);
+    const int64_t qbytes = bits == 8 ? s.numel : (s.numel + 1) / 2;
+    check_state(exp_avg_q[i], params[i], at::kByte, qbytes, i, op, "exp_avg_q");
+    check_state(exp_avg_sq_q[i], params[i], at::kByte, qbytes, i, op, "exp_avg_sq_q");
+    check_state(exp_avg_absmax[i], params[i], at::kFloat, (s.numel + blocksize_exp_avg - 1) / blocksize_exp_avg,
+                i, op, "exp_avg_absmax");
+    check_state(exp_avg_sq_absmax[i], params[i], at::kFloat,
+                (s.numel + blocksize_exp_avg_sq - 1) / blocksize_exp_avg_sq, i, op, "exp_avg_sq_absmax");
+    s.grad = grads[i].is_contiguous() ? grads[i].const_data_ptr() : nullptr;
+    s.exp_avg_q = exp_avg_q[i].mutable_data_ptr<uint8_t>();
+    s.exp_avg_absmax = exp_avg_absmax[i].mutable_data_ptr<float>();
+    s.exp_avg_sq_q = exp_avg_sq_q[i].mutable_data_ptr<uint8_t>();
+    s.exp_avg_sq_absmax = exp_avg_sq_absmax[i].mutable_data_ptr<float>();
+    s.exp_avg = s.exp_avg_sq = nullptr;
+    TORCH_CHECK(s.grad != nullptr, op, ": grads[", i, "] must be contiguous");
+  }
+  AdamWStepParams& p = out.params;
+  p.quantized = true;
+  p.bits = static_cast<int>(bits);
+  p.blocksize_exp_avg = blocksize_exp_avg;
+  p.blocksize_exp_avg_sq = blocksize_exp_avg_sq;
+  p.code_exp_avg = out.code_exp_avg.const_data_ptr<float>();
+  p.code_exp_avg_sq = out.code_exp_avg_sq.const_data_ptr<float>();
+  p.stochastic_rounding = stochastic_rounding;
+  p.stochastic_exp_avg = stochastic_exp_avg;
+  p.stochastic_exp_avg_sq = stochastic_exp_avg_sq;
+  p.seed = static_cast<uint64_t>(seed);
+  finish(out, superblock_size(p));
+  return out;
+}
+
+PreparedStep prepare_fp32_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                               at::TensorList exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, int64_t step, bool stochastic_rounding, int64_t seed) {
+  constexpr const char* op = "adamw_step_fp32_";
+  const size_t n = params.size();
+  check_lengths(n, grads.size(), op, "grads");
+  check_lengths(n, exp_avg.size(), op, "exp_avg");
+  check_lengths(n, exp_avg_sq.size(), op, "exp_avg_sq");
+  PreparedStep out;
+  out.device = n ? params[0].device() : at::Device(at::kCPU);
+  out.params.c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step, op);
+  check_uniform_dtypes(params, grads, op, out.params);
+  out.slots.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    TensorSlot& s = out.slots[i];
+    check_param_and_grad(params[i], grads[i], out.device, i, op, s);
+    check_state(exp_avg[i], params[i], at::kFloat, s.numel, i, op, "exp_avg");
+    check_state(exp_avg_sq[i], params[i], at::kFloat, s.numel, i, op, "exp_avg_sq");
+    TORCH_CHECK(grads[i].is_contiguous(), op, ": grads[", i, "] must be contiguous");
+    s.grad = grads[i].const_data_ptr();
+    s.exp_avg = exp_avg[i].mutable_data_ptr<float>();
+    s.exp_avg_sq = exp_avg_sq[i].mutable_data_ptr<float>();
+    s.exp_avg_q = s.exp_avg_sq_q = nullptr;
+    s.exp_avg_absmax = s.exp_avg_sq_absmax = nullptr;
+  }
+  AdamWStepParams& p = out.params;
+  p.quantized = false;
+  p.bits = 32;
+  p.blocksize_exp_avg = p.blocksize_exp_avg_sq = 0;
+  p.code_exp_avg = p.code_exp_avg_sq = nullptr;
+  p.stochastic_rounding = stochastic_rounding;
+  p.stochastic_exp_avg = p.stochastic_exp_avg_sq = false;
+  p.seed = static_cast<uint64_t>(seed);
+  finish(out, superblock_size(p));
+  return out;
+}
+
+}  // namespace lowrank::optim

@@ -1,0 +1,209 @@
+"""AdamW with block-wise 8-bit or 4-bit moments: drop-in for ``torch.optim.AdamW``.
+
+Each step is one fused, in-place call per (device, dtype) group of parameters
+(``torch.ops.lowrank.adamw_step_quantized_``): both moments are dequantized, the AdamW
+update runs in fp32, the moments are re-quantized with a fresh absmax per block and the
+parameter is written, in one pass over memory. Tensors smaller than ``min_quant_size``
+keep fp32 moments (``adamw_step_fp32_``, the same update).
+
+Example::
+
+    import torch
+    from lowrank_ext.optim import AdamW8bit
+    model = torch.nn.Linear(256, 256)
+    opt = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.01)
+    loss = model(torch.randn(32, 256)).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+from .. import quant
+from ..ops.optim import adamw_step_fp32_, adamw_step_quantized_
+from ..ops.quant import quantize_blockwise
+
+__all__ = ["AdamW8bit", "AdamW4bit", "state_bytes_per_param"]
+
+_QUANT_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+
+
+class _BlockwiseAdamW(torch.optim.Optimizer):
+    bits: int = 8
+    default_blocksizes: tuple[int, int] = (256, 2048)
+    # re-quantize (exp_avg, exp_avg_sq) with stochastic rounding
+    default_stochastic_moments: tuple[bool, bool] = (False, True)
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, blocksize_exp_avg: int | None = None,
+                 blocksize_exp_avg_sq: int | None = None, min_quant_size: int = 4096,
+                 stochastic_rounding: bool = False, seed: int = 0,
+                 code_exp_avg: torch.Tensor | None = None, code_exp_avg_sq: torch.Tensor | None = None,
+                 stochastic_moments: tuple[bool, bool] | None = None):
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        bs_m, bs_v = blocksize_exp_avg or self.default_blocksizes[0], blocksize_exp_avg_sq or self.default_blocksizes[1]
+        for name, bs in (("blocksize_exp_avg", bs_m), ("blocksize_exp_avg_sq", bs_v)):
+            if not (128 <= bs <= 4096 and bs & (bs - 1) == 0):
+                raise ValueError(f"{name} must be a power of two in [128, 4096], got {bs}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.blocksizes = (bs_m, bs_v)
+        self.min_quant_size = min_quant_size
+        self.stochastic_rounding = stochastic_rounding
+        self.stochastic_moments = tuple(stochastic_moments or self.default_stochastic_moments)
+        self.seed = seed
+        self._codes_cpu = (quant.get_code(code_exp_avg if code_exp_avg is not None else self._default_code(True),
+                                          self.bits),
+                           quant.get_code(code_exp_avg_sq if code_exp_avg_sq is not None else
+                                          self._default_code(False), self.bits))
+        self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _default_code(self, first_moment: bool) -> torch.Tensor:
+        if first_moment:
+            return quant.dynamic_code(self.bits, signed=True)
+        return quant.log_code(self.bits, decades=8.0)
+
+    def _codes_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._codes:
+            self._codes[device] = tuple(c.to(device) for c in self._codes_cpu)
+        return self._codes[device]
+
+    def _quantize_state(self, state: dict, key: str, values: torch.Tensor, code: torch.Tensor, blocksize: int):
+        q, absmax = quantize_blockwise(values.detach().reshape(-1).float(), code, blocksize, self.bits)
+        state[key + "_q"], state[key + "_absmax"] = q, absmax
+
+    def _prepare_state(self, p: torch.Tensor, state: dict) -> None:
+        quantize = p.numel() >= self.min_quant_size
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            zeros = torch.zeros(p.numel(), device=p.device)
+            if not quantize:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                return
+            code_m, code_v = self._codes_on(p.device)
+            self._quantize_state(state, "exp_avg", zeros, code_m, self.blocksizes[0])
+            self._quantize_state(state, "exp_avg_sq", zeros, code_v, self.blocksizes[1])
+            state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
+        elif quantize and "exp_avg" in state:  # fp32 moments (e.g. from torch.optim.AdamW): quantize them
+            code_m, code_v = self._codes_on(p.device)
+            self._quantize_state(state, "exp_avg", state.pop("exp_avg"), code_m, self.blocksizes[0])
+            self._quantize_state(state, "exp_avg_sq", state.pop("exp_avg_sq"), code_v, self.blocksizes[1])
+            state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
+        elif "exp_avg" in state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    def _step_seed(self, step: int) -> int:
+        return (self.seed * 0x9E3779B97F4A7C15 + step) & ((1 << 63) - 1)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple, list] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                if torch.is_complex(p):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+                state = self.state[p]
+                self._prepare_state(p, state)
+                state["step"] += 1
+                step = int(state["step"].item())  # a CPU tensor: no device sync
+                quantized = "exp_avg_q" in state
+                buckets[(p.device, p.dtype, p.grad.dtype, step, quantized)].append((p, state))
+            beta1, beta2 = group["betas"]
+            for (device, _, _, step, quantized), items in buckets.items():
+                params = [p if p.is_contiguous() else p.contiguous() for p, _ in items]
+                grads = [p.grad.contiguous() for p, _ in items]
+                hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], step=step,
+                             stochastic_rounding=self.stochastic_rounding, seed=self._step_seed(step))
+                states = [s for _, s in items]
+                if quantized:
+                    adamw_step_quantized_(params, grads, *([s[k] for s in states] for k in _QUANT_KEYS),
+                                          states[0]["exp_avg_code"], states[0]["exp_avg_sq_code"], bits=self.bits,
+                                          blocksize_exp_avg=self.blocksizes[0],
+                                          blocksize_exp_avg_sq=self.blocksizes[1],
+                                          stochastic_exp_avg=self.stochastic_moments[0],
+                                          stochastic_exp_avg_sq=self.stochastic_moments[1], **hyper)
+                else:
+                    adamw_step_fp32_(params, grads, [s["exp_avg"] for s in states],
+                                     [s["exp_avg_sq"] for s in states], **hyper)
+                for (p, _), pc in zip(items, params):
+                    if pc is not p:  # a non-contiguous param was stepped through a copy
+                        p.copy_(pc)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state keeps its dtypes: torch casts every floating state
+        tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value) and key != "step":
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class AdamW8bit(_BlockwiseAdamW):
+    """AdamW with 8-bit block-wise moments. First moment: the dynamic signed code, blocks
+    of 256, nearest rounding. Second moment: a log-spaced code (0 and 255 entries from
+    1e-8 to 1: the same relative precision at every magnitude), blocks of 2048, stochastic
+    rounding, so that its slow EMA (beta2 = 0.999 changes it by 0.1% a step, far below a
+    code gap) is not stalled. State: about 2.02 bytes per parameter instead of 8."""
+    bits = 8
+    default_blocksizes = (256, 2048)
+    default_stochastic_moments = (False, True)
+
+
+class AdamW4bit(_BlockwiseAdamW):
+    """AdamW with 4-bit block-wise moments (after Li et al. 2023): the dynamic signed 4-bit
+    code for the first moment (blocks of 128) and a zero-free log-spaced code for the second
+    (16 entries from 1e-4 to 1; blocks of 256), both re-quantized with stochastic rounding.
+    State: about 1.05 bytes per parameter. Li et al.'s rank-1 normalisation of the second
+    moment is not offered; without it, 4-bit training lags fp32 AdamW on small tasks (see
+    tests/test_optim.py)."""
+    bits = 4
+    default_blocksizes = (128, 256)
+    default_stochastic_moments = (True, True)
+
+    def _default_code(self, first_moment: bool) -> torch.Tensor:
+        if first_moment:
+            return quant.dynamic_code(4, signed=True)
+        return quant.log_code(4, decades=4.0, zero=False)
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of optimizer state per parameter element (codes and step counters excluded)."""
+    total_state, total_params = 0, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            total_params += p.numel()
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and key not in ("step", "exp_avg_code", "exp_avg_sq_code"):
+                    total_state += value.numel() * value.element_size()
+    return total_state / max(total_params, 1)

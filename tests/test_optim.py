@@ -1,0 +1,290 @@
+"""Fused AdamW steps and the 8-bit / 4-bit optimizers: kernels against the pure-PyTorch
+reference (bit for bit), against torch.optim.AdamW, convergence on a real small task,
+state size, state_dict round trips, AMP, and every input check."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from lowrank_ext import quant
+from lowrank_ext.ops.optim import adamw_step_fp32_, adamw_step_quantized_
+from lowrank_ext.optim import AdamW4bit, AdamW8bit, state_bytes_per_param
+from lowrank_ext.reference.optim import adamw_step_fp32_ref, adamw_step_quantized_ref
+from lowrank_ext.reference.quant import quantize_blockwise_ref
+from samples import ADAMW_HYPER, FLOAT_DTYPES
+
+QUANT_CONFIGS = [(8, 256, 2048), (8, 128, 128), (4, 128, 256), (4, 4096, 128)]
+
+
+def _quantized_state(numels, bits, bs_m, bs_v, code_m, code_v, device):
+    state = ([], [], [], [])
+    for n in numels:
+        mq, ma = quantize_blockwise_ref(torch.randn(n) * 0.1, code_m, bs_m, bits)
+        vq, va = quantize_blockwise_ref(torch.rand(n) * 0.01, code_v, bs_v, bits)
+        for lst, t in zip(state, (mq, ma, vq, va)):
+            lst.append(t.to(device))
+    return state
+
+
+@pytest.mark.parametrize("bits,bs_m,bs_v", QUANT_CONFIGS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_quantized_step_matches_reference(device, bits, bs_m, bs_v, dtype, stochastic):
+    shapes = [(1000,), (3, 129), (1,), (4097,)]
+    params = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    grads = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    code_m = quant.dynamic_code(bits, signed=True)
+    code_v = quant.dynamic_code(bits, signed=False)
+    state = _quantized_state([p.numel() for p in params], bits, bs_m, bs_v, code_m, code_v, device)
+    for step in (1, 2, 10):
+        before = [[t.cpu().clone() for t in lst] for lst in [params, grads, *state]]
+        sr = dict(stochastic_rounding=stochastic, seed=11, stochastic_exp_avg=stochastic,
+                  stochastic_exp_avg_sq=stochastic)
+        adamw_step_quantized_(params, grads, *state, code_m.to(device), code_v.to(device), **ADAMW_HYPER, step=step,
+                              bits=bits, blocksize_exp_avg=bs_m, blocksize_exp_avg_sq=bs_v, **sr)
+        ref = adamw_step_quantized_ref(*before, code_m, code_v, **ADAMW_HYPER, step=step, bits=bits,
+                                       blocksize_exp_avg=bs_m, blocksize_exp_avg_sq=bs_v, **sr)
+        for got, want in zip([params, *state], ref):
+            for g, w in zip(got, want):
+                assert torch.equal(g.cpu(), w), f"step {step}: {g.dtype} {tuple(g.shape)} differs"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("grad_dtype", [None, torch.float32])
+def test_fp32_step_matches_reference(device, dtype, grad_dtype):
+    shapes = [(1000,), (3, 129), (1,)]
+    params = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    grads = [torch.randn(s).to(grad_dtype or dtype).to(device) for s in shapes]
+    m = [torch.randn(s, device=device) * 0.1 for s in shapes]
+    v = [torch.rand(s, device=device) * 0.01 for s in shapes]
+    before = [[t.cpu().clone() for t in lst] for lst in (params, grads, m, v)]
+    adamw_step_fp32_(params, grads, m, v, **ADAMW_HYPER, step=4)
+    ref = adamw_step_fp32_ref(*before, **ADAMW_HYPER, step=4)
+    for got, want in zip((params, m, v), ref):
+        for g, w in zip(got, want):
+            assert torch.equal(g.cpu(), w)
+
+
+def test_fp32_step_tracks_torch_adamw():
+    # an independent implementation: torch's own AdamW (foreach), 20 steps
+    torch.manual_seed(1)
+    p_ours = [torch.randn(300), torch.randn(7, 11)]
+    p_torch = [t.clone().requires_grad_() for t in p_ours]
+    opt = torch.optim.AdamW(p_torch, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    m = [torch.zeros_like(t) for t in p_ours]
+    v = [torch.zeros_like(t) for t in p_ours]
+    for step in range(1, 21):
+        grads = [torch.randn_like(t) for t in p_ours]
+        for t, g in zip(p_torch, grads):
+            t.grad = g.clone()
+        opt.step()
+        adamw_step_fp32_(p_ours, grads, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, step=step)
+    for a, b in zip(p_ours, p_torch):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- the optimizers ----
+
+def _digits_problem():
+    from sklearn.datasets import load_digits  # ships its data: no download
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return model, x, y
+
+
+def _train(model, opt, x, y, steps):
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("cls", [
+    AdamW8bit,
+    pytest.param(AdamW4bit, marks=pytest.mark.xfail(
+        strict=True, reason="known gap: 4-bit lags fp32 AdamW by 20-30% here without Li et al.'s rank-1 "
+                            "normalisation of the second moment (not implemented yet)")),
+])
+def test_convergence_on_digits_matches_torch_adamw(cls):
+    model, x, y = _digits_problem()
+    ours = copy.deepcopy(model)
+    ref_loss = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01), x, y, 100)
+    # min_quant_size=0: every tensor, biases included, has quantized moments
+    our_loss = _train(ours, cls(ours.parameters(), lr=1e-3, weight_decay=0.01, min_quant_size=0), x, y, 100)
+    assert ref_loss < 0.2, "the task must be learnt for the comparison to mean anything"
+    assert abs(our_loss - ref_loss) <= 0.02 * ref_loss, (our_loss, ref_loss)
+
+
+@pytest.mark.parametrize("cls,limit", [(AdamW8bit, 2.02), (AdamW4bit, 1.05)])
+def test_state_bytes_per_param(cls, limit):
+    params = [torch.nn.Parameter(torch.randn(2048, 2048)) for _ in range(2)]
+    opt = cls(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert state_bytes_per_param(opt) <= limit
+
+
+def test_small_tensors_keep_fp32_state():
+    big, small = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([big, small])
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    assert "exp_avg_q" in opt.state[big] and opt.state[small]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_identical(cls, dtype):
+    model, x, y = _digits_problem()
+    model = model.to(dtype)
+    x = x.to(dtype)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=1e-3, min_quant_size=1000, stochastic_rounding=dtype == torch.bfloat16, seed=3)
+    opt = cls(model.parameters(), **kw)
+    _train(model, opt, x, y, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, x, y, 5)
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    twin.load_state_dict(saved["model"])
+    opt2 = cls(twin.parameters(), **kw)
+    opt2.load_state_dict(saved["opt"])
+    for p in twin.parameters():  # state keeps its dtypes (torch would cast absmax to bf16)
+        st = opt2.state[p]
+        assert st.get("exp_avg_absmax", torch.empty(0)).dtype == torch.float32
+        assert st.get("exp_avg_q", torch.empty(0, dtype=torch.uint8)).dtype == torch.uint8
+    _train(twin, opt2, x, y, 5)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loads_torch_adamw_state_dict():
+    model, x, y = _digits_problem()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train(model, torch_opt, x, y, 3)
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000)
+    opt.load_state_dict(torch_opt.state_dict())
+    big = model[2].weight  # 128 x 128: quantized on the next step
+    m_fp32 = opt.state[big]["exp_avg"].clone()
+    _train(model, opt, x, y, 1)
+    st = opt.state[big]
+    assert "exp_avg_q" in st and "exp_avg" not in st and int(st["step"]) == 4
+    # the moment carried over: one more step of decay from the loaded fp32 value
+    m_now = quant.QuantizedTensor(st["exp_avg_q"], st["exp_avg_absmax"], st["exp_avg_code"], 256, 8,
+                                  torch.Size([big.numel()]), torch.float32).dequantize()
+    assert torch.corrcoef(torch.stack([m_now, m_fp32.reshape(-1)]))[0, 1] > 0.8
+
+
+def test_lr_scheduler_and_param_groups():
+    a, b = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    opt = AdamW8bit([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        opt.step()
+        sched.step()
+    assert torch.equal(b, torch.ones_like(b)), "lr 0 must leave the param alone"
+    # Adam with a constant gradient moves by ~lr per step: 0.1 then 0.05
+    torch.testing.assert_close(a, torch.full_like(a, 1 - 0.15), atol=1e-3, rtol=0)
+
+
+def test_closure_and_grad_scaler():
+    model, x, y = _digits_problem()
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(5):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert float(torch.nn.functional.cross_entropy(model(x), y)) < first
+
+
+def test_invalid_hyperparameters_and_gradients():
+    p = [torch.nn.Parameter(torch.randn(10))]
+    for kw, match in ((dict(lr=-1.0), "learning rate"), (dict(eps=-1.0), "epsilon"),
+                      (dict(betas=(1.0, 0.9)), "index 0"), (dict(betas=(0.9, -0.1)), "index 1"),
+                      (dict(weight_decay=-1.0), "weight_decay"), (dict(blocksize_exp_avg=100), "power of two")):
+        with pytest.raises(ValueError, match=match):
+            AdamW8bit(p, **kw)
+    q = torch.nn.Parameter(torch.randn(10))
+    q.grad = torch.randn(10).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        AdamW8bit([q]).step()
+    c = torch.nn.Parameter(torch.randn(10, dtype=torch.complex64))
+    c.grad = torch.randn_like(c)
+    with pytest.raises(RuntimeError, match="complex"):
+        AdamW8bit([c]).step()
+
+
+def test_op_input_checks():
+    code_m, code_v = quant.dynamic_code(8), quant.dynamic_code(8, signed=False)
+    p, g = [torch.randn(1000)], [torch.randn(1000)]
+    mq, ma, vq, va = _quantized_state([1000], 8, 256, 256, code_m, code_v, "cpu")
+    kw = dict(**ADAMW_HYPER, step=1, bits=8, blocksize_exp_avg=256, blocksize_exp_avg_sq=256)
+
+    def call(**over):
+        args = dict(params=p, grads=g, exp_avg_q=mq, exp_avg_absmax=ma, exp_avg_sq_q=vq, exp_avg_sq_absmax=va,
+                    code_exp_avg=code_m, code_exp_avg_sq=code_v)
+        args.update({k: v for k, v in over.items() if k in args})
+        kws = dict(kw, **{k: v for k, v in over.items() if k not in args})
+        adamw_step_quantized_(**args, **kws)
+
+    cases = [
+        (dict(grads=[]), "grads has 0 tensors"),
+        (dict(exp_avg_q=[mq[0][:-1]]), "exp_avg_q\\[0\\] must have 1000"),
+        (dict(exp_avg_absmax=[ma[0][:2]]), "exp_avg_absmax\\[0\\] must have 4"),
+        (dict(exp_avg_sq_q=[vq[0].float()]), "exp_avg_sq_q\\[0\\] must be Byte"),
+        (dict(grads=[torch.randn(999)]), "grads\\[0\\] has shape"),
+        (dict(code_exp_avg=code_m[:16]), "2\\^bits"),
+        (dict(code_exp_avg_sq=code_v.flip(0)), "sorted"),
+        (dict(bits=3), "bits must be 8 or 4"),
+        (dict(blocksize_exp_avg=64), "power of two in \\[128, 4096\\]"),
+        (dict(step=0), "step must be >= 1"),
+        (dict(lr=-1.0), "invalid learning rate"),
+        (dict(beta2=1.0), "beta parameter at index 1"),
+        (dict(params=[torch.randn(1000, dtype=torch.float64)]), "params must be float32"),
+        (dict(params=[torch.randn(2000)[::2]]), "must be contiguous"),
+    ]
+    for over, match in cases:
+        with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+            call(**over)
+    before = p[0].clone()
+    with pytest.raises(RuntimeError, match="one dtype"):  # a bad later entry: nothing written
+        adamw_step_fp32_([p[0], torch.randn(3, dtype=torch.bfloat16)], [g[0], torch.randn(3)],
+                         [torch.zeros(1000), torch.zeros(3)], [torch.zeros(1000), torch.zeros(3)],
+                         **ADAMW_HYPER, step=1)
+    assert torch.equal(p[0], before)
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_params_in_one_optimizer():
+    a = torch.nn.Parameter(torch.randn(5000))
+    b = torch.nn.Parameter(a.detach().clone().cuda())
+    opt = AdamW8bit([a, b], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(5000)
+        a.grad, b.grad = g.clone(), g.cuda()
+        opt.step()
+    assert torch.equal(a, b.cpu()), "CPU and CUDA kernels compute the same bits"
