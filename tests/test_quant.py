@@ -29,7 +29,7 @@ def _roundtrip(x, code, blocksize, bits, **kw):
 
 @pytest.mark.parametrize("bits,blocksize", BITS_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("numel", [1, 63, 1000, 4097, 12_345])
+@pytest.mark.parametrize("numel", [1, 63, 66, 1000, 1002, 4097, 12_345])
 def test_matches_reference(device, bits, blocksize, dtype, numel):
     x = (torch.randn(numel) * 3).to(dtype).to(device)
     code = quant.dynamic_code(bits, device=device)
@@ -81,12 +81,24 @@ def test_signed_zeros_and_zero_midpoints_match_reference(device, bits):
         assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
 
 
-def test_ties_go_to_the_lower_entry():
+def test_ties_go_to_the_lower_entry(device):
     code = quant.linear_code(8, signed=False)
     mid = float((code[10] + code[11]) * 0.5)
     x = torch.tensor([1.0] + [mid] * 63)  # absmax 1, so v is exactly the midpoint
-    q, _ = quantize_blockwise(x, code, 64, 8)
+    q, _ = quantize_blockwise(x.to(device), code.to(device), 64, 8)
     assert q[1:].eq(10).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_values_on_and_next_to_every_midpoint(device, bits):
+    # every midpoint, and the floats just below and above it, against the reference
+    code = quant.dynamic_code(bits)
+    mids = (code[:-1] + code[1:]) * 0.5
+    x = torch.cat([mids, torch.nextafter(mids, torch.tensor(-2.0)), torch.nextafter(mids, torch.tensor(2.0))])
+    x = torch.cat([torch.tensor([1.0]), x.clamp(-1, 1)])  # absmax exactly 1: v == x
+    q, absmax = quantize_blockwise(x.to(device), code.to(device), 4096, bits)
+    q_ref, absmax_ref = quantize_blockwise_ref(x, code, 4096, bits)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
 
 
 def test_noncontiguous_and_shapes(device):
@@ -194,9 +206,9 @@ def test_stochastic_matches_reference(device, bits, blocksize, dtype):
         assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
 
 
-def test_stochastic_rounding_is_unbiased_and_seeded():
+def test_stochastic_rounding_is_unbiased_and_seeded(device):
     code = quant.dynamic_code(4)  # coarse code: nearest rounding has a visible bias
-    x = torch.rand(64) * 0.9 + 0.05
+    x = (torch.rand(64) * 0.9 + 0.05).to(device)
     x[0] = 1.0  # fix absmax at 1
     draws = torch.stack([quant.quantize(x, 4, 64, stochastic_rounding=True, seed=s).dequantize() for s in range(2000)])
     stderr = draws.std(dim=0) / math.sqrt(draws.shape[0])
@@ -242,7 +254,26 @@ def test_compile_fullgraph():
 
     x = torch.randn(3, 1000)
     compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(x), roundtrip(x))
+    q_ref, absmax_ref = quantize_blockwise_ref(x, code, 256, 8)
+    want = dequantize_blockwise_ref(q_ref, absmax_ref, code, 256, 8, x.shape, x.dtype) * 2
+    assert torch.equal(compiled(x), want)
+
+
+def test_dequantize_default_shape():
+    code8, code4 = quant.dynamic_code(8), quant.dynamic_code(4)
+    x = torch.randn(1000)  # a partial last block
+    q, absmax = quantize_blockwise(x, code8, 256, 8)
+    assert torch.equal(dequantize_blockwise(q, absmax, code8, 256, 8), dequantize_blockwise(q, absmax, code8, 256, 8, [1000]))
+    q4, absmax4 = quantize_blockwise(torch.randn(999), code4, 128, 4)
+    with pytest.raises(ValueError, match="shape"):
+        dequantize_blockwise(q4, absmax4, code4, 128, 4)
+
+
+def test_no_grad_flows_through_quantization():
+    # integer outputs: autograd passes through, nothing requires grad, no warning
+    x = torch.randn(300, requires_grad=True)
+    q, absmax = quantize_blockwise(x, quant.dynamic_code(8), 256, 8)
+    assert not q.requires_grad and not absmax.requires_grad
 
 
 # ---- every input check ----
@@ -277,6 +308,15 @@ def test_bad_code():
     _bad(lambda: quant.get_code("nope", 8), "unknown code")
 
 
+def test_bad_dequantize_code():
+    code = quant.dynamic_code(8)
+    q, a = quantize_blockwise(torch.randn(10), code, 256, 8)
+    _bad(lambda: dequantize_blockwise(q, a, code[:16], 256, 8, [10]), "2\\^bits")
+    _bad(lambda: dequantize_blockwise(q, a, code.flip(0), 256, 8, [10]), "sorted")
+    _bad(lambda: dequantize_blockwise(q, a.view(1, 1), code, 256, 8, [10]), "absmax must be 1-D")
+    _bad(lambda: dequantize_blockwise(q, a, code, 256, 8, [2**40, 2**40]), "more elements than int64")
+
+
 def test_bad_dtypes():
     code = quant.dynamic_code(8)
     _bad(lambda: quantize_blockwise(torch.arange(10), code, 256, 8), "x must be float32")
@@ -304,6 +344,8 @@ def test_bad_device_mix_meta():
 
 @pytest.mark.cuda
 def test_bad_device_mix():
+    # x on the CPU, code on CUDA: the CUDA kernel is picked and must name the problem
+    _bad(lambda: quantize_blockwise(torch.randn(10), quant.dynamic_code(8, device="cuda"), 256, 8), "one device")
     x = torch.randn(10, device="cuda")
     _bad(lambda: quantize_blockwise(x, quant.dynamic_code(8), 256, 8), "same device|one device")
     q, a = quantize_blockwise(x, quant.dynamic_code(8, device="cuda"), 256, 8)
