@@ -167,10 +167,6 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
     if (lane < kMaxSubBlocks) {
       sh.absmax_m[warp][lane] = quant::finish_absmax(sh.absmax_m[warp][lane], sh.bad_m[warp][lane]);
       sh.absmax_v[warp][lane] = quant::finish_absmax(sh.absmax_v[warp][lane], sh.bad_v[warp][lane]);
-      if (lane < sub_m && base + lane * p.blocksize_exp_avg < end)
-        s.exp_avg_absmax[base / p.blocksize_exp_avg + lane] = sh.absmax_m[warp][lane];
-      if (lane < sub_v && base + lane * p.blocksize_exp_avg_sq < end)
-        s.exp_avg_sq_absmax[base / p.blocksize_exp_avg_sq + lane] = sh.absmax_v[warp][lane];
     }
     __syncwarp();
 
@@ -199,6 +195,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
       store_indices(s.exp_avg_q, p.bits, e0, end, im);
       store_indices(s.exp_avg_sq_q, p.bits, e0, end, iv);
     }
+    // the new absmax goes out only now: pass 2 dequantized the old moments with the old one
+    __syncwarp();
+    if (lane < sub_m && base + lane * p.blocksize_exp_avg < end)
+      s.exp_avg_absmax[base / p.blocksize_exp_avg + lane] = sh.absmax_m[warp][lane];
+    if (lane < sub_v && base + lane * p.blocksize_exp_avg_sq < end)
+      s.exp_avg_sq_absmax[base / p.blocksize_exp_avg_sq + lane] = sh.absmax_v[warp][lane];
+    __syncwarp();  // the next superblock of this warp reuses the shared absmax slots
   }
 }
 
