@@ -4,6 +4,8 @@
 // for bit and CPU tests cover the math on machines without a GPU.
 #if defined(__CUDACC__)
 #define LOWRANK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LOWRANK_HD inline __attribute__((always_inline))  // small math: always inline in hot loops
 #else
 #define LOWRANK_HD inline
 #endif

@@ -37,16 +37,29 @@ inline int code_index(const uint8_t* q, int bits, int64_t e) {
 }
 
 struct Scratch {
-  std::vector<float> exp_avg, exp_avg_sq;
+  std::vector<float> param, grad, exp_avg, exp_avg_sq;
   std::vector<uint8_t> idx;
-  explicit Scratch(int64_t n) : exp_avg(n), exp_avg_sq(n), idx(n) {}
+  explicit Scratch(int64_t n) : param(n), grad(n), exp_avg(n), exp_avg_sq(n), idx(n) {}
 };
+
+// adamw_update over fp32 arrays, in place (p, m, v). Compiled twice on x86-64 (AVX2 and the
+// baseline, picked at load time) so it runs 8-wide: same IEEE operations in either (AVX2
+// without FMA), so results do not depend on the CPU. Needs -fno-math-errno to vectorize sqrt.
+LOWRANK_CPU_CLONES void adamw_update_span(float* __restrict p, const float* __restrict g, float* __restrict m,
+                                          float* __restrict v, int n, const AdamWConstants c) {
+  for (int i = 0; i < n; ++i) {
+    const AdamWResult r = adamw_update(p[i], g[i], m[i], v[i], c);
+    p[i] = r.param;
+    m[i] = r.exp_avg;
+    v[i] = r.exp_avg_sq;
+  }
+}
 
 // How one moment is re-quantized: its code, blocks, rounding and random stream.
 struct MomentCoding {
-  const float* code;
   int64_t blocksize;
   const NearestSearch* search;  // nearest rounding
+  const quant::FloorSearch* floor;  // stochastic rounding
   bool stochastic;
   uint64_t seed, offset;        // stochastic rounding
 };
@@ -57,8 +70,8 @@ void requantize(const float* vals, int64_t n, int64_t base, int bits, const Mome
   for (int64_t off = 0; off < n; off += mc.blocksize) {
     const int64_t len = std::min(mc.blocksize, n - off);
     absmax[(base + off) / mc.blocksize] =
-        mc.stochastic ? quant::quantize_span_stochastic(vals + off, len, mc.code, 1 << bits, mc.seed, mc.offset,
-                                                         base + off, idx + off)
+        mc.stochastic ? quant::quantize_span_stochastic(vals + off, len, *mc.floor, mc.seed, mc.offset, base + off,
+                                                         idx + off)
                       : quant::quantize_span_nearest(vals + off, len, *mc.search, idx + off);
   }
   if (bits == 8) {
@@ -68,34 +81,51 @@ void requantize(const float* vals, int64_t n, int64_t base, int bits, const Mome
   }
 }
 
+struct Searches {
+  NearestSearch nearest_m, nearest_v;
+  quant::FloorSearch floor_m, floor_v;
+};
+
 template <typename P, typename G>
-void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const NearestSearch& search_m,
-                          const NearestSearch& search_v, Scratch& scratch) {
+void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const Searches& search, Scratch& scratch) {
   const TensorSlot& s = p.tensors[t];
   const int64_t S = superblock_size(p);
   const int64_t base = sb * S;
   const int64_t n = std::min(S, s.numel - base);
   P* param = static_cast<P*>(s.param) + base;
   const G* grad = static_cast<const G*>(s.grad) + base;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = base + i;
-    const float m = quant::dequantize_value(p.code_exp_avg, code_index(s.exp_avg_q, p.bits, e),
-                                            s.exp_avg_absmax[e / p.blocksize_exp_avg]);
-    const float v = quant::dequantize_value(p.code_exp_avg_sq, code_index(s.exp_avg_sq_q, p.bits, e),
-                                            s.exp_avg_sq_absmax[e / p.blocksize_exp_avg_sq]);
-    const AdamWResult r = adamw_update(static_cast<float>(param[i]), static_cast<float>(grad[i]), m, v, p.c);
-    scratch.exp_avg[i] = r.exp_avg;
-    scratch.exp_avg_sq[i] = r.exp_avg_sq;
-    param[i] = store_param<P>(r.param, p, t, e);
+  // chunks of the smaller blocksize: each sits in one block of either moment, so the two
+  // absmax values are loaded once per chunk rather than divided out per element
+  const int64_t chunk = std::min(p.blocksize_exp_avg, p.blocksize_exp_avg_sq);
+  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+    const int64_t c1 = std::min(n, c0 + chunk);
+    const float absmax_m = s.exp_avg_absmax[(base + c0) / p.blocksize_exp_avg];
+    const float absmax_v = s.exp_avg_sq_absmax[(base + c0) / p.blocksize_exp_avg_sq];
+    float* pf = scratch.param.data() + c0;
+    float* mf = scratch.exp_avg.data() + c0;
+    float* vf = scratch.exp_avg_sq.data() + c0;
+    float* gf = scratch.grad.data() + c0;
+    const int len = static_cast<int>(c1 - c0);
+    for (int i = 0; i < len; ++i) {  // gather: dequantize, widen
+      const int64_t e = base + c0 + i;
+      mf[i] = quant::dequantize_value(p.code_exp_avg, code_index(s.exp_avg_q, p.bits, e), absmax_m);
+      vf[i] = quant::dequantize_value(p.code_exp_avg_sq, code_index(s.exp_avg_sq_q, p.bits, e), absmax_v);
+      pf[i] = static_cast<float>(param[c0 + i]);
+      gf[i] = static_cast<float>(grad[c0 + i]);
+    }
+    adamw_update_span(pf, gf, mf, vf, len, p.c);
+    for (int i = 0; i < len; ++i) param[c0 + i] = store_param<P>(pf[i], p, t, base + c0 + i);
   }
-  const MomentCoding mc_m{p.code_exp_avg, p.blocksize_exp_avg, &search_m, p.stochastic_exp_avg, p.seed,
+  const MomentCoding mc_m{p.blocksize_exp_avg, &search.nearest_m, &search.floor_m, p.stochastic_exp_avg, p.seed,
                           stream_offset(t, kExpAvgStream)};
-  const MomentCoding mc_v{p.code_exp_avg_sq, p.blocksize_exp_avg_sq, &search_v, p.stochastic_exp_avg_sq, p.seed,
+  const MomentCoding mc_v{p.blocksize_exp_avg_sq, &search.nearest_v, &search.floor_v, p.stochastic_exp_avg_sq, p.seed,
                           stream_offset(t, kExpAvgSqStream)};
   requantize(scratch.exp_avg.data(), n, base, p.bits, mc_m, s.exp_avg_q, s.exp_avg_absmax, scratch.idx.data());
   requantize(scratch.exp_avg_sq.data(), n, base, p.bits, mc_v, s.exp_avg_sq_q, s.exp_avg_sq_absmax,
              scratch.idx.data());
 }
+
+constexpr int kFp32Chunk = 512;
 
 template <typename P, typename G>
 void fp32_superblock(const AdamWStepParams& p, int64_t t, int64_t sb) {
@@ -107,21 +137,29 @@ void fp32_superblock(const AdamWStepParams& p, int64_t t, int64_t sb) {
   const G* grad = static_cast<const G*>(s.grad) + base;
   float* m = s.exp_avg + base;
   float* v = s.exp_avg_sq + base;
-  for (int64_t i = 0; i < n; ++i) {
-    const AdamWResult r = adamw_update(static_cast<float>(param[i]), static_cast<float>(grad[i]), m[i], v[i], p.c);
-    m[i] = r.exp_avg;
-    v[i] = r.exp_avg_sq;
-    param[i] = store_param<P>(r.param, p, t, base + i);
+  float pf[kFp32Chunk], gf[kFp32Chunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kFp32Chunk) {
+    const int len = static_cast<int>(std::min<int64_t>(kFp32Chunk, n - c0));
+    for (int i = 0; i < len; ++i) {
+      pf[i] = static_cast<float>(param[c0 + i]);
+      gf[i] = static_cast<float>(grad[c0 + i]);
+    }
+    adamw_update_span(pf, gf, m + c0, v + c0, len, p.c);
+    for (int i = 0; i < len; ++i) param[c0 + i] = store_param<P>(pf[i], p, t, base + c0 + i);
   }
 }
 
 void step(const AdamWStepParams& p, const std::vector<int64_t>& offsets) {
   const int64_t total = offsets.back();
   if (total == 0) return;
-  std::unique_ptr<NearestSearch> search_m, search_v;
+  // each table is built once per call, and only where its rounding is used
+  std::unique_ptr<Searches> search;
   if (p.quantized) {
-    search_m = std::make_unique<NearestSearch>(p.code_exp_avg, 1 << p.bits);
-    search_v = std::make_unique<NearestSearch>(p.code_exp_avg_sq, 1 << p.bits);
+    const int n = 1 << p.bits;
+    search.reset(new Searches{NearestSearch(p.code_exp_avg, p.stochastic_exp_avg ? 0 : n),
+                              NearestSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? 0 : n),
+                              quant::FloorSearch(p.code_exp_avg, p.stochastic_exp_avg ? n : 0),
+                              quant::FloorSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? n : 0)});
   }
   const int64_t S = superblock_size(p);
   at::parallel_for(0, total, std::max<int64_t>(1, 16384 / S), [&](int64_t b0, int64_t b1) {
@@ -133,7 +171,7 @@ void step(const AdamWStepParams& p, const std::vector<int64_t>& offsets) {
       LOWRANK_DISPATCH_FLOAT(s.param_kind, P, [&] {
         LOWRANK_DISPATCH_FLOAT(s.grad_kind, G, [&] {
           if (p.quantized) {
-            quantized_superblock<P, G>(p, t, b - offsets[t], *search_m, *search_v, scratch);
+            quantized_superblock<P, G>(p, t, b - offsets[t], *search, scratch);
           } else {
             fp32_superblock<P, G>(p, t, b - offsets[t]);
           }

@@ -22,6 +22,7 @@ namespace {
 struct Rounder {
   const QuantizeParams& p;
   const NearestSearch& nearest;
+  const FloorSearch& floor;
   int code_size;
 
   template <typename T>
@@ -43,12 +44,9 @@ struct Rounder {
         continue;
       }
       normalize_span(xf, m, absmax, v);
-      Philox4 r{};
-      for (int i = 0; i < m; ++i) {  // base + c is a multiple of 4: one Philox call per 4 values
-        const uint64_t g = static_cast<uint64_t>(base + c + i);
-        if ((g & 3) == 0) r = philox_group(p.seed, p.offset, g >> 2);
-        idx[c + i] = static_cast<uint8_t>(stochastic_index(p.code, code_size, v[i], uniform_from_bits(r.v[g & 3])));
-      }
+      float u[kChunk];  // base + c is a multiple of 4: whole Philox groups
+      philox_uniforms(p.seed, p.offset, static_cast<uint64_t>(base + c) >> 2, (m + 3) / 4, u);
+      floor.indices(v, u, m, idx + c);
     }
   }
 };
@@ -57,9 +55,10 @@ template <typename T>
 void quantize_impl(const QuantizeParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const int code_size = 1 << p.bits;
-  // the search table costs ~0.1 ms to build: only nearest rounding needs it
+  // a search table costs ~0.1 ms to build: only the one the rounding uses is built
   const NearestSearch nearest(p.code, p.stochastic ? 0 : code_size);
-  const Rounder round{p, nearest, code_size};
+  const FloorSearch floor(p.code, p.stochastic ? code_size : 0);
+  const Rounder round{p, nearest, floor, code_size};
   const int64_t grain = std::max<int64_t>(1, 32768 / p.blocksize);
   at::parallel_for(0, p.nblocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> idx(p.bits == 4 ? p.blocksize : 0);

@@ -31,6 +31,15 @@ static LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absma
   }
 }
 
+// u[4g + l] = uniform_from_bits(lane l of Philox group first_group + g), for g < groups.
+static LOWRANK_CPU_CLONES void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first_group, int groups,
+                                               float* __restrict u) {
+  for (int g = 0; g < groups; ++g) {
+    const Philox4 r = philox_group(seed, offset, first_group + g);
+    for (int l = 0; l < 4; ++l) u[4 * g + l] = uniform_from_bits(r.v[l]);
+  }
+}
+
 // key[i] = ordered_key(normalize(x[i], absmax)): the nearest search works on these keys.
 static LOWRANK_CPU_CLONES void normalized_keys(const float* __restrict x, int n, float absmax, uint32_t* __restrict key) {
   if (absmax > 0.f) {
@@ -40,72 +49,142 @@ static LOWRANK_CPU_CLONES void normalized_keys(const float* __restrict x, int n,
   }
 }
 
-// count_less(mids, 0, n_mids, v) for v in [-1, 1], through a per-call table indexed by the
-// top 16 bits of ordered_key(v) (sign, exponent and 7 mantissa bits: buckets 1/128 wide in
-// relative terms). start[k] counts the midpoints below the first float of bucket k, so the
-// answer for v in bucket k is start[k] + #{j < width : mids[start[k] + j] < v}, where width
-// is the largest start[k+1] - start[k] (1 for the built-in codes). Counting with a fixed
-// width and +inf padding keeps the loop free of data-dependent branches; candidates past
-// start[k+1] are >= the next bucket's first float > v, so they never count.
-// Comparisons run on ordered keys (integers): for floats that are not NaN, a < b exactly
-// when ordered_key(a) < ordered_key(b), once a midpoint of -0 is stored as +0 (so that it
-// compares equal to both zeros, as floats do). v is never NaN.
+// Counts #{j : a[j] < key} over a sorted array of ordered keys, for the keys of v in
+// [-1, 1], through a per-call table indexed by the top 16 bits of the key (sign, exponent
+// and 7 mantissa bits: buckets 1/128 wide in relative terms). start[k] counts the entries
+// below the first key of bucket k, so the answer for a key in bucket k is start[k] +
+// #{j < width : a[start[k] + j] < key}, where width is the largest start[k+1] - start[k]
+// (1 for the built-in codes). Counting with a fixed width and +inf padding keeps the loop
+// free of data-dependent branches; candidates past start[k+1] are >= the next bucket's
+// first key > key, so they never count.
+// Keys are integers: for floats that are not NaN, a < b exactly when ordered_key(a) <
+// ordered_key(b), except that -0 and +0 are equal as floats and not as keys; callers
+// store a zero entry as the key that makes their comparison agree with floats.
+class KeyCounter {
+ public:
+  KeyCounter() = default;
+  explicit KeyCounter(std::vector<uint32_t> keys) {
+    const int n = static_cast<int>(keys.size());
+    first_bucket_ = ordered_key(-1.0f) >> 16;
+    const uint32_t last_bucket = (ordered_key(1.0f) + 1) >> 16;  // +1: queries for "<=" add one
+    std::vector<uint32_t> start(last_bucket - first_bucket_ + 2);
+    int j = 0;
+    width_ = 0;
+    for (uint32_t k = 0; k < start.size(); ++k) {
+      const uint32_t first = (first_bucket_ + k) << 16;
+      while (j < n && keys[j] < first) ++j;
+      start[k] = static_cast<uint32_t>(j);
+      if (k > 0) width_ = std::max<int>(width_, start[k] - start[k - 1]);
+    }
+    width_ = std::max(width_, 1);
+    keys_ = std::move(keys);
+    keys_.resize(n + width_, 0xffffffffu);  // padding: never below a query key
+    buckets_.resize(start.size());
+    for (size_t k = 0; k < start.size(); ++k) buckets_[k] = Bucket{keys_[start[k]], start[k]};
+  }
+
+  uint32_t count(uint32_t key) const {
+    const uint32_t s = buckets_[(key >> 16) - first_bucket_].start;
+    uint32_t c = s;
+    for (int w = 0; w < width_; ++w) c += keys_[s + w] < key;
+    return c;
+  }
+
+  // out[i] = count(key[i]) (int32: a count can reach 256, past uint8).
+  void counts32(const uint32_t* __restrict key, int n, int32_t* __restrict out) const {
+    const uint32_t first = first_bucket_;
+    if (width_ == 1) {
+      const Bucket* table = buckets_.data();
+      for (int i = 0; i < n; ++i) {
+        const Bucket b = table[(key[i] >> 16) - first];
+        out[i] = static_cast<int32_t>(b.start + (b.key < key[i] ? 1 : 0));
+      }
+    } else {
+      for (int i = 0; i < n; ++i) out[i] = static_cast<int32_t>(count(key[i]));
+    }
+  }
+
+  // out[i] = count(key[i]); one table load per value when width is 1.
+  void counts(const uint32_t* __restrict key, int n, uint8_t* __restrict out) const {
+    const uint32_t first = first_bucket_;
+    if (width_ == 1) {
+      const Bucket* table = buckets_.data();
+      for (int i = 0; i < n; ++i) {
+        const Bucket b = table[(key[i] >> 16) - first];
+        out[i] = static_cast<uint8_t>(b.start + (b.key < key[i] ? 1 : 0));
+      }
+    } else {
+      for (int i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(count(key[i]));
+    }
+  }
+
+ private:
+  struct Bucket {
+    uint32_t key;    // the bucket's first candidate key (padding if none)
+    uint32_t start;  // entries below the bucket's first key
+  };
+  uint32_t first_bucket_ = 0;
+  int width_ = 0;
+  std::vector<Bucket> buckets_;
+  std::vector<uint32_t> keys_;  // padded to n + width
+};
+
+// Nearest rounding: count_less over the code's midpoints. A midpoint of -0 is stored as +0,
+// so that it is below neither zero, as for floats.
 class NearestSearch {
  public:
   // code_size 0 builds an empty search (for callers that will not use it).
   NearestSearch(const float* code, int code_size) {
     if (code_size == 0) return;
-    const int n_mids = code_size - 1;
-    first_bucket_ = ordered_key(-1.0f) >> 16;
-    const uint32_t last_bucket = ordered_key(1.0f) >> 16;
-    std::vector<float> mids(n_mids);
-    for (int j = 0; j < n_mids; ++j) mids[j] = code_midpoint(code, j) + 0.f;  // -0 + 0 = +0
-    std::vector<uint32_t> start(last_bucket - first_bucket_ + 2);
-    int j = 0;
-    width_ = 0;
-    for (uint32_t k = 0; k < start.size(); ++k) {
-      const float first = key_to_float((first_bucket_ + k) << 16);
-      while (j < n_mids && mids[j] < first) ++j;
-      start[k] = static_cast<uint32_t>(j);
-      if (k > 0) width_ = std::max<int>(width_, start[k] - start[k - 1]);
-    }
-    width_ = std::max(width_, 1);
-    mid_keys_.assign(n_mids + width_, ordered_key(std::numeric_limits<float>::infinity()));
-    for (int m = 0; m < n_mids; ++m) mid_keys_[m] = ordered_key(mids[m]);
-    buckets_.resize(start.size());
-    for (size_t k = 0; k < start.size(); ++k) buckets_[k] = Bucket{mid_keys_[start[k]], start[k]};
+    std::vector<uint32_t> keys(code_size - 1);
+    for (int j = 0; j + 1 < code_size; ++j) keys[j] = ordered_key(code_midpoint(code, j) + 0.f);  // -0 + 0 = +0
+    counter_ = KeyCounter(std::move(keys));
   }
 
-  // idx[i] = count_less(mids, 0, n_mids, v[i]) for the ordered keys of v, branch-free.
-  void indices(const uint32_t* __restrict key, int n, uint8_t* __restrict idx) const {
-    const uint32_t first = first_bucket_;
-    if (width_ == 1) {  // one candidate per bucket: one table load per value
-      const Bucket* table = buckets_.data();
-      for (int i = 0; i < n; ++i) {
-        const Bucket b = table[(key[i] >> 16) - first];
-        idx[i] = static_cast<uint8_t>(b.start + (b.mid_key < key[i] ? 1 : 0));
-      }
-    } else {
-      for (int i = 0; i < n; ++i) {
-        const uint32_t s = buckets_[(key[i] >> 16) - first].start;
-        uint32_t count = s;
-        for (int c = 0; c < width_; ++c) count += mid_keys_[s + c] < key[i];
-        idx[i] = static_cast<uint8_t>(count);
-      }
+  // idx[i] = count_less(mids, 0, n_mids, v[i]) for the ordered keys of v.
+  void indices(const uint32_t* __restrict key, int n, uint8_t* __restrict idx) const { counter_.counts(key, n, idx); }
+
+  static constexpr int kChunk = 256;
+
+ private:
+  KeyCounter counter_;
+};
+
+// Stochastic rounding: the largest i with code[i] <= v, as count(code <= v) - 1 =
+// count(code < key + 1) - 1 on integer keys. A zero entry is stored as the key of -0, so
+// that it is <= both zeros, as for floats.
+class FloorSearch {
+ public:
+  FloorSearch(const float* code, int code_size) : code_(code), code_size_(code_size) {
+    if (code_size == 0) return;
+    std::vector<uint32_t> keys(code_size);
+    for (int j = 0; j < code_size; ++j) keys[j] = code[j] == 0.f ? ordered_key(-0.f) : ordered_key(code[j]);
+    counter_ = KeyCounter(std::move(keys));
+  }
+
+  // idx[i] = stochastic_index(code, code_size, v[i], u[i]) for a span of at most kChunk
+  // values: the searches first (table), then the decisions (branch-free).
+  void indices(const float* __restrict v, const float* __restrict u, int n, uint8_t* __restrict idx) const {
+    uint32_t key[kChunk];
+    int32_t count[kChunk];
+    for (int i = 0; i < n; ++i) key[i] = ordered_key(v[i]) + 1;
+    counter_.counts32(key, n, count);
+    const int last = code_size_ - 1;
+    for (int i = 0; i < n; ++i) {
+      const int below = count[i] - 1;                                // largest j with code[j] <= v
+      const int j = below < 0 ? 0 : (below > last - 1 ? last - 1 : below);
+      const bool up = round_up(v[i], code_[j], code_[j + 1], u[i]);
+      const int inner = below < 0 ? 0 : (below >= last ? last : j + (up ? 1 : 0));
+      idx[i] = static_cast<uint8_t>(inner);
     }
   }
 
   static constexpr int kChunk = 256;
 
  private:
-  struct Bucket {
-    uint32_t mid_key;  // key of the bucket's first candidate midpoint (+inf if none)
-    uint32_t start;    // midpoints below the bucket's first float
-  };
-  uint32_t first_bucket_ = 0;
-  int width_ = 0;
-  std::vector<Bucket> buckets_;
-  std::vector<uint32_t> mid_keys_;  // padded with +inf keys to n_mids + width
+  const float* code_ = nullptr;
+  int code_size_ = 0;
+  KeyCounter counter_;
 };
 
 // absmax_step over the block with eight independent lanes, so the compiler vectorizes it
@@ -141,14 +220,16 @@ inline float quantize_span_nearest(const float* vals, int64_t n, const NearestSe
 
 // The same with stochastic rounding: element i of the span is global element base + i of
 // its tensor, drawing from the Philox stream (seed, offset).
-inline float quantize_span_stochastic(const float* vals, int64_t n, const float* code, int code_size, uint64_t seed,
+inline float quantize_span_stochastic(const float* vals, int64_t n, const FloorSearch& floor, uint64_t seed,
                                       uint64_t offset, int64_t base, uint8_t* idx) {
   const float absmax = block_absmax(vals, n);
-  Philox4 r{};
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t e = static_cast<uint64_t>(base + i);
-    if (i == 0 || (e & 3) == 0) r = philox_group(seed, offset, e >> 2);
-    idx[i] = static_cast<uint8_t>(stochastic_index(code, code_size, normalize(vals[i], absmax), uniform_from_bits(r.v[e & 3])));
+  constexpr int kChunk = FloorSearch::kChunk;
+  float v[kChunk], u[kChunk];
+  for (int64_t c = 0; c < n; c += kChunk) {  // base + c is a multiple of 4: whole Philox groups
+    const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
+    normalize_span(vals + c, m, absmax, v);
+    philox_uniforms(seed, offset, static_cast<uint64_t>(base + c) >> 2, (m + 3) / 4, u);
+    floor.indices(v, u, m, idx + c);
   }
   return absmax;
 }

@@ -8,7 +8,7 @@
 //   nearest = number of code midpoints m_j = 0.5f * (code[j] + code[j+1]) below v; ties
 //             go to the lower entry
 //   stochastic: with c_i <= v < c_{i+1}, pick i+1 with probability (v - c_i) / (c_{i+1} - c_i),
-//             from a Philox draw u in [0, 1) (pick i+1 when u < p)
+//             from a Philox draw u in [0, 1): pick i+1 when u * (c_{i+1} - c_i) < v - c_i
 //   x'      = code[q] * absmax in fp32, then cast to the output dtype
 #include <cmath>
 
@@ -35,6 +35,18 @@ LOWRANK_HD int count_less_equal(const float* arr, int lo, int hi, float v) {
   return lo;
 }
 
+// count_less_equal over a sorted arr[0, n) with n a power of two, without data-dependent
+// branches (a select per step): a branchy search mispredicts half its steps on random data.
+// Invariant: the answer lies in [lo, lo + len].
+LOWRANK_HD int count_less_equal_pow2(const float* arr, int n, float v) {
+  int lo = 0;
+  for (int len = n; len > 1; len >>= 1) {
+    const int half = len >> 1;
+    lo += arr[lo + half - 1] <= v ? half : 0;
+  }
+  return lo + (arr[lo] <= v ? 1 : 0);
+}
+
 LOWRANK_HD float code_midpoint(const float* code, int j) { return 0.5f * (code[j] + code[j + 1]); }
 
 // NaN-propagating |x| max step: the flag records any non-finite value seen.
@@ -55,13 +67,17 @@ LOWRANK_HD int nearest_index(const float* mids, int n_mids, float v) {
   return count_less(mids, 0, n_mids, v);
 }
 
+// The stochastic rounding decision for lo <= v < hi: up with probability (v - lo) / (hi - lo),
+// written without the division (u * gap < distance; u has 24 random bits).
+LOWRANK_HD bool round_up(float v, float lo, float hi, float u) { return u * (hi - lo) < v - lo; }
+
+// n (the code size, 2^bits) must be a power of two.
 LOWRANK_HD int stochastic_index(const float* code, int n, float v, float u) {
-  const int i = count_less_equal(code, 0, n, v) - 1;  // largest i with code[i] <= v
+  const int i = count_less_equal_pow2(code, n, v) - 1;  // largest i with code[i] <= v
   if (i < 0) return 0;
   if (i >= n - 1) return n - 1;
   const float lo = code[i], hi = code[i + 1];
-  const float p = (v - lo) / (hi - lo);  // hi > v >= lo, so hi > lo
-  return u < p ? i + 1 : i;
+  return round_up(v, lo, hi, u) ? i + 1 : i;
 }
 
 LOWRANK_HD float dequantize_value(const float* code, int index, float absmax) {

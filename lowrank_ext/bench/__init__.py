@@ -13,6 +13,7 @@ from .harness import Case, Family, Provider, RunConfig, SkipProvider, Timed
 # family name -> module defining FAMILY
 FAMILIES: dict[str, str] = {
     "quant": "lowrank_ext.bench.quant",
+    "optim": "lowrank_ext.bench.optim",
 }
 
 

@@ -123,6 +123,9 @@ class Family:
     plot_metric: Literal["GB/s", "TFLOP/s", "speedup"] = "GB/s"
     # Extra lines under the table (e.g. progress against the targets).
     summary: Callable[[list[Row], torch.device], list[str]] | None = None
+    # Qualified names of the torch.ops.lowrank ops the family benchmarks,
+    # e.g. "lowrank::quantize_blockwise".
+    ops: tuple[str, ...] = ()
 
 
 @dataclass

@@ -335,4 +335,5 @@ FAMILY = Family(
     check=check,
     plot_metric="GB/s",
     summary=summary,
+    ops=("lowrank::quantize_blockwise", "lowrank::dequantize_blockwise"),
 )

@@ -79,9 +79,9 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int =
         inner = (i >= 0) & (i < n - 1)
         ic = i.clamp(0, n - 2)
         lo, hi = code[ic], code[ic + 1]
-        p = (v - lo) / torch.where(inner, hi - lo, torch.ones_like(lo))
         u = philox_uniform_ref(seed, offset, torch.arange(numel, device=x.device))
-        idx = torch.where(inner, ic + (u < p).to(ic.dtype), i.clamp(0, n - 1))
+        up = u * (hi - lo) < v - lo                          # up with probability (v - lo) / (hi - lo)
+        idx = torch.where(inner, ic + up.to(ic.dtype), i.clamp(0, n - 1))
     idx = idx.to(torch.uint8)
     if bits == 4:
         if numel % 2:
