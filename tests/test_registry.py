@@ -1,5 +1,6 @@
 """Every op of the `lowrank` namespace must come with everything the design asks for:
-a CPU kernel, a CUDA kernel when CUDA was built, a fake kernel, a reference and samples.
+a CPU kernel, a CUDA kernel when CUDA was built, a fake kernel, a reference, samples and
+a benchmark.
 Adding an op without them fails here."""
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import torch
 from torch._library import simple_registry
 
 import lowrank_ext
+from lowrank_ext.bench import FAMILIES, get_family
 from lowrank_ext.reference import REFERENCES
 from samples import SAMPLES
 
+BENCHED_OPS = {op for name in FAMILIES for op in get_family(name).ops}
 OPS = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lowrank::"))
 
 
@@ -32,6 +35,8 @@ def test_op_is_complete(op):
         missing.append("reference (lowrank_ext/reference/)")
     if op not in SAMPLES:
         missing.append("samples (tests/samples.py)")
+    if op not in BENCHED_OPS:
+        missing.append("benchmark (a lowrank_ext.bench family listing it in Family.ops)")
     assert not missing, f"{op} lacks: {', '.join(missing)}"
 
 

@@ -33,6 +33,11 @@ def run(cmd: list[str], env: dict, log) -> tuple[int, str]:
     return rc, "".join(lines)
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -49,8 +54,16 @@ def main() -> int:
     results_dir = os.path.abspath(args.results_dir)
     os.makedirs(results_dir, exist_ok=True)
 
+    import shutil
+
     import torch
 
+    missing = [m for m in ("pybind11", "pytest", "hypothesis") if not _importable(m)]
+    missing += [t for t in ("cmake", "nvcc") if shutil.which(t) is None and not os.path.exists(f"/usr/local/cuda/bin/{t}")]
+    if missing:  # nothing can be fetched on the GPU machines: say what to carry
+        print(f"gpu-check: missing here: {', '.join(missing)} (carry them as wheels, see the device tool's README)",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("gpu-check: torch sees no CUDA GPU here; use `make test` on CPU machines", file=sys.stderr)
         return 2
