@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "quant/ops.h"
 
 namespace lowrank::optim {
 namespace {
@@ -47,22 +48,6 @@ void check_blocksize(int64_t bs, const char* op, const char* arg) {
               " must be a power of two in [128, 4096], got ", bs);
 }
 
-at::Tensor checked_code(const at::Tensor& code, int64_t bits, const at::Device& device, const char* op,
-                        const char* arg) {
-  check_dtype(code, at::kFloat, op, arg);
-  check_dim(code, 1, op, arg);
-  TORCH_CHECK(code.device() == device, op, ": ", arg, " is on ", code.device(), " but params are on ", device);
-  TORCH_CHECK(code.numel() == (int64_t{1} << bits), op, ": ", arg, " must have 2^bits = ", int64_t{1} << bits,
-              " entries, got ", code.numel());
-  at::Tensor c = code.contiguous();
-  const at::Tensor host = c.is_cpu() ? c : c.to(at::kCPU);
-  const float* v = host.const_data_ptr<float>();
-  for (int64_t i = 0; i < host.numel(); ++i) {
-    TORCH_CHECK(std::isfinite(v[i]) && (i == 0 || v[i - 1] <= v[i]), op, ": ", arg,
-                " must be finite and sorted ascending (entry ", i, " = ", v[i], ")");
-  }
-  return c;
-}
 
 // One call steps tensors of one param dtype and one grad dtype (the kernels are compiled
 // per pair); the optimizers group their params accordingly.
@@ -129,8 +114,8 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
 
   PreparedStep out;
   out.device = n ? params[0].device() : code_exp_avg.device();
-  out.code_exp_avg = checked_code(code_exp_avg, bits, out.device, op, "code_exp_avg");
-  out.code_exp_avg_sq = checked_code(code_exp_avg_sq, bits, out.device, op, "code_exp_avg_sq");
+  out.code_exp_avg = quant::check_code(code_exp_avg, bits, out.device, op, "code_exp_avg");
+  out.code_exp_avg_sq = quant::check_code(code_exp_avg_sq, bits, out.device, op, "code_exp_avg_sq");
   out.params.c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step, op);
   check_uniform_dtypes(params, grads, op, out.params);
   out.slots.resize(n);

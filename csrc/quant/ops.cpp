@@ -21,32 +21,34 @@ void check_bits_and_blocksize(int64_t bits, int64_t blocksize, const char* op) {
               blocksize);
 }
 
+
+int64_t packed_bytes(int64_t numel, int64_t bits) { return bits == 8 ? numel : (numel + 1) / 2; }
+
+}  // namespace
+
 // code: float32, 1-D, 2^bits entries, on the data's device; a CPU code is also checked to
 // be finite and ascending. A CUDA code's values are not read here: that would cost a
 // device synchronisation per call and break CUDA-graph capture. An unsorted code cannot
 // make a kernel read or write out of bounds (both searches stay in [0, 2^bits)); it only
 // gives meaningless indices. lowrank_ext.quant.get_code checks user codes on any device.
-at::Tensor check_code(const at::Tensor& code, int64_t bits, const at::Tensor& data, const char* op,
-                      const char* data_arg) {
-  check_dtype(code, at::kFloat, op, "code");
-  check_dim(code, 1, op, "code");
-  check_same_device(code, data, op, "code", data_arg);
-  TORCH_CHECK(code.numel() == (int64_t{1} << bits), op, ": code must have 2^bits = ", int64_t{1} << bits,
+at::Tensor check_code(const at::Tensor& code, int64_t bits, const at::Device& device, const char* op,
+                      const char* arg) {
+  check_dtype(code, at::kFloat, op, arg);
+  check_dim(code, 1, op, arg);
+  TORCH_CHECK(code.device() == device, op, ": ", arg, " is on ", code.device(), " but the data is on ", device,
+              "; all tensors must be on one device");
+  TORCH_CHECK(code.numel() == (int64_t{1} << bits), op, ": ", arg, " must have 2^bits = ", int64_t{1} << bits,
               " entries for bits=", bits, ", got ", code.numel());
   at::Tensor c = code.contiguous();
   if (!c.is_cpu()) return c;
   const float* v = c.const_data_ptr<float>();
   for (int64_t i = 0; i < c.numel(); ++i) {
-    TORCH_CHECK(std::isfinite(v[i]), op, ": code entries must be finite, code[", i, "] = ", v[i]);
-    TORCH_CHECK(i == 0 || v[i - 1] <= v[i], op, ": code must be sorted ascending, but code[", i - 1,
-                "] = ", v[i - 1], " > code[", i, "] = ", v[i]);
+    TORCH_CHECK(std::isfinite(v[i]), op, ": ", arg, " entries must be finite, entry ", i, " = ", v[i]);
+    TORCH_CHECK(i == 0 || v[i - 1] <= v[i], op, ": ", arg, " must be sorted ascending, but entry ", i - 1, " = ",
+                v[i - 1], " > entry ", i, " = ", v[i]);
   }
   return c;
 }
-
-int64_t packed_bytes(int64_t numel, int64_t bits) { return bits == 8 ? numel : (numel + 1) / 2; }
-
-}  // namespace
 
 PreparedQuantize prepare_quantize(const at::Tensor& x, const at::Tensor& code, int64_t blocksize, int64_t bits,
                                   bool stochastic_rounding, int64_t seed, int64_t offset) {
@@ -54,7 +56,7 @@ PreparedQuantize prepare_quantize(const at::Tensor& x, const at::Tensor& code, i
   const FloatKind kind = float_kind(x.scalar_type(), op, "x");
   check_bits_and_blocksize(bits, blocksize, op);
   PreparedQuantize out;
-  out.code = check_code(code, bits, x, op, "x");
+  out.code = check_code(code, bits, x.device(), op, "code");
   out.x = x.contiguous();
   const int64_t numel = x.numel();
   const int64_t nblocks = (numel + blocksize - 1) / blocksize;
@@ -102,7 +104,7 @@ PreparedDequantize prepare_dequantize(const at::Tensor& q, const at::Tensor& abs
   check_same_device(absmax, q, op, "absmax", "q");
 
   PreparedDequantize out;
-  out.code = check_code(code, bits, q, op, "q");
+  out.code = check_code(code, bits, q.device(), op, "code");
   out.q = q.contiguous();
   out.absmax = absmax.contiguous();
   out.out = at::empty(sizes, q.options().dtype(dtype));

@@ -19,6 +19,11 @@ struct PreparedDequantize {
   DequantizeParams params;
 };
 
+// Checks a code argument (float32, 1-D, 2^bits entries, on `device`; a CPU code also
+// finite and ascending) and returns it contiguous. Shared with the optim family.
+at::Tensor check_code(const at::Tensor& code, int64_t bits, const at::Device& device, const char* op,
+                      const char* arg);
+
 PreparedQuantize prepare_quantize(const at::Tensor& x, const at::Tensor& code, int64_t blocksize, int64_t bits,
                                   bool stochastic_rounding, int64_t seed, int64_t offset);
 
