@@ -155,36 +155,50 @@ class NearestSearch {
 // that it is <= both zeros, as for floats.
 class FloorSearch {
  public:
-  FloorSearch(const float* code, int code_size) : code_(code), code_size_(code_size) {
+  FloorSearch(const float* code, int code_size) {
     if (code_size == 0) return;
     std::vector<uint32_t> keys(code_size);
     for (int j = 0; j < code_size; ++j) keys[j] = code[j] == 0.f ? ordered_key(-0.f) : ordered_key(code[j]);
     counter_ = KeyCounter(std::move(keys));
+    // one entry per count of code entries <= v (0 .. code_size): what stochastic_index does
+    // there, with code[j+1] - code[j] subtracted once here rather than per value
+    const int last = code_size - 1;
+    intervals_.resize(code_size + 1);
+    for (int count = 0; count <= code_size; ++count) {
+      const int below = count - 1;  // largest j with code[j] <= v
+      if (below < 0 || below >= last) {
+        intervals_[count] = Interval{0.f, 0.f, below < 0 ? 0 : last, 0};
+      } else {
+        intervals_[count] = Interval{code[below], code[below + 1] - code[below], below, 1};
+      }
+    }
   }
 
   // idx[i] = stochastic_index(code, code_size, v[i], u[i]) for a span of at most kChunk
-  // values: the searches first (table), then the decisions (branch-free).
+  // values: the searches first (table), then the decisions (one table load, branch-free).
   void indices(const float* __restrict v, const float* __restrict u, int n, uint8_t* __restrict idx) const {
     uint32_t key[kChunk];
     int32_t count[kChunk];
     for (int i = 0; i < n; ++i) key[i] = ordered_key(v[i]) + 1;
     counter_.counts32(key, n, count);
-    const int last = code_size_ - 1;
+    const Interval* table = intervals_.data();
     for (int i = 0; i < n; ++i) {
-      const int below = count[i] - 1;                                // largest j with code[j] <= v
-      const int j = below < 0 ? 0 : (below > last - 1 ? last - 1 : below);
-      const bool up = round_up(v[i], code_[j], code_[j + 1], u[i]);
-      const int inner = below < 0 ? 0 : (below >= last ? last : j + (up ? 1 : 0));
-      idx[i] = static_cast<uint8_t>(inner);
+      const Interval iv = table[count[i]];
+      const bool up = u[i] * iv.gap < v[i] - iv.lo;  // round_up() of quant_math.h, gap precomputed
+      idx[i] = static_cast<uint8_t>(iv.index + (up ? iv.can_round_up : 0));
     }
   }
 
   static constexpr int kChunk = 256;
 
  private:
-  const float* code_ = nullptr;
-  int code_size_ = 0;
+  struct Interval {
+    float lo, gap;         // code[j], code[j+1] - code[j]
+    int32_t index;         // j (or the clamped end)
+    int32_t can_round_up;  // 1 when code[j] <= v < code[j+1] is a real interval
+  };
   KeyCounter counter_;
+  std::vector<Interval> intervals_;
 };
 
 // absmax_step over the block with eight independent lanes, so the compiler vectorizes it
