@@ -52,6 +52,28 @@ def test_quantized_step_matches_reference(device, bits, bs_m, bs_v, dtype, stoch
                 assert torch.equal(g.cpu(), w), f"step {step}: {g.dtype} {tuple(g.shape)} differs"
 
 
+@pytest.mark.parametrize("bits,bs_m,bs_v", [(4, 128, 4096), (8, 4096, 128)])
+def test_quantized_step_edge_shapes_match_reference(device, bits, bs_m, bs_v):
+    # empty tensors first, in the middle and last; superblock edges; 70 tensors in one call;
+    # NaN and inf gradients (their blocks turn NaN, compared bit for bit)
+    numels = [0, 4095, 4097, 0, 8191, 1, 3] + [17] * 62 + [0]
+    params = [torch.randn(n).to(device) for n in numels]
+    grads = [torch.randn(n).to(device) for n in numels]
+    grads[1][5] = float("nan")
+    grads[2][100] = float("inf")
+    code_m, code_v = quant.dynamic_code(bits), quant.dynamic_code(bits, signed=False)
+    state = _quantized_state(numels, bits, bs_m, bs_v, code_m, code_v, device)
+    before = [[t.cpu().clone() for t in lst] for lst in [params, grads, *state]]
+    kw = dict(**ADAMW_HYPER, step=3, bits=bits, blocksize_exp_avg=bs_m, blocksize_exp_avg_sq=bs_v,
+              stochastic_exp_avg=True, seed=5)
+    adamw_step_quantized_(params, grads, *state, code_m.to(device), code_v.to(device), **kw)
+    ref = adamw_step_quantized_ref(*before, code_m, code_v, **kw)
+    for got, want in zip([params, *state], ref):
+        for g, w in zip(got, want):
+            g = g.cpu()
+            assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("grad_dtype", [None, torch.float32])
 def test_fp32_step_matches_reference(device, dtype, grad_dtype):
@@ -232,6 +254,29 @@ def test_invalid_hyperparameters_and_gradients():
     c.grad = torch.randn_like(c)
     with pytest.raises(RuntimeError, match="complex"):
         AdamW8bit([c]).step()
+
+
+def test_named_second_moment_codes_are_unsigned():
+    opt = AdamW8bit([torch.nn.Parameter(torch.randn(10))], code_exp_avg_sq="dynamic")
+    assert bool((opt._codes_cpu[1] >= 0).all()) and bool((opt._codes_cpu[0] < 0).any())
+
+
+def test_unsupported_param_dtype_leaves_state_alone():
+    a = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
+    a.grad = torch.randn_like(a)
+    opt = AdamW8bit([a])
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        opt.step()
+    assert "step" not in opt.state[a]
+
+
+def test_refuses_amsgrad_state_dict():
+    p = torch.nn.Parameter(torch.randn(10))
+    torch_opt = torch.optim.AdamW([p], amsgrad=True)
+    p.grad = torch.randn_like(p)
+    torch_opt.step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        AdamW8bit([p]).load_state_dict(torch_opt.state_dict())
 
 
 def test_op_input_checks():

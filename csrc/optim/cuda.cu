@@ -24,7 +24,10 @@ constexpr int kWarpsPerCta = 4;
 constexpr int kThreads = kWarpsPerCta * 32;
 constexpr int kVec = 4;                        // consecutive elements per lane per step
 constexpr int kStep = 32 * kVec;               // elements per warp step (128)
-constexpr int kMaxSubBlocks = 4096 / kStep;    // blocks of >= 128 values in a superblock of <= 4096
+constexpr int kMinBlocksize = 128;             // ops.cpp's floor for the moments' blocksizes
+constexpr int kMaxSubBlocks = 4096 / kMinBlocksize;  // blocks in a superblock of <= 4096 values
+// pass 1 takes one absmax per warp step: a step must never straddle two blocks
+static_assert(kStep <= kMinBlocksize && kMinBlocksize % kStep == 0, "a warp step must sit inside one block");
 
 __device__ __forceinline__ int64_t find_tensor(const int64_t* offsets, int64_t num_tensors, int64_t block) {
   int64_t lo = 0, hi = num_tensors;  // largest t with offsets[t] <= block
@@ -65,9 +68,10 @@ __device__ __forceinline__ void update4(const AdamWStepParams& p, const TensorSl
     if (e < end) {
       float m, v;
       if (p.quantized) {
-        m = quant::dequantize_value(sh.code_m, code_index(s.exp_avg_q, p.bits, e), s.exp_avg_absmax[e / p.blocksize_exp_avg]);
+        m = quant::dequantize_value(sh.code_m, code_index(s.exp_avg_q, p.bits, e),
+                                    s.exp_avg_absmax[e >> p.log2_blocksize_exp_avg]);
         v = quant::dequantize_value(sh.code_v, code_index(s.exp_avg_sq_q, p.bits, e),
-                                    s.exp_avg_sq_absmax[e / p.blocksize_exp_avg_sq]);
+                                    s.exp_avg_sq_absmax[e >> p.log2_blocksize_exp_avg_sq]);
       } else {
         m = s.exp_avg[e];
         v = s.exp_avg_sq[e];
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + warp; b < total;
        b += static_cast<int64_t>(gridDim.x) * kWarpsPerCta) {
     const int64_t t = find_tensor(offsets, p.num_tensors, b);
-    const TensorSlot& s = p.tensors[t];
+    const TensorSlot s = p.tensors[t];  // a register copy: stores through its pointers cannot alias it
     const int64_t base = (b - offsets[t]) * S;
     const int64_t end = min(base + S, s.numel);
     AdamWResult r[kVec];
@@ -155,8 +159,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
       bad_m = __any_sync(0xffffffffu, bad_m);
       bad_v = __any_sync(0xffffffffu, bad_v);
       if (lane == 0) {
-        const int jm = static_cast<int>((step0 - base) / p.blocksize_exp_avg);
-        const int jv = static_cast<int>((step0 - base) / p.blocksize_exp_avg_sq);
+        const int jm = static_cast<int>((step0 - base) >> p.log2_blocksize_exp_avg);
+        const int jv = static_cast<int>((step0 - base) >> p.log2_blocksize_exp_avg_sq);
         sh.absmax_m[warp][jm] = fmaxf(sh.absmax_m[warp][jm], amax_m);
         sh.absmax_v[warp][jv] = fmaxf(sh.absmax_v[warp][jv], amax_v);
         sh.bad_m[warp][jm] |= bad_m;
@@ -173,8 +177,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
     // pass 2: recompute, write the param and the re-quantized moments
     for (int64_t e0 = base + lane * kVec; e0 < end; e0 += kStep) {
       update4<P, G>(p, s, sh, e0, end, r);
-      const float am = sh.absmax_m[warp][(e0 - base) / p.blocksize_exp_avg];
-      const float av = sh.absmax_v[warp][(e0 - base) / p.blocksize_exp_avg_sq];
+      const float am = sh.absmax_m[warp][(e0 - base) >> p.log2_blocksize_exp_avg];
+      const float av = sh.absmax_v[warp][(e0 - base) >> p.log2_blocksize_exp_avg_sq];
       Philox4 rnd{};
       if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 2);
       Philox4 rnd_m{}, rnd_v{};

@@ -63,6 +63,12 @@ void check_uniform_dtypes(at::TensorList params, at::TensorList grads, const cha
   p.grad_kind = grads.empty() ? FloatKind::F32 : float_kind(grads[0].scalar_type(), op, "grads");
 }
 
+int log2_exact(int64_t power_of_two) {
+  int k = 0;
+  while ((int64_t{1} << k) < power_of_two) ++k;
+  return k;
+}
+
 void finish(PreparedStep& out, int64_t superblock) {
   out.block_offsets.assign(out.slots.size() + 1, 0);
   for (size_t i = 0; i < out.slots.size(); ++i)
@@ -129,19 +135,21 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
                 i, op, "exp_avg_absmax");
     check_state(exp_avg_sq_absmax[i], params[i], at::kFloat,
                 (s.numel + blocksize_exp_avg_sq - 1) / blocksize_exp_avg_sq, i, op, "exp_avg_sq_absmax");
-    s.grad = grads[i].is_contiguous() ? grads[i].const_data_ptr() : nullptr;
+    TORCH_CHECK(grads[i].is_contiguous(), op, ": grads[", i, "] must be contiguous");
+    s.grad = grads[i].const_data_ptr();  // null for an empty tensor, which no kernel touches
     s.exp_avg_q = exp_avg_q[i].mutable_data_ptr<uint8_t>();
     s.exp_avg_absmax = exp_avg_absmax[i].mutable_data_ptr<float>();
     s.exp_avg_sq_q = exp_avg_sq_q[i].mutable_data_ptr<uint8_t>();
     s.exp_avg_sq_absmax = exp_avg_sq_absmax[i].mutable_data_ptr<float>();
     s.exp_avg = s.exp_avg_sq = nullptr;
-    TORCH_CHECK(s.grad != nullptr, op, ": grads[", i, "] must be contiguous");
   }
   AdamWStepParams& p = out.params;
   p.quantized = true;
   p.bits = static_cast<int>(bits);
   p.blocksize_exp_avg = blocksize_exp_avg;
   p.blocksize_exp_avg_sq = blocksize_exp_avg_sq;
+  p.log2_blocksize_exp_avg = log2_exact(blocksize_exp_avg);
+  p.log2_blocksize_exp_avg_sq = log2_exact(blocksize_exp_avg_sq);
   p.code_exp_avg = out.code_exp_avg.const_data_ptr<float>();
   p.code_exp_avg_sq = out.code_exp_avg_sq.const_data_ptr<float>();
   p.stochastic_rounding = stochastic_rounding;
@@ -181,6 +189,7 @@ PreparedStep prepare_fp32_step(at::TensorList params, at::TensorList grads, at::
   p.quantized = false;
   p.bits = 32;
   p.blocksize_exp_avg = p.blocksize_exp_avg_sq = 0;
+  p.log2_blocksize_exp_avg = p.log2_blocksize_exp_avg_sq = 0;
   p.code_exp_avg = p.code_exp_avg_sq = nullptr;
   p.stochastic_rounding = stochastic_rounding;
   p.stochastic_exp_avg = p.stochastic_exp_avg_sq = false;

@@ -37,6 +37,8 @@ struct AdamWStepParams {
   int bits;                   // 8 or 4 (quantized steps)
   int64_t blocksize_exp_avg;  // powers of two in [128, 4096]
   int64_t blocksize_exp_avg_sq;
+  int log2_blocksize_exp_avg;     // their log2 (element -> block is a shift on the GPU)
+  int log2_blocksize_exp_avg_sq;
   const float* code_exp_avg;     // 2^bits sorted entries (signed)
   const float* code_exp_avg_sq;  // 2^bits sorted entries (unsigned)
   bool stochastic_rounding;   // bf16 params: round the written value stochastically

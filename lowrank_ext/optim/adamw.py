@@ -30,6 +30,7 @@ from ..ops.quant import quantize_blockwise
 
 __all__ = ["AdamW8bit", "AdamW4bit", "state_bytes_per_param"]
 
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUANT_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 
 
@@ -68,10 +69,11 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.stochastic_moments = tuple(stochastic_moments or self.default_stochastic_moments)
         self.seed = seed
+        # the second moment is never negative: named codes for it are the unsigned ones
         self._codes_cpu = (quant.get_code(code_exp_avg if code_exp_avg is not None else self._default_code(True),
-                                          self.bits),
+                                          self.bits, signed=True),
                            quant.get_code(code_exp_avg_sq if code_exp_avg_sq is not None else
-                                          self._default_code(False), self.bits))
+                                          self._default_code(False), self.bits, signed=False))
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _default_code(self, first_moment: bool) -> torch.Tensor:
@@ -110,8 +112,10 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = state[key].to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
-    def _step_seed(self, step: int) -> int:
-        return (self.seed * 0x9E3779B97F4A7C15 + step) & ((1 << 63) - 1)
+    def _step_seed(self, step: int, bucket: int) -> int:
+        # Philox streams are (seed, tensor index in the call): fold the call (bucket) in, so
+        # tensor 0 of two param groups does not draw the same numbers
+        return (((self.seed * 0x9E3779B97F4A7C15 + step) * 0xBF58476D1CE4E5B9 + bucket) ^ (bucket << 32)) & ((1 << 63) - 1)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -119,7 +123,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_no, group in enumerate(self.param_groups):
             buckets: dict[tuple, list] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
@@ -128,6 +132,9 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 if torch.is_complex(p):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+                if p.dtype not in _PARAM_DTYPES or p.grad.dtype not in _PARAM_DTYPES:
+                    raise TypeError(f"{type(self).__name__} steps float32/float16/bfloat16 params and grads, got "
+                                    f"{p.dtype} with a {p.grad.dtype} grad")
                 state = self.state[p]
                 self._prepare_state(p, state)
                 state["step"] += 1
@@ -135,12 +142,13 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                 quantized = "exp_avg_q" in state
                 buckets[(p.device, p.dtype, p.grad.dtype, step, quantized)].append((p, state))
             beta1, beta2 = group["betas"]
-            for (device, _, _, step, quantized), items in buckets.items():
+            for bucket_no, ((device, _, _, step, quantized), items) in enumerate(buckets.items()):
+                bucket_id = (group_no << 16) + bucket_no
                 params = [p if p.is_contiguous() else p.contiguous() for p, _ in items]
                 grads = [p.grad.contiguous() for p, _ in items]
                 hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                              weight_decay=group["weight_decay"], step=step,
-                             stochastic_rounding=self.stochastic_rounding, seed=self._step_seed(step))
+                             stochastic_rounding=self.stochastic_rounding, seed=self._step_seed(step, bucket_id))
                 states = [s for _, s in items]
                 if quantized:
                     adamw_step_quantized_(params, grads, *([s[k] for s in states] for k in _QUANT_KEYS),
@@ -160,6 +168,10 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes: torch casts every floating state
         tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
+        for group in state_dict["param_groups"]:
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag, False):
+                    raise ValueError(f"{type(self).__name__} cannot continue a state_dict saved with {flag}=True")
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -167,6 +179,8 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                 for key, value in saved.get(pid, {}).items():
                     if torch.is_tensor(value) and key != "step":
                         self.state[p][key] = value.to(device=p.device, copy=True)
+                    elif key == "step" and torch.is_tensor(value):  # a CPU counter: no sync per step
+                        self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32)
 
 
 class AdamW8bit(_BlockwiseAdamW):
