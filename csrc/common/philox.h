@@ -2,7 +2,9 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11):
 // a counter-based generator, so (seed, offset, element index) -> value with no state.
 // Forward and backward regenerate the same numbers, and CPU and CUDA draw the same
-// stream. Element i uses counter {i/4 (64 bit), offset (64 bit)} and lane i%4.
+// stream. Each element gets 16 random bits: element i uses counter {i/8 (64 bit),
+// offset (64 bit)}, 32-bit lane (i/2)%4 of the output and its low (i even) or high half,
+// so one call serves 8 elements (16 bits are plenty for rounding decisions).
 #include "common/host_device.h"
 
 namespace lowrank {
@@ -39,21 +41,25 @@ LOWRANK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The four 32-bit draws of counter group `group` (elements 4*group .. 4*group+3).
+// The four 32-bit draws of counter group `group` (elements 8*group .. 8*group+7).
 LOWRANK_HD Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t group) {
   return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                        static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// 24 random bits -> a float in [0, 1), exact in fp32 (the reference does the same).
-LOWRANK_HD float uniform_from_bits(uint32_t r) {
-  return static_cast<float>(r >> 8) * (1.0f / 16777216.0f);
+constexpr int kPhiloxGroup = 8;  // elements served by one philox_group call
+
+// Element `index`'s 16 random bits from its group's draws.
+LOWRANK_HD uint32_t random16(const Philox4& r, uint64_t index) {
+  return (r.v[(index >> 1) & 3] >> ((index & 1) * 16)) & 0xffffu;
 }
 
+// 16 random bits -> a float in [0, 1), exact in fp32 (the reference does the same).
+LOWRANK_HD float uniform_from_bits16(uint32_t r16) { return static_cast<float>(r16) * (1.0f / 65536.0f); }
+
 LOWRANK_HD float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
-  const Philox4 r = philox_group(seed, offset, index >> 2);
-  return uniform_from_bits(r.v[index & 3]);
+  return uniform_from_bits16(random16(philox_group(seed, offset, index >> 3), index));
 }
 
 }  // namespace lowrank

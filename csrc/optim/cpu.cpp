@@ -25,8 +25,8 @@ P store_param(float value, const AdamWStepParams& p, int64_t tensor_index, int64
   if constexpr (std::is_same_v<P, c10::BFloat16>) {
     if (p.stochastic_rounding) {
       const Philox4 r = philox_group(p.seed, stream_offset(tensor_index, kParamStream),
-                                     static_cast<uint64_t>(element) >> 2);
-      return c10::BFloat16(bf16_bits_stochastic(value, r.v[element & 3]), c10::BFloat16::from_bits());
+                                     static_cast<uint64_t>(element) >> 3);
+      return c10::BFloat16(bf16_bits_stochastic(value, random16(r, element)), c10::BFloat16::from_bits());
     }
   }
   return static_cast<P>(value);

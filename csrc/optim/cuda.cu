@@ -39,9 +39,10 @@ __device__ __forceinline__ int64_t find_tensor(const int64_t* offsets, int64_t n
 }
 
 template <typename P>
-__device__ __forceinline__ P store_param(float value, const AdamWStepParams& p, const Philox4& r, int k) {
+__device__ __forceinline__ P store_param(float value, const AdamWStepParams& p, const Philox4& r, int64_t e) {
   if constexpr (std::is_same_v<P, c10::BFloat16>) {
-    if (p.stochastic_rounding) return c10::BFloat16(bf16_bits_stochastic(value, r.v[k]), c10::BFloat16::from_bits());
+    if (p.stochastic_rounding)
+      return c10::BFloat16(bf16_bits_stochastic(value, random16(r, static_cast<uint64_t>(e))), c10::BFloat16::from_bits());
   }
   return static_cast<P>(value);
 }
@@ -123,13 +124,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
       for (int64_t e0 = base + lane * kVec; e0 < end; e0 += kStep) {
         update4<P, G>(p, s, sh, e0, end, r);
         Philox4 rnd{};
-        if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 2);
+        if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 3);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           if (e0 + k < end) {
             s.exp_avg[e0 + k] = r[k].exp_avg;
             s.exp_avg_sq[e0 + k] = r[k].exp_avg_sq;
-            static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, k);
+            static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, e0 + k);
           }
         }
       }
@@ -180,21 +181,21 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
       const float am = sh.absmax_m[warp][(e0 - base) >> p.log2_blocksize_exp_avg];
       const float av = sh.absmax_v[warp][(e0 - base) >> p.log2_blocksize_exp_avg_sq];
       Philox4 rnd{};
-      if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 2);
+      if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 3);
       Philox4 rnd_m{}, rnd_v{};
-      if (p.stochastic_exp_avg) rnd_m = philox_group(p.seed, stream_offset(t, kExpAvgStream), static_cast<uint64_t>(e0) >> 2);
+      if (p.stochastic_exp_avg) rnd_m = philox_group(p.seed, stream_offset(t, kExpAvgStream), static_cast<uint64_t>(e0) >> 3);
       if (p.stochastic_exp_avg_sq)
-        rnd_v = philox_group(p.seed, stream_offset(t, kExpAvgSqStream), static_cast<uint64_t>(e0) >> 2);
+        rnd_v = philox_group(p.seed, stream_offset(t, kExpAvgSqStream), static_cast<uint64_t>(e0) >> 3);
       int im[kVec], iv[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float vm = quant::normalize(r[k].exp_avg, am), vv = quant::normalize(r[k].exp_avg_sq, av);
-        im[k] = p.stochastic_exp_avg ? quant::stochastic_index(sh.code_m, code_size, vm, uniform_from_bits(rnd_m.v[k]))
+        im[k] = p.stochastic_exp_avg ? quant::stochastic_index(sh.code_m, code_size, vm, uniform_from_bits16(random16(rnd_m, static_cast<uint64_t>(e0 + k))))
                                      : quant::nearest_index(sh.mids_m, code_size - 1, vm);
         iv[k] = p.stochastic_exp_avg_sq
-                    ? quant::stochastic_index(sh.code_v, code_size, vv, uniform_from_bits(rnd_v.v[k]))
+                    ? quant::stochastic_index(sh.code_v, code_size, vv, uniform_from_bits16(random16(rnd_v, static_cast<uint64_t>(e0 + k))))
                     : quant::nearest_index(sh.mids_v, code_size - 1, vv);
-        if (e0 + k < end) static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, k);
+        if (e0 + k < end) static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, e0 + k);
       }
       store_indices(s.exp_avg_q, p.bits, e0, end, im);
       store_indices(s.exp_avg_sq_q, p.bits, e0, end, iv);

@@ -44,8 +44,8 @@ struct Rounder {
         continue;
       }
       normalize_span(xf, m, absmax, v);
-      float u[kChunk];  // base + c is a multiple of 4: whole Philox groups
-      philox_uniforms(p.seed, p.offset, static_cast<uint64_t>(base + c) >> 2, (m + 3) / 4, u);
+      float u[kChunk];  // base + c is a multiple of 8: whole Philox groups
+      philox_uniforms(p.seed, p.offset, static_cast<uint64_t>(base + c) >> 3, (m + kPhiloxGroup - 1) / kPhiloxGroup, u);
       floor.indices(v, u, m, idx + c);
     }
   }

@@ -31,12 +31,12 @@ static LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absma
   }
 }
 
-// u[4g + l] = uniform_from_bits(lane l of Philox group first_group + g), for g < groups.
+// u[8g + k] = philox_uniform of element 8 * (first_group + g) + k, for g < groups.
 static LOWRANK_CPU_CLONES void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first_group, int groups,
                                                float* __restrict u) {
   for (int g = 0; g < groups; ++g) {
     const Philox4 r = philox_group(seed, offset, first_group + g);
-    for (int l = 0; l < 4; ++l) u[4 * g + l] = uniform_from_bits(r.v[l]);
+    for (int k = 0; k < kPhiloxGroup; ++k) u[kPhiloxGroup * g + k] = uniform_from_bits16(random16(r, k));
   }
 }
 
@@ -239,10 +239,10 @@ inline float quantize_span_stochastic(const float* vals, int64_t n, const FloorS
   const float absmax = block_absmax(vals, n);
   constexpr int kChunk = FloorSearch::kChunk;
   float v[kChunk], u[kChunk];
-  for (int64_t c = 0; c < n; c += kChunk) {  // base + c is a multiple of 4: whole Philox groups
+  for (int64_t c = 0; c < n; c += kChunk) {  // base + c is a multiple of 8: whole Philox groups
     const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
     normalize_span(vals + c, m, absmax, v);
-    philox_uniforms(seed, offset, static_cast<uint64_t>(base + c) >> 2, (m + 3) / 4, u);
+    philox_uniforms(seed, offset, static_cast<uint64_t>(base + c) >> 3, (m + kPhiloxGroup - 1) / kPhiloxGroup, u);
     floor.indices(v, u, m, idx + c);
   }
   return absmax;

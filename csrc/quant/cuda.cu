@@ -53,16 +53,16 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
     if (lane == 0) p.absmax[b] = absmax;
 
     for (int i0 = lane * kVec; i0 < n; i0 += 32 * kVec) {
-      // the four elements share one Philox group: base and i0 are multiples of 4
+      // the four elements share one Philox group (8 elements): base and i0 are multiples of 4
       Philox4 r{};
-      if constexpr (STOCHASTIC) r = philox_group(p.seed, p.offset, static_cast<uint64_t>(base + i0) >> 2);
+      if constexpr (STOCHASTIC) r = philox_group(p.seed, p.offset, static_cast<uint64_t>(base + i0) >> 3);
       uint32_t idx[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const int i = i0 + k;
         const float v = i < n ? normalize(static_cast<float>(xb[i]), absmax) : 0.f;
         if constexpr (STOCHASTIC) {
-          idx[k] = stochastic_index(s_code, kCodeSize, v, uniform_from_bits(r.v[k]));
+          idx[k] = stochastic_index(s_code, kCodeSize, v, uniform_from_bits16(random16(r, static_cast<uint64_t>(base + i))));
         } else {
           idx[k] = nearest_index(s_mids, kCodeSize - 1, v);
         }

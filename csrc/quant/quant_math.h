@@ -68,7 +68,7 @@ LOWRANK_HD int nearest_index(const float* mids, int n_mids, float v) {
 }
 
 // The stochastic rounding decision for lo <= v < hi: up with probability (v - lo) / (hi - lo),
-// written without the division (u * gap < distance; u has 24 random bits).
+// written without the division (u * gap < distance; u has 16 random bits).
 LOWRANK_HD bool round_up(float v, float lo, float hi, float u) { return u * (hi - lo) < v - lo; }
 
 // n (the code size, 2^bits) must be a power of two.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import _MASK32, dequantize_blockwise_ref, philox4x32_10_ref, quantize_blockwise_ref
+from .quant import _MASK32, dequantize_blockwise_ref, philox_random16_ref, quantize_blockwise_ref
 
 
 def _f32(x: float) -> float:
@@ -56,23 +56,11 @@ def adamw_update_ref(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch
     return p_new, m_new, v_new
 
 
-def philox_bits_ref(seed: int, offset: int, index: torch.Tensor) -> torch.Tensor:
-    """The raw 32-bit Philox draw (as int64) of each element index."""
-    seed &= (1 << 64) - 1
-    offset &= (1 << 64) - 1
-    index = index.to(torch.int64)
-    group = index >> 2
-    counter = torch.stack([group & _MASK32, group >> 32, torch.full_like(group, offset & _MASK32),
-                           torch.full_like(group, offset >> 32)], dim=-1)
-    bits = philox4x32_10_ref(counter, (seed & _MASK32, seed >> 32))
-    return bits.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
-
-
 def to_bf16_stochastic_ref(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     """fp32 -> bf16 with stochastic rounding (random low 16 bits added, then truncated)."""
     flat = x.reshape(-1).contiguous()
     b = flat.view(torch.int32).to(torch.int64) & _MASK32
-    r = philox_bits_ref(seed, offset, torch.arange(flat.numel())) & 0xFFFF
+    r = philox_random16_ref(seed, offset, torch.arange(flat.numel()))
     rounded = (b + r) >> 16
     nonfinite = (b & 0x7F800000) == 0x7F800000
     special = (b >> 16) | torch.where((b & 0xFFFF) != 0, 0x40, 0)

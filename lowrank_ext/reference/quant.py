@@ -38,18 +38,24 @@ def philox4x32_10_ref(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tens
     return torch.stack([c0, c1, c2, c3], dim=-1)
 
 
-def philox_uniform_ref(seed: int, offset: int, index: torch.Tensor) -> torch.Tensor:
-    """The float32 draw in [0, 1) of each element index (counter {index/4, offset}, lane index%4)."""
+def philox_random16_ref(seed: int, offset: int, index: torch.Tensor) -> torch.Tensor:
+    """Each element's 16 random bits (int64): counter {index/8, offset}, 32-bit lane
+    (index/2)%4 of the Philox output, its low half for even index, high half for odd."""
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     index = index.to(torch.int64)
-    group = index >> 2
+    group = index >> 3
     counter = torch.stack(
         [group & _MASK32, group >> 32, torch.full_like(group, offset & _MASK32),
          torch.full_like(group, offset >> 32)], dim=-1)
     bits = philox4x32_10_ref(counter, (seed & _MASK32, seed >> 32))
-    r = bits.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
-    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    lane = bits.gather(-1, ((index >> 1) & 3).unsqueeze(-1)).squeeze(-1)
+    return (lane >> ((index & 1) * 16)) & 0xFFFF
+
+
+def philox_uniform_ref(seed: int, offset: int, index: torch.Tensor) -> torch.Tensor:
+    """The float32 draw in [0, 1) of each element index (16 random bits)."""
+    return philox_random16_ref(seed, offset, index).to(torch.float32) * (1.0 / 65536.0)
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
