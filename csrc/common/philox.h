@@ -58,8 +58,5 @@ LOWRANK_HD uint32_t random16(const Philox4& r, uint64_t index) {
 // 16 random bits -> a float in [0, 1), exact in fp32 (the reference does the same).
 LOWRANK_HD float uniform_from_bits16(uint32_t r16) { return static_cast<float>(r16) * (1.0f / 65536.0f); }
 
-LOWRANK_HD float philox_uniform(uint64_t seed, uint64_t offset, uint64_t index) {
-  return uniform_from_bits16(random16(philox_group(seed, offset, index >> 3), index));
-}
 
 }  // namespace lowrank

@@ -86,14 +86,25 @@ struct Searches {
   quant::FloorSearch floor_m, floor_v;
 };
 
+// Superblock sb of tensor t: its first element, length, and param/grad pointers there.
+template <typename P, typename G>
+struct Superblock {
+  const TensorSlot& s;
+  int64_t base, n;
+  P* param;
+  const G* grad;
+
+  Superblock(const AdamWStepParams& p, int64_t t, int64_t sb)
+      : s(p.tensors[t]),
+        base(sb * superblock_size(p)),
+        n(std::min(superblock_size(p), s.numel - base)),
+        param(static_cast<P*>(s.param) + base),
+        grad(static_cast<const G*>(s.grad) + base) {}
+};
+
 template <typename P, typename G>
 void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const Searches& search, Scratch& scratch) {
-  const TensorSlot& s = p.tensors[t];
-  const int64_t S = superblock_size(p);
-  const int64_t base = sb * S;
-  const int64_t n = std::min(S, s.numel - base);
-  P* param = static_cast<P*>(s.param) + base;
-  const G* grad = static_cast<const G*>(s.grad) + base;
+  const auto [s, base, n, param, grad] = Superblock<P, G>(p, t, sb);
   // chunks of the smaller blocksize: each sits in one block of either moment, so the two
   // absmax values are loaded once per chunk rather than divided out per element
   const int64_t chunk = std::min(p.blocksize_exp_avg, p.blocksize_exp_avg_sq);
@@ -129,12 +140,7 @@ constexpr int kFp32Chunk = 512;
 
 template <typename P, typename G>
 void fp32_superblock(const AdamWStepParams& p, int64_t t, int64_t sb) {
-  const TensorSlot& s = p.tensors[t];
-  const int64_t S = superblock_size(p);
-  const int64_t base = sb * S;
-  const int64_t n = std::min(S, s.numel - base);
-  P* param = static_cast<P*>(s.param) + base;
-  const G* grad = static_cast<const G*>(s.grad) + base;
+  const auto [s, base, n, param, grad] = Superblock<P, G>(p, t, sb);
   float* m = s.exp_avg + base;
   float* v = s.exp_avg_sq + base;
   float pf[kFp32Chunk], gf[kFp32Chunk];
@@ -162,22 +168,21 @@ void step(const AdamWStepParams& p, const std::vector<int64_t>& offsets) {
                               quant::FloorSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? n : 0)});
   }
   const int64_t S = superblock_size(p);
-  at::parallel_for(0, total, std::max<int64_t>(1, 16384 / S), [&](int64_t b0, int64_t b1) {
-    Scratch scratch(p.quantized ? S : 0);
-    int64_t t = std::upper_bound(offsets.begin(), offsets.end(), b0) - offsets.begin() - 1;
-    for (int64_t b = b0; b < b1; ++b) {
-      while (b >= offsets[t + 1]) ++t;
-      const TensorSlot& s = p.tensors[t];
-      LOWRANK_DISPATCH_FLOAT(s.param_kind, P, [&] {
-        LOWRANK_DISPATCH_FLOAT(s.grad_kind, G, [&] {
+  LOWRANK_DISPATCH_FLOAT(p.param_kind, P, [&] {
+    LOWRANK_DISPATCH_FLOAT(p.grad_kind, G, [&] {
+      at::parallel_for(0, total, std::max<int64_t>(1, 16384 / S), [&](int64_t b0, int64_t b1) {
+        Scratch scratch(p.quantized ? S : 0);
+        int64_t t = std::upper_bound(offsets.begin(), offsets.end(), b0) - offsets.begin() - 1;
+        for (int64_t b = b0; b < b1; ++b) {
+          while (b >= offsets[t + 1]) ++t;
           if (p.quantized) {
             quantized_superblock<P, G>(p, t, b - offsets[t], *search, scratch);
           } else {
             fp32_superblock<P, G>(p, t, b - offsets[t]);
           }
-        });
+        }
       });
-    }
+    });
   });
 }
 
@@ -206,10 +211,7 @@ void adamw_step_fp32_cpu_op(at::TensorList params, at::TensorList grads, at::Ten
 }  // namespace
 
 void adamw_step_cpu(const AdamWStepParams& p) {
-  std::vector<int64_t> offsets(p.num_tensors + 1, 0);
-  const int64_t S = superblock_size(p);
-  for (int64_t i = 0; i < p.num_tensors; ++i) offsets[i + 1] = offsets[i] + (p.tensors[i].numel + S - 1) / S;
-  step(p, offsets);
+  step(p, superblock_offsets(p.tensors, p.num_tensors, superblock_size(p)));
 }
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {

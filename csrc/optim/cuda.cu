@@ -210,25 +210,26 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
   }
 }
 
-// Copies the tensor table and offsets to the device without a host synchronisation:
-// pinned staging memory, an async copy on the current stream; the caching host allocator
-// keeps the staging buffer alive until the copy has run.
-at::Tensor to_device_async(const void* data, size_t bytes, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr(), data, bytes);
-  return host.to(device, /*non_blocking=*/true);
-}
+// Copies the tensor table and the offsets to the device in one buffer, without a host
+// synchronisation: pinned staging memory and an async copy on the current stream (the
+// caching host allocator keeps the staging buffer alive until the copy has run; the device
+// buffer is freed to the same stream, after the kernel).
+static_assert(sizeof(TensorSlot) % alignof(int64_t) == 0, "the offsets follow the table in one buffer");
 
 void launch(PreparedStep& prep) {
   const int64_t total = prep.block_offsets.back();
   if (total == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(prep.device);
-  const at::Tensor slots = to_device_async(prep.slots.data(), prep.slots.size() * sizeof(TensorSlot), prep.device);
-  const at::Tensor offsets =
-      to_device_async(prep.block_offsets.data(), prep.block_offsets.size() * sizeof(int64_t), prep.device);
+  const size_t slot_bytes = prep.slots.size() * sizeof(TensorSlot);  // a multiple of 8: offsets stay aligned
+  const size_t offset_bytes = prep.block_offsets.size() * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(slot_bytes + offset_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.mutable_data_ptr<uint8_t>(), prep.slots.data(), slot_bytes);
+  std::memcpy(host.mutable_data_ptr<uint8_t>() + slot_bytes, prep.block_offsets.data(), offset_bytes);
+  const at::Tensor table = host.to(prep.device, /*non_blocking=*/true);
   AdamWStepParams p = prep.params;
-  p.tensors = reinterpret_cast<const TensorSlot*>(slots.const_data_ptr());
-  adamw_step_cuda(p, reinterpret_cast<const int64_t*>(offsets.const_data_ptr()), total,
+  p.tensors = reinterpret_cast<const TensorSlot*>(table.const_data_ptr<uint8_t>());
+  adamw_step_cuda(p, reinterpret_cast<const int64_t*>(table.const_data_ptr<uint8_t>() + slot_bytes), total,
                   at::cuda::getCurrentCUDAStream());
 }
 

@@ -34,8 +34,8 @@ void check_param_and_grad(const at::Tensor& p, const at::Tensor& g, const at::De
   TORCH_CHECK(!g.is_sparse() && g.layout() == at::kStrided, op, ": grads[", i, "] is sparse; AdamW does not "
               "support sparse gradients");
   TORCH_CHECK(!p.is_complex() && !g.is_complex(), op, ": params[", i, "] or its grad is complex; not supported");
-  slot.param_kind = float_kind(p.scalar_type(), op, "params");
-  slot.grad_kind = float_kind(g.scalar_type(), op, "grads");
+  float_kind(p.scalar_type(), op, "params");
+  float_kind(g.scalar_type(), op, "grads");
   TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous (it is updated in place)");
   TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
               "] has shape ", p.sizes());
@@ -70,11 +70,9 @@ int log2_exact(int64_t power_of_two) {
 }
 
 void finish(PreparedStep& out, int64_t superblock) {
-  out.block_offsets.assign(out.slots.size() + 1, 0);
-  for (size_t i = 0; i < out.slots.size(); ++i)
-    out.block_offsets[i + 1] = out.block_offsets[i] + (out.slots[i].numel + superblock - 1) / superblock;
   out.params.tensors = out.slots.data();
   out.params.num_tensors = static_cast<int64_t>(out.slots.size());
+  out.block_offsets = superblock_offsets(out.params.tensors, out.params.num_tensors, superblock);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // One call updates many tensors; each tensor is split into superblocks of
 // max(blocksize_exp_avg, blocksize_exp_avg_sq) values, the unit of work of the kernels.
 #include <cstdint>
+#include <vector>
 
 #include "common/dtype.h"
 #include "optim/optim_math.h"
@@ -17,8 +18,6 @@ struct TensorSlot {
   void* param;
   const void* grad;
   int64_t numel;
-  FloatKind param_kind;
-  FloatKind grad_kind;
   uint8_t* exp_avg_q;
   float* exp_avg_absmax;
   uint8_t* exp_avg_sq_q;
@@ -54,6 +53,14 @@ LOWRANK_HD uint64_t stream_offset(int64_t t, RandomStream s) { return (static_ca
 LOWRANK_HD int64_t superblock_size(const AdamWStepParams& p) {
   if (!p.quantized) return 2048;
   return p.blocksize_exp_avg > p.blocksize_exp_avg_sq ? p.blocksize_exp_avg : p.blocksize_exp_avg_sq;
+}
+
+// The first superblock of each tensor, [num_tensors + 1] (prefix sums of their counts).
+inline std::vector<int64_t> superblock_offsets(const TensorSlot* tensors, int64_t num_tensors, int64_t superblock) {
+  std::vector<int64_t> offsets(num_tensors + 1, 0);
+  for (int64_t i = 0; i < num_tensors; ++i)
+    offsets[i + 1] = offsets[i] + (tensors[i].numel + superblock - 1) / superblock;
+  return offsets;
 }
 
 void adamw_step_cpu(const AdamWStepParams& p);

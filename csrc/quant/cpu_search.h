@@ -31,7 +31,7 @@ static LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absma
   }
 }
 
-// u[8g + k] = philox_uniform of element 8 * (first_group + g) + k, for g < groups.
+// u[8g + k] = the uniform draw of element 8 * (first_group + g) + k, for g < groups.
 static LOWRANK_CPU_CLONES void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first_group, int groups,
                                                float* __restrict u) {
   for (int g = 0; g < groups; ++g) {

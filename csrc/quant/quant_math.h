@@ -26,16 +26,7 @@ LOWRANK_HD int count_less(const float* arr, int lo, int hi, float v) {
   return lo;
 }
 
-// Number of entries of the sorted range arr[lo, hi) that are <= v (an upper bound).
-LOWRANK_HD int count_less_equal(const float* arr, int lo, int hi, float v) {
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (arr[mid] <= v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
-// count_less_equal over a sorted arr[0, n) with n a power of two, without data-dependent
+// #{j : arr[j] <= v} over a sorted arr[0, n) with n a power of two, without data-dependent
 // branches (a select per step): a branchy search mispredicts half its steps on random data.
 // Invariant: the answer lies in [lo, lo + len].
 LOWRANK_HD int count_less_equal_pow2(const float* arr, int n, float v) {

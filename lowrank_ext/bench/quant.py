@@ -130,28 +130,24 @@ def _code(bits: int, device: torch.device) -> torch.Tensor:
     return lq.dynamic_code(bits=bits, signed=True).to(device)
 
 
-def _ours(case: Case, x: torch.Tensor) -> QuantFns:
-    from lowrank_ext.ops.quant import dequantize_blockwise, quantize_blockwise
+def _same_signature(quantize: Callable, dequantize: Callable, case: Case, x: torch.Tensor) -> QuantFns:
+    """Ours and the reference share one signature: bind the case's code, bits and blocks."""
     bits, bs = case.params["bits"], case.params["blocksize"]
     code = _code(bits, x.device)
     return (
-        lambda t: quantize_blockwise(t, code, blocksize=bs, bits=bits,
-                                     stochastic_rounding=False, seed=0, offset=0),
-        lambda p: dequantize_blockwise(p[0], p[1], code, blocksize=bs, bits=bits,
-                                       shape=x.shape, dtype=x.dtype),
+        lambda t: quantize(t, code, blocksize=bs, bits=bits, stochastic_rounding=False, seed=0, offset=0),
+        lambda p: dequantize(p[0], p[1], code, blocksize=bs, bits=bits, shape=x.shape, dtype=x.dtype),
         "")
+
+
+def _ours(case: Case, x: torch.Tensor) -> QuantFns:
+    from lowrank_ext.ops.quant import dequantize_blockwise, quantize_blockwise
+    return _same_signature(quantize_blockwise, dequantize_blockwise, case, x)
 
 
 def _reference(case: Case, x: torch.Tensor) -> QuantFns:
     from lowrank_ext.reference.quant import dequantize_blockwise_ref, quantize_blockwise_ref
-    bits, bs = case.params["bits"], case.params["blocksize"]
-    code = _code(bits, x.device)
-    return (
-        lambda t: quantize_blockwise_ref(t, code, blocksize=bs, bits=bits,
-                                         stochastic_rounding=False, seed=0, offset=0),
-        lambda p: dequantize_blockwise_ref(p[0], p[1], code, blocksize=bs, bits=bits,
-                                           shape=x.shape, dtype=x.dtype),
-        "")
+    return _same_signature(quantize_blockwise_ref, dequantize_blockwise_ref, case, x)
 
 
 def _bitsandbytes(case: Case, x: torch.Tensor) -> QuantFns:

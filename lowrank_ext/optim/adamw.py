@@ -94,12 +94,12 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         quantize = p.numel() >= self.min_quant_size
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            zeros = torch.zeros(p.numel(), device=p.device)
             if not quantize:
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 return
             code_m, code_v = self._codes_on(p.device)
+            zeros = torch.zeros(p.numel(), device=p.device)
             self._quantize_state(state, "exp_avg", zeros, code_m, self.blocksizes[0])
             self._quantize_state(state, "exp_avg_sq", zeros, code_v, self.blocksizes[1])
             state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
