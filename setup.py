@@ -7,6 +7,7 @@ CUDA-toolkit probing that TorchConfig.cmake does. Environment knobs:
   LOWRANK_EXT_CUDA=auto|0|1   compile the CUDA kernels (auto: when nvcc and a CUDA torch exist)
   TORCH_CUDA_ARCH_LIST        e.g. "8.0;9.0" (default), "9.0", "9.0a"
   MAX_JOBS                    parallel compile jobs (default: all cores)
+  CXX, CUDAHOSTCXX            the C++ compiler (see choose_cxx: it must link libstdc++ dynamically)
 """
 import glob
 import os
@@ -90,6 +91,42 @@ def cuda_enabled(torch):
     return reason is None, cuda_home
 
 
+def static_libstdcxx_script(cxx):
+    """The linker script behind `cxx`'s libstdc++.so when it also pulls in a static archive
+    (devtoolset-style GCCs: RHEL's, manylinux images, some /opt/gcc builds), else None.
+    Such a compiler copies parts of libstdc++ (iostream's number formatting among them) into
+    the extension; loaded beside torch's libstdc++.so.6, those copies look up locale facets
+    by ids the process never registered, and the first TORCH_CHECK message that formats an
+    integer crashes (seen on a GPU machine: a segfault in every bad-input test)."""
+    try:
+        path = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head.startswith(b"\x7fELF") or not re.search(rb"\.a\b|nonshared", head):
+        return None
+    return path
+
+
+def choose_cxx():
+    """CXX (else c++), unless it links libstdc++ partly statically; then the first system
+    compiler that does not. CMake would pick CXX itself; we pick first to check it."""
+    wanted = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if wanted is None:
+        raise RuntimeError("lowrank_ext needs a C++20 compiler (g++ >= 11 or clang++ >= 14)")
+    script = static_libstdcxx_script(wanted)
+    if script is None:
+        return wanted
+    for cand in ("/usr/bin/c++", "/usr/bin/g++", shutil.which("g++"), shutil.which("c++")):
+        if cand and os.path.exists(cand) and static_libstdcxx_script(cand) is None:
+            print(f"lowrank_ext: not building with {wanted}: it links parts of libstdc++ statically ({script}), "
+                  f"which crashes beside torch's libstdc++; using {cand}", flush=True)
+            return cand
+    raise RuntimeError(f"{wanted} links parts of libstdc++ statically ({script}); the extension would crash "
+                       "beside torch's libstdc++.so. Set CXX to a compiler that links it dynamically.")
+
+
 def find_tool(name):
     here = os.path.join(os.path.dirname(sys.executable), name)  # the venv's own bin first
     return here if os.path.exists(here) else shutil.which(name)
@@ -104,6 +141,10 @@ class CMakeBuild(build_ext):
         build_dir = os.path.join(ROOT, "build", "cmake")
         os.makedirs(build_dir, exist_ok=True)
         torch_dir = os.path.dirname(torch.__file__)
+        cxx = choose_cxx()
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if os.path.exists(cache) and f"CMAKE_CXX_COMPILER:FILEPATH={cxx}\n" not in open(cache).read():
+            os.remove(cache)  # CMake cannot switch compilers in a configured tree
         cmake = find_tool("cmake")
         if cmake is None:
             raise RuntimeError("lowrank_ext needs CMake >= 3.24 to build (pip install cmake)")
@@ -116,6 +157,7 @@ class CMakeBuild(build_ext):
             f"-DTORCH_VERSION_STR={torch.__version__}",
             f"-DLOWRANK_VERSION={VERSION}",
             f"-DLOWRANK_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DCMAKE_CXX_COMPILER={cxx}",
         ]
         ninja = find_tool("ninja")
         if ninja:  # else CMake's default generator (Makefiles)
@@ -127,6 +169,7 @@ class CMakeBuild(build_ext):
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
             args += [
                 f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}",
+                f"-DCMAKE_CUDA_HOST_COMPILER={os.environ.get('CUDAHOSTCXX') or cxx}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_archs(archs)}",
                 f"-DLOWRANK_CUDA_ARCH_LIST={archs.replace(';', ',')}",  # a ';' would split the define

@@ -27,3 +27,16 @@ CAST_RTOL = {
 def tol(dtype: torch.dtype) -> dict:
     atol, rtol = ACCUMULATE[dtype]
     return {"atol": atol, "rtol": rtol}
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality (so -0.0 != 0.0), except that a NaN matches any NaN: the sign
+    and payload of a NaN made by invalid arithmetic are the hardware's (x86 makes
+    0xFFC00000, CUDA 0x7FFFFFFF), while where NaNs appear is the kernel's."""
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{tuple(got.shape)} vs " \
+                                                                f"{want.dtype}{tuple(want.shape)}"
+    if got.is_floating_point():
+        nan = torch.isnan(got)
+        assert torch.equal(nan, torch.isnan(want)), f"{what}: NaNs at different places"
+        got, want = got[~nan], want[~nan]
+    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), f"{what}: bits differ"
