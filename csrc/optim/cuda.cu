@@ -1,13 +1,17 @@
-// CUDA kernels of the optim family. NOTE: compiled in CI, but run on a GPU only when a
-// session has one; see the README's op table for what has been verified on a GPU.
+// CUDA kernels of the optim family. Run and checked bit for bit against the references on
+// an H100 (see the README's op table and benchmarks/results/).
 //
-// One launch steps every tensor of the call: the grid strides over the superblocks of
-// all tensors (prefix sums in block_offsets), one warp per superblock; the tensor table
-// and offsets travel host->device asynchronously from pinned memory, so there is no host
-// synchronisation. Quantized state takes two passes over a superblock: the first
-// computes the updated moments to find each block's new absmax (warp shuffles), the
-// second recomputes them (same inputs, same arithmetic), writes the param and stores
-// the re-quantized moments. The re-read hits L1/L2; nothing of size blocksize is held.
+// One launch steps every tensor of the call: the grid strides over work units of all
+// tensors (prefix sums in `offsets`); the tensor table and offsets travel host->device
+// asynchronously from pinned memory, so there is no host synchronisation.
+//
+// Quantized moments: one CTA per chunk of 4096 values (a multiple of every blocksize, so
+// no quantization block straddles two CTAs), 8 consecutive values per thread (vector
+// loads, one Philox group per stream). Each thread dequantizes, updates and keeps its 8
+// values in registers; the new absmax of every block is a shuffle reduction over the
+// blocksize/8 threads of the block (plus one shared-memory step for blocks wider than a
+// warp); then each thread re-quantizes and stores its values. One pass over memory.
+// fp32 moments: one warp per 2048 values, 4 consecutive values per lane.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -20,20 +24,11 @@
 namespace lowrank::optim {
 namespace {
 
-constexpr int kWarpsPerCta = 4;
-constexpr int kThreads = kWarpsPerCta * 32;
-constexpr int kVec = 4;                        // consecutive elements per lane per step
-constexpr int kStep = 32 * kVec;               // elements per warp step (128)
-constexpr int kMinBlocksize = 128;             // ops.cpp's floor for the moments' blocksizes
-constexpr int kMaxSubBlocks = 4096 / kMinBlocksize;  // blocks in a superblock of <= 4096 values
-// pass 1 takes one absmax per warp step: a step must never straddle two blocks
-static_assert(kStep <= kMinBlocksize && kMinBlocksize % kStep == 0, "a warp step must sit inside one block");
-
-__device__ __forceinline__ int64_t find_tensor(const int64_t* offsets, int64_t num_tensors, int64_t block) {
-  int64_t lo = 0, hi = num_tensors;  // largest t with offsets[t] <= block
+__device__ __forceinline__ int64_t find_tensor(const int64_t* offsets, int64_t num_tensors, int64_t unit) {
+  int64_t lo = 0, hi = num_tensors;  // largest t with offsets[t] <= unit (empty tensors own no unit)
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    if (offsets[mid] <= block) lo = mid; else hi = mid;
+    if (offsets[mid] <= unit) lo = mid; else hi = mid;
   }
   return lo;
 }
@@ -47,166 +42,249 @@ __device__ __forceinline__ P store_param(float value, const AdamWStepParams& p, 
   return static_cast<P>(value);
 }
 
-__device__ __forceinline__ int code_index(const uint8_t* q, int bits, int64_t e) {
-  return bits == 8 ? q[e] : (q[e >> 1] >> ((e & 1) * 4)) & 0xF;
+template <typename T>
+__device__ __forceinline__ bool aligned(const T* ptr, int bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
 }
 
-struct SharedCodes {
-  float code_m[256], mids_m[256], code_v[256], mids_v[256];
-  float absmax_m[kWarpsPerCta][kMaxSubBlocks], absmax_v[kWarpsPerCta][kMaxSubBlocks];
-  int bad_m[kWarpsPerCta][kMaxSubBlocks], bad_v[kWarpsPerCta][kMaxSubBlocks];
-};
+// ---------------------------------------------------------------- quantized moments
+constexpr int kChunk = 4096;                           // values per CTA: a multiple of every blocksize
+constexpr int kPerThread = 8;                          // consecutive values per thread (one Philox group)
+constexpr int kChunkThreads = kChunk / kPerThread;     // 512
+constexpr int kChunkWarps = kChunkThreads / 32;
+static_assert(kPerThread == kPhiloxGroup, "one philox_group call per thread and stream");
+static_assert(128 % kPerThread == 0, "a thread's values sit in one block of the smallest blocksize");
 
-// The four elements e0..e0+3 (those < end) of one lane: load, update in fp32.
-template <typename P, typename G>
-__device__ __forceinline__ void update4(const AdamWStepParams& p, const TensorSlot& s, const SharedCodes& sh,
-                                        int64_t e0, int64_t end, AdamWResult (&r)[kVec]) {
-  const P* param = static_cast<const P*>(s.param);
-  const G* grad = static_cast<const G*>(s.grad);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    const int64_t e = e0 + k;
-    if (e < end) {
-      float m, v;
-      if (p.quantized) {
-        m = quant::dequantize_value(sh.code_m, code_index(s.exp_avg_q, p.bits, e),
-                                    s.exp_avg_absmax[e >> p.log2_blocksize_exp_avg]);
-        v = quant::dequantize_value(sh.code_v, code_index(s.exp_avg_sq_q, p.bits, e),
-                                    s.exp_avg_sq_absmax[e >> p.log2_blocksize_exp_avg_sq]);
-      } else {
-        m = s.exp_avg[e];
-        v = s.exp_avg_sq[e];
-      }
-      r[k] = adamw_update(static_cast<float>(param[e]), static_cast<float>(grad[e]), m, v, p.c);
+// 8 values from e0 (those < end; the rest read as 0) as floats: one or two 16-byte loads
+// when all 8 exist and the address allows it.
+template <typename T>
+__device__ __forceinline__ void load8(const T* ptr, int64_t e0, int64_t end, float (&out)[kPerThread]) {
+  const T* src = ptr + e0;
+  if (e0 + kPerThread <= end && aligned(src, 16)) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+      out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+      out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
     } else {
-      r[k] = AdamWResult{0.f, 0.f, 0.f};
+      const uint4 u = *reinterpret_cast<const uint4*>(src);
+      const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) out[k] = static_cast<float>(h[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) out[k] = e0 + k < end ? static_cast<float>(src[k]) : 0.f;
+  }
+}
+
+template <typename P>
+__device__ __forceinline__ void store8(P* ptr, int64_t e0, int64_t end, const P (&v)[kPerThread]) {
+  P* dst = ptr + e0;
+  if (e0 + kPerThread <= end && aligned(dst, 16)) {
+    if constexpr (sizeof(P) == 4) {
+      reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 u;
+      P* h = reinterpret_cast<P*>(&u);
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) h[k] = v[k];
+      *reinterpret_cast<uint4*>(dst) = u;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k)
+      if (e0 + k < end) dst[k] = v[k];
+  }
+}
+
+// The code indices of values e0..e0+7: 8 bytes (8-bit) or 4 bytes (4-bit, low nibble first).
+template <int BITS>
+__device__ __forceinline__ void load_indices(const uint8_t* q, int64_t e0, int64_t end, int (&idx)[kPerThread]) {
+  constexpr int kBytes = kPerThread * BITS / 8;
+  const uint8_t* src = q + e0 * BITS / 8;
+  uint8_t b[kBytes];
+  if (e0 + kPerThread <= end && aligned(src, kBytes)) {
+    if constexpr (BITS == 8) *reinterpret_cast<uint2*>(b) = *reinterpret_cast<const uint2*>(src);
+    else *reinterpret_cast<uint32_t*>(b) = *reinterpret_cast<const uint32_t*>(src);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBytes; ++j) b[j] = e0 + j * 8 / BITS < end ? src[j] : 0;
+  }
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) idx[k] = BITS == 8 ? b[k] : (b[k / 2] >> ((k & 1) * 4)) & 0xF;
+}
+
+template <int BITS>
+__device__ __forceinline__ void store_indices(uint8_t* q, int64_t e0, int64_t end, const int (&idx)[kPerThread]) {
+  constexpr int kBytes = kPerThread * BITS / 8;
+  uint8_t* dst = q + e0 * BITS / 8;
+  uint8_t b[kBytes];
+#pragma unroll
+  for (int j = 0; j < kBytes; ++j) {
+    if constexpr (BITS == 8) {
+      b[j] = static_cast<uint8_t>(idx[j]);
+    } else {  // an odd last value sits alone in its byte, high nibble 0 (quantize_blockwise's layout)
+      const int hi = e0 + 2 * j + 1 < end ? idx[2 * j + 1] << 4 : 0;
+      b[j] = static_cast<uint8_t>(idx[2 * j] | hi);
     }
   }
-}
-
-__device__ __forceinline__ void store_indices(uint8_t* q, int bits, int64_t e0, int64_t end, const int (&idx)[kVec]) {
-  if (bits == 8) {
+  if (e0 + kPerThread <= end && aligned(dst, kBytes)) {
+    if constexpr (BITS == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(b);
+    else *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(b);
+  } else {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k)
-      if (e0 + k < end) q[e0 + k] = static_cast<uint8_t>(idx[k]);
-  } else {  // e0 is even: bytes e0/2 and e0/2 + 1; an odd last element sits alone
-    if (e0 < end) q[e0 / 2] = static_cast<uint8_t>(idx[0] | (e0 + 1 < end ? idx[1] << 4 : 0));
-    if (e0 + 2 < end) q[e0 / 2 + 1] = static_cast<uint8_t>(idx[2] | (e0 + 3 < end ? idx[3] << 4 : 0));
+    for (int j = 0; j < kBytes; ++j)
+      if (e0 + j * 8 / BITS < end) dst[j] = b[j];
   }
 }
+
+// Max and any-non-finite over the `group` threads (blocksize / 8, a power of two) holding
+// one quantization block: shuffles within a warp, then one shared-memory step for groups
+// of several warps. Every thread of the CTA must call it (it synchronises the CTA).
+struct BlockMax {
+  float amax[kChunkWarps];
+  int bad[kChunkWarps];
+};
+
+__device__ __forceinline__ void group_max(float& amax, bool& bad, int group, BlockMax& sh, int warp, int lane) {
+  int b = bad;
+  const int width = group < 32 ? group : 32;
+  for (int off = 1; off < width; off <<= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    b |= __shfl_xor_sync(0xffffffffu, b, off);
+  }
+  if (group > 32 && lane == 0) {
+    sh.amax[warp] = amax;
+    sh.bad[warp] = b;
+  }
+  __syncthreads();
+  if (group > 32) {
+    const int warps = group / 32, first = warp / warps * warps;
+    for (int w = first; w < first + warps; ++w) {
+      amax = fmaxf(amax, sh.amax[w]);
+      b |= sh.bad[w];
+    }
+  }
+  bad = b;
+}
+
+template <typename P, typename G, int BITS>
+__global__ void __launch_bounds__(kChunkThreads, 2)
+    adamw_quantized_kernel(AdamWStepParams p, const int64_t* offsets, int64_t total_chunks) {
+  constexpr int kCode = 1 << BITS;
+  __shared__ float code_m[kCode], mids_m[kCode], code_v[kCode], mids_v[kCode];
+  __shared__ BlockMax reduce_m, reduce_v;
+  for (int i = threadIdx.x; i < kCode; i += blockDim.x) {
+    code_m[i] = p.code_exp_avg[i];
+    code_v[i] = p.code_exp_avg_sq[i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kCode - 1; i += blockDim.x) {
+    mids_m[i] = quant::code_midpoint(code_m, i);
+    mids_v[i] = quant::code_midpoint(code_v, i);
+  }
+  __syncthreads();
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int group_m = static_cast<int>(p.blocksize_exp_avg / kPerThread);
+  const int group_v = static_cast<int>(p.blocksize_exp_avg_sq / kPerThread);
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {  // CTA-uniform loop
+    const int64_t t = find_tensor(offsets, p.num_tensors, c);
+    const TensorSlot s = p.tensors[t];  // a register copy: stores through its pointers cannot alias it
+    const int64_t e0 = (c - offsets[t]) * kChunk + tid * kPerThread, end = s.numel;
+    const bool live = e0 < end;
+    const int64_t block_m = e0 >> p.log2_blocksize_exp_avg, block_v = e0 >> p.log2_blocksize_exp_avg_sq;
+
+    float param[kPerThread], grad[kPerThread], m[kPerThread], v[kPerThread];
+    int im[kPerThread], iv[kPerThread];
+    load8(static_cast<const P*>(s.param), e0, end, param);
+    load8(static_cast<const G*>(s.grad), e0, end, grad);
+    load_indices<BITS>(s.exp_avg_q, e0, end, im);
+    load_indices<BITS>(s.exp_avg_sq_q, e0, end, iv);
+    const float old_am = live ? s.exp_avg_absmax[block_m] : 0.f;
+    const float old_av = live ? s.exp_avg_sq_absmax[block_v] : 0.f;
+
+    float amax_m = 0.f, amax_v = 0.f;
+    bool bad_m = false, bad_v = false;
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      if (e0 + k < end) {
+        const AdamWResult r = adamw_update(param[k], grad[k], quant::dequantize_value(code_m, im[k], old_am),
+                                           quant::dequantize_value(code_v, iv[k], old_av), p.c);
+        param[k] = r.param;
+        m[k] = r.exp_avg;
+        v[k] = r.exp_avg_sq;
+        quant::absmax_step(m[k], amax_m, bad_m);
+        quant::absmax_step(v[k], amax_v, bad_v);
+      } else {
+        m[k] = v[k] = 0.f;
+      }
+    }
+    // every thread of the CTA has read the old absmax before the first sync in group_max
+    group_max(amax_m, bad_m, group_m, reduce_m, warp, lane);
+    group_max(amax_v, bad_v, group_v, reduce_v, warp, lane);
+    const float am = quant::finish_absmax(amax_m, bad_m), av = quant::finish_absmax(amax_v, bad_v);
+
+    Philox4 rnd_p{}, rnd_m{}, rnd_v{};
+    const uint64_t group = static_cast<uint64_t>(e0) >> 3;
+    if (p.stochastic_rounding) rnd_p = philox_group(p.seed, stream_offset(t, kParamStream), group);
+    if (p.stochastic_exp_avg) rnd_m = philox_group(p.seed, stream_offset(t, kExpAvgStream), group);
+    if (p.stochastic_exp_avg_sq) rnd_v = philox_group(p.seed, stream_offset(t, kExpAvgSqStream), group);
+    P out[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const uint64_t e = static_cast<uint64_t>(e0 + k);
+      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], av);
+      im[k] = p.stochastic_exp_avg ? quant::stochastic_index(code_m, kCode, vm, uniform_from_bits16(random16(rnd_m, e)))
+                                   : quant::nearest_index(mids_m, kCode - 1, vm);
+      iv[k] = p.stochastic_exp_avg_sq
+                  ? quant::stochastic_index(code_v, kCode, vv, uniform_from_bits16(random16(rnd_v, e)))
+                  : quant::nearest_index(mids_v, kCode - 1, vv);
+      out[k] = store_param<P>(param[k], p, rnd_p, e0 + k);
+    }
+    store8(static_cast<P*>(s.param), e0, end, out);
+    store_indices<BITS>(s.exp_avg_q, e0, end, im);
+    store_indices<BITS>(s.exp_avg_sq_q, e0, end, iv);
+    if (live && (e0 & (p.blocksize_exp_avg - 1)) == 0) s.exp_avg_absmax[block_m] = am;
+    if (live && (e0 & (p.blocksize_exp_avg_sq - 1)) == 0) s.exp_avg_sq_absmax[block_v] = av;
+    __syncthreads();  // the next chunk reuses the shared reduction slots
+  }
+}
+
+// ---------------------------------------------------------------- fp32 moments
+constexpr int kWarpsPerCta = 4;
+constexpr int kThreads = kWarpsPerCta * 32;
+constexpr int kVec = 4;                  // consecutive values per lane per step
+constexpr int kStep = 32 * kVec;         // values per warp step
+constexpr int kFp32Unit = 2048;          // values per warp
 
 template <typename P, typename G>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, const int64_t* offsets, int64_t total) {
-  __shared__ SharedCodes sh;
-  const int code_size = p.quantized ? 1 << p.bits : 0;
-  for (int i = threadIdx.x; i < code_size; i += blockDim.x) {
-    sh.code_m[i] = p.code_exp_avg[i];
-    sh.code_v[i] = p.code_exp_avg_sq[i];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < code_size - 1; i += blockDim.x) {
-    sh.mids_m[i] = quant::code_midpoint(sh.code_m, i);
-    sh.mids_v[i] = quant::code_midpoint(sh.code_v, i);
-  }
-  __syncthreads();
-
+__global__ void __launch_bounds__(kThreads) adamw_fp32_kernel(AdamWStepParams p, const int64_t* offsets, int64_t total) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t S = superblock_size(p);
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + warp; b < total;
        b += static_cast<int64_t>(gridDim.x) * kWarpsPerCta) {
     const int64_t t = find_tensor(offsets, p.num_tensors, b);
-    const TensorSlot s = p.tensors[t];  // a register copy: stores through its pointers cannot alias it
-    const int64_t base = (b - offsets[t]) * S;
-    const int64_t end = min(base + S, s.numel);
-    AdamWResult r[kVec];
-
-    if (!p.quantized) {
-      for (int64_t e0 = base + lane * kVec; e0 < end; e0 += kStep) {
-        update4<P, G>(p, s, sh, e0, end, r);
-        Philox4 rnd{};
-        if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 3);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          if (e0 + k < end) {
-            s.exp_avg[e0 + k] = r[k].exp_avg;
-            s.exp_avg_sq[e0 + k] = r[k].exp_avg_sq;
-            static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, e0 + k);
-          }
-        }
-      }
-      continue;
-    }
-
-    // pass 1: the new absmax of every block of each moment in this superblock
-    const int sub_m = static_cast<int>(S / p.blocksize_exp_avg), sub_v = static_cast<int>(S / p.blocksize_exp_avg_sq);
-    if (lane < kMaxSubBlocks) {
-      sh.absmax_m[warp][lane] = 0.f;
-      sh.absmax_v[warp][lane] = 0.f;
-      sh.bad_m[warp][lane] = 0;
-      sh.bad_v[warp][lane] = 0;
-    }
-    __syncwarp();
-    for (int64_t step0 = base; step0 < end; step0 += kStep) {  // warp-uniform loop
-      update4<P, G>(p, s, sh, step0 + lane * kVec, end, r);
-      float amax_m = 0.f, amax_v = 0.f;
-      bool bad_m = false, bad_v = false;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        quant::absmax_step(r[k].exp_avg, amax_m, bad_m);
-        quant::absmax_step(r[k].exp_avg_sq, amax_v, bad_v);
-      }
-      amax_m = warp_allreduce(amax_m, [](float a, float c) { return fmaxf(a, c); });
-      amax_v = warp_allreduce(amax_v, [](float a, float c) { return fmaxf(a, c); });
-      bad_m = __any_sync(0xffffffffu, bad_m);
-      bad_v = __any_sync(0xffffffffu, bad_v);
-      if (lane == 0) {
-        const int jm = static_cast<int>((step0 - base) >> p.log2_blocksize_exp_avg);
-        const int jv = static_cast<int>((step0 - base) >> p.log2_blocksize_exp_avg_sq);
-        sh.absmax_m[warp][jm] = fmaxf(sh.absmax_m[warp][jm], amax_m);
-        sh.absmax_v[warp][jv] = fmaxf(sh.absmax_v[warp][jv], amax_v);
-        sh.bad_m[warp][jm] |= bad_m;
-        sh.bad_v[warp][jv] |= bad_v;
-      }
-      __syncwarp();
-    }
-    if (lane < kMaxSubBlocks) {
-      sh.absmax_m[warp][lane] = quant::finish_absmax(sh.absmax_m[warp][lane], sh.bad_m[warp][lane]);
-      sh.absmax_v[warp][lane] = quant::finish_absmax(sh.absmax_v[warp][lane], sh.bad_v[warp][lane]);
-    }
-    __syncwarp();
-
-    // pass 2: recompute, write the param and the re-quantized moments
+    const TensorSlot s = p.tensors[t];
+    const int64_t base = (b - offsets[t]) * kFp32Unit;
+    const int64_t end = min(base + kFp32Unit, s.numel);
+    const P* param = static_cast<const P*>(s.param);
+    const G* grad = static_cast<const G*>(s.grad);
     for (int64_t e0 = base + lane * kVec; e0 < end; e0 += kStep) {
-      update4<P, G>(p, s, sh, e0, end, r);
-      const float am = sh.absmax_m[warp][(e0 - base) >> p.log2_blocksize_exp_avg];
-      const float av = sh.absmax_v[warp][(e0 - base) >> p.log2_blocksize_exp_avg_sq];
       Philox4 rnd{};
       if (p.stochastic_rounding) rnd = philox_group(p.seed, stream_offset(t, kParamStream), static_cast<uint64_t>(e0) >> 3);
-      Philox4 rnd_m{}, rnd_v{};
-      if (p.stochastic_exp_avg) rnd_m = philox_group(p.seed, stream_offset(t, kExpAvgStream), static_cast<uint64_t>(e0) >> 3);
-      if (p.stochastic_exp_avg_sq)
-        rnd_v = philox_group(p.seed, stream_offset(t, kExpAvgSqStream), static_cast<uint64_t>(e0) >> 3);
-      int im[kVec], iv[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const float vm = quant::normalize(r[k].exp_avg, am), vv = quant::normalize(r[k].exp_avg_sq, av);
-        im[k] = p.stochastic_exp_avg ? quant::stochastic_index(sh.code_m, code_size, vm, uniform_from_bits16(random16(rnd_m, static_cast<uint64_t>(e0 + k))))
-                                     : quant::nearest_index(sh.mids_m, code_size - 1, vm);
-        iv[k] = p.stochastic_exp_avg_sq
-                    ? quant::stochastic_index(sh.code_v, code_size, vv, uniform_from_bits16(random16(rnd_v, static_cast<uint64_t>(e0 + k))))
-                    : quant::nearest_index(sh.mids_v, code_size - 1, vv);
-        if (e0 + k < end) static_cast<P*>(s.param)[e0 + k] = store_param<P>(r[k].param, p, rnd, e0 + k);
+        const int64_t e = e0 + k;
+        if (e < end) {
+          const AdamWResult r = adamw_update(static_cast<float>(param[e]), static_cast<float>(grad[e]), s.exp_avg[e],
+                                             s.exp_avg_sq[e], p.c);
+          s.exp_avg[e] = r.exp_avg;
+          s.exp_avg_sq[e] = r.exp_avg_sq;
+          static_cast<P*>(s.param)[e] = store_param<P>(r.param, p, rnd, e);
+        }
       }
-      store_indices(s.exp_avg_q, p.bits, e0, end, im);
-      store_indices(s.exp_avg_sq_q, p.bits, e0, end, iv);
     }
-    // the new absmax goes out only now: pass 2 dequantized the old moments with the old one
-    __syncwarp();
-    if (lane < sub_m && base + lane * p.blocksize_exp_avg < end)
-      s.exp_avg_absmax[base / p.blocksize_exp_avg + lane] = sh.absmax_m[warp][lane];
-    if (lane < sub_v && base + lane * p.blocksize_exp_avg_sq < end)
-      s.exp_avg_sq_absmax[base / p.blocksize_exp_avg_sq + lane] = sh.absmax_v[warp][lane];
-    __syncwarp();  // the next superblock of this warp reuses the shared absmax slots
   }
 }
 
@@ -217,6 +295,9 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWStepParams p, cons
 static_assert(sizeof(TensorSlot) % alignof(int64_t) == 0, "the offsets follow the table in one buffer");
 
 void launch(PreparedStep& prep) {
+  // the CUDA kernels' own work units (the CPU's superblocks are another size)
+  prep.block_offsets = superblock_offsets(prep.slots.data(), static_cast<int64_t>(prep.slots.size()),
+                                          prep.params.quantized ? kChunk : kFp32Unit);
   const int64_t total = prep.block_offsets.back();
   if (total == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(prep.device);
@@ -263,10 +344,18 @@ void adamw_step_cuda(const AdamWStepParams& p, const int64_t* block_offsets, int
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total_blocks, kWarpsPerCta), int64_t{sms} * 16));
   LOWRANK_DISPATCH_FLOAT(p.param_kind, P, [&] {
     LOWRANK_DISPATCH_FLOAT(p.grad_kind, G, [&] {
-      adamw_kernel<P, G><<<grid, kThreads, 0, stream>>>(p, block_offsets, total_blocks);
+      if (!p.quantized) {
+        const int64_t grid = std::min<int64_t>(ceil_div<int64_t>(total_blocks, kWarpsPerCta), int64_t{sms} * 16);
+        adamw_fp32_kernel<P, G><<<static_cast<int>(grid), kThreads, 0, stream>>>(p, block_offsets, total_blocks);
+      } else {
+        const int grid = static_cast<int>(std::min<int64_t>(total_blocks, int64_t{sms} * 2 * 8));
+        if (p.bits == 8)
+          adamw_quantized_kernel<P, G, 8><<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks);
+        else
+          adamw_quantized_kernel<P, G, 4><<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -64,7 +64,8 @@ inline std::vector<int64_t> superblock_offsets(const TensorSlot* tensors, int64_
 }
 
 void adamw_step_cpu(const AdamWStepParams& p);
-// block_offsets: [num_tensors + 1] device array, the first superblock of each tensor.
+// block_offsets: [num_tensors + 1] device array, the first work unit of each tensor (the
+// CUDA kernels size their own units: see optim/cuda.cu).
 void adamw_step_cuda(const AdamWStepParams& p, const int64_t* block_offsets, int64_t total_blocks,
                      cudaStream_t stream);
 
