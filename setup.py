@@ -91,22 +91,27 @@ def cuda_enabled(torch):
     return reason is None, cuda_home
 
 
-def static_libstdcxx_script(cxx):
-    """The linker script behind `cxx`'s libstdc++.so when it also pulls in a static archive
-    (devtoolset-style GCCs: RHEL's, manylinux images, some /opt/gcc builds), else None.
-    Such a compiler copies parts of libstdc++ (iostream's number formatting among them) into
-    the extension; loaded beside torch's libstdc++.so.6, those copies look up locale facets
-    by ids the process never registered, and the first TORCH_CHECK message that formats an
-    integer crashes (seen on a GPU machine: a segfault in every bad-input test)."""
+def static_libstdcxx(cxx):
+    """Why `cxx` would link parts of libstdc++ into the extension statically, else None.
+    Such a compiler (an /opt/gcc build without a shared libstdc++, devtoolset-style GCCs
+    whose libstdc++.so is a script adding libstdc++_nonshared.a) copies iostream's number
+    formatting into the extension; loaded beside torch's libstdc++.so.6, the copy looks up
+    locale facets by ids the process never registered, and the first TORCH_CHECK message
+    that formats an integer segfaults (seen on a GPU machine's /opt/gcc g++ 13)."""
+    def lookup(name):
+        out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        return out if os.path.isabs(out) and os.path.exists(out) else None
     try:
-        path = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
-        with open(path, "rb") as f:
+        shared, static = lookup("libstdc++.so"), lookup("libstdc++.a")
+        if shared is None:
+            return f"it has no shared libstdc++ ({'only ' + static if static else 'none found'})"
+        with open(shared, "rb") as f:
             head = f.read(4096)
     except OSError:
         return None
-    if head.startswith(b"\x7fELF") or not re.search(rb"\.a\b|nonshared", head):
-        return None
-    return path
+    if not head.startswith(b"\x7fELF") and re.search(rb"\.a\b|nonshared", head):
+        return f"its {shared} adds a static archive"
+    return None
 
 
 def choose_cxx():
@@ -115,16 +120,16 @@ def choose_cxx():
     wanted = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if wanted is None:
         raise RuntimeError("lowrank_ext needs a C++20 compiler (g++ >= 11 or clang++ >= 14)")
-    script = static_libstdcxx_script(wanted)
-    if script is None:
+    why = static_libstdcxx(wanted)
+    if why is None:
         return wanted
     for cand in ("/usr/bin/c++", "/usr/bin/g++", shutil.which("g++"), shutil.which("c++")):
-        if cand and os.path.exists(cand) and static_libstdcxx_script(cand) is None:
-            print(f"lowrank_ext: not building with {wanted}: it links parts of libstdc++ statically ({script}), "
-                  f"which crashes beside torch's libstdc++; using {cand}", flush=True)
+        if cand and os.path.exists(cand) and static_libstdcxx(cand) is None:
+            print(f"lowrank_ext: not building with {wanted}: {why}, and a static libstdc++ crashes beside "
+                  f"torch's; using {cand}", flush=True)
             return cand
-    raise RuntimeError(f"{wanted} links parts of libstdc++ statically ({script}); the extension would crash "
-                       "beside torch's libstdc++.so. Set CXX to a compiler that links it dynamically.")
+    raise RuntimeError(f"{wanted} would link libstdc++ statically ({why}); the extension would crash beside "
+                       "torch's libstdc++.so. Set CXX to a compiler that links it dynamically.")
 
 
 def find_tool(name):
