@@ -132,6 +132,17 @@ def choose_cxx():
                        "torch's libstdc++.so. Set CXX to a compiler that links it dynamically.")
 
 
+def cuda_host_cxx(cxx):
+    """CUDAHOSTCXX when it passes the same check as CXX (the GPU image sets it to the same
+    /opt/gcc g++), else the C++ compiler chosen above."""
+    host = os.environ.get("CUDAHOSTCXX")
+    if host and static_libstdcxx(host) is None:
+        return host
+    if host:
+        print(f"lowrank_ext: CUDA host compiler {cxx}, not CUDAHOSTCXX={host}: {static_libstdcxx(host)}", flush=True)
+    return cxx
+
+
 def find_tool(name):
     here = os.path.join(os.path.dirname(sys.executable), name)  # the venv's own bin first
     return here if os.path.exists(here) else shutil.which(name)
@@ -174,7 +185,7 @@ class CMakeBuild(build_ext):
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
             args += [
                 f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}",
-                f"-DCMAKE_CUDA_HOST_COMPILER={os.environ.get('CUDAHOSTCXX') or cxx}",
+                f"-DCMAKE_CUDA_HOST_COMPILER={cuda_host_cxx(cxx)}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_archs(archs)}",
                 f"-DLOWRANK_CUDA_ARCH_LIST={archs.replace(';', ',')}",  # a ';' would split the define
