@@ -192,9 +192,12 @@ class CMakeBuild(build_ext):
                 f"-DLOWRANK_CUDA_EXTRA_INCLUDES={';'.join(wheel_cuda_include_dirs())}",
             ]
         print(f"lowrank_ext: CUDA kernels {'ON' if with_cuda else 'OFF'}; cmake {' '.join(args)}", flush=True)
-        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args)
+        # CMake also reads CXX/CUDAHOSTCXX from the environment while it probes the CUDA
+        # toolchain: a rejected compiler left there adds its lib dir (with libstdc++.a) to the link
+        env = dict(os.environ, CXX=cxx, CUDAHOSTCXX=cuda_host_cxx(cxx) if with_cuda else cxx)
+        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args, env=env)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
-        subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
+        subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs], env=env)
         built = glob.glob(os.path.join(build_dir, "_C*.so"))
         if len(built) != 1:
             raise RuntimeError(f"expected one _C module in {build_dir}, found {built}")
