@@ -83,9 +83,52 @@ def adamw_step_fp32_samples(device: str) -> Iterator[Sample]:
         yield Sample((params, grads, m, v, *ADAMW_HYPER.values(), 2, dtype == torch.bfloat16, 5), name=f"{dtype}")
 
 
+# (N, d_in, d_out, r): N = 1, dims not multiples of 8, r = 1, a tile-crossing N
+LORA_SHAPES = ((1, 13, 7, 1), (37, 24, 11, 3), (70, 9, 16, 8))
+
+
+def _lora_tensors(device, dtype, n, d_in, d_out, r, variant, requires_grad=False):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
+    core = t(r, r) if variant in ("core", "both") else None
+    rank_scale = t(r) if variant in ("rank_scale", "both") else None
+    return t(n, d_in), t(d_out, d_in), t(d_out), t(r, d_in), t(d_out, r), core, rank_scale
+
+
+def lora_forward_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES:
+        for (n, d_in, d_out, r), variant, p in zip(LORA_SHAPES * 2, ("plain", "core", "rank_scale", "both", "plain",
+                                                                      "plain"), (0.0, 0.25, 0.0, 0.5, 0.1, 0.0)):
+            x, w, b, a, bb, core, rs = _lora_tensors(device, dtype, n, d_in, d_out, r, variant, requires_grad=True)
+            yield Sample((x, w, b if variant != "rank_scale" else None, a, bb, core, rs, 0.5, p, 17),
+                         name=f"{dtype}-{n}x{d_in}x{d_out}-r{r}-{variant}-p{p}")
+
+
+def lora_backward_samples(device: str) -> Iterator[Sample]:
+    for s in lora_forward_samples(device):
+        x, w, _, a, bb, core, rs, scale, p, seed = (v.detach() if isinstance(v, torch.Tensor) else v for v in s.args)
+        _, xa = torch.ops.lowrank.lora_forward(x, w, None, a, bb, core, rs, scale, p, seed)
+        g = torch.randn(x.shape[0], w.shape[0], device=device, dtype=x.dtype)
+        for mask in ([True] * 5, [True, False, True, False, True]):
+            yield Sample((g, x, w, a, bb, core, rs, xa, scale, p, seed, mask), name=f"{s.name}-mask{sum(mask)}")
+
+
+def lora_merge_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES:
+        for (_, d_in, d_out, r), variant in zip(LORA_SHAPES, ("plain", "core", "both")):
+            _, w, _, a, bb, core, rs = _lora_tensors(device, dtype, 1, d_in, d_out, r, variant)
+            yield Sample((w, a, bb, core, rs, 0.75), name=f"{dtype}-{d_out}x{d_in}-r{r}-{variant}")
+        w = torch.randn(8, 5, device=device, dtype=dtype)  # fp32 adapters on a low-precision weight
+        yield Sample((w, torch.randn(2, 5, device=device), torch.randn(8, 2, device=device), None, None, -1.0),
+                     name=f"{dtype}-fp32-adapter")
+
+
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
     "lowrank::adamw_step_quantized_": adamw_step_quantized_samples,
     "lowrank::adamw_step_fp32_": adamw_step_fp32_samples,
+    "lowrank::lora_forward": lora_forward_samples,
+    "lowrank::lora_backward": lora_backward_samples,
+    "lowrank::lora_merge_": lora_merge_samples,
 }

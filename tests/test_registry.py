@@ -1,5 +1,5 @@
 """Every op of the `lowrank` namespace must come with everything the design asks for:
-a CPU kernel, a CUDA kernel when CUDA was built, a fake kernel, a reference, samples and
+a CPU kernel, a CUDA kernel when CUDA was built (unless listed in CPU_ONLY_OPS), a fake kernel, a reference, samples and
 a benchmark.
 Adding an op without them fails here."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch._library import simple_registry
 
 import lowrank_ext
 from lowrank_ext.bench import FAMILIES, get_family
+from lowrank_ext.ops import CPU_ONLY_OPS
 from lowrank_ext.reference import REFERENCES
 from samples import SAMPLES
 
@@ -26,7 +27,10 @@ def test_op_is_complete(op):
     missing = []
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"):
         missing.append("CPU kernel")
-    if lowrank_ext.build_info()["cuda"] and not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    if op in CPU_ONLY_OPS:
+        assert not has_cuda, f"{op} has a CUDA kernel now: take it out of lowrank_ext.ops.CPU_ONLY_OPS and the README"
+    elif lowrank_ext.build_info()["cuda"] and not has_cuda:
         missing.append("CUDA kernel")
     entry = simple_registry.singleton.find(op)
     if entry.fake_impl.kernel is None:

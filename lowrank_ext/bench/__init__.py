@@ -14,6 +14,7 @@ from .harness import Case, Family, Provider, RunConfig, SkipProvider, Timed
 FAMILIES: dict[str, str] = {
     "quant": "lowrank_ext.bench.quant",
     "optim": "lowrank_ext.bench.optim",
+    "lora": "lowrank_ext.bench.lora",
 }
 
 

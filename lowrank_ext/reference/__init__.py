@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .lora import lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref, lora_merge_ref
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
@@ -15,7 +16,10 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::dequantize_blockwise": dequantize_blockwise_ref,
     "lowrank::adamw_step_quantized_": adamw_step_quantized_ref,
     "lowrank::adamw_step_fp32_": adamw_step_fp32_ref,
+    "lowrank::lora_forward": lora_forward_ref,
+    "lowrank::lora_backward": lora_backward_ref,
+    "lowrank::lora_merge_": lora_merge_ref,
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
-           "adamw_step_fp32_ref"]
+           "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref"]

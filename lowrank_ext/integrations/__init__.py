@@ -1,0 +1,1 @@
+"""Adapters for other libraries (import each submodule explicitly: they import their library)."""

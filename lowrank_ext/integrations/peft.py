@@ -1,0 +1,95 @@
+"""One call to run a PEFT model's LoRA Linear layers through the fused lora ops.
+
+    model = peft.get_peft_model(base, peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    n = lowrank_ext.integrations.peft.accelerate(model)   # n layers now run fused
+    lowrank_ext.integrations.peft.restore(model)          # back to PEFT's own forward
+
+Only the forward method of each ``peft.tuners.lora.layer.Linear`` instance is replaced:
+parameters, state_dict, merge/unmerge and adapter management stay PEFT's. A call runs
+fused when exactly one active adapter is plain LoRA (no DoRA or other variant) on an
+``nn.Linear`` base (not ``fan_in_fan_out``), with x, the base weight and the adapter in one
+dtype (or under autocast, which casts them to one) and no per-call ``adapter_names``;
+otherwise that call runs PEFT's own forward, which computes the same function.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear
+
+__all__ = ["accelerate", "restore", "is_fused_call"]
+
+_ORIGINAL = "_lowrank_ext_original_forward"
+
+
+def _lora_linear_class():
+    from peft.tuners.lora.layer import Linear  # the real PEFT package
+    return Linear
+
+
+def is_fused_call(layer, x: torch.Tensor, kwargs: dict) -> bool:
+    """Whether ``layer(x, **kwargs)`` takes the fused path (see the module docstring)."""
+    if layer.disable_adapters or layer.merged or kwargs or not isinstance(layer.base_layer, nn.Linear):
+        return False
+    if getattr(layer, "fan_in_fan_out", False):
+        return False
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return False
+    name = active[0]
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype,
+              layer.lora_B[name].weight.dtype}
+    return len(dtypes) == 1
+
+
+def _original_forward(layer):
+    saved = getattr(layer, _ORIGINAL)  # an instance-level forward that was there before, or None
+    return saved if saved is not None else type(layer).forward.__get__(layer)
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    original = _original_forward(self)
+    if args or not is_fused_call(self, x, kwargs):
+        return original(x, *args, **kwargs)
+    name = next(a for a in self.active_adapters if a in self.lora_A)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0.0 else 0
+    base = self.base_layer
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       scale=float(self.scaling[name]), dropout_p=float(p), seed=seed)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Route every PEFT LoRA ``Linear`` in ``model`` through the fused ops; returns how many
+    layers were patched (0 if already accelerated). Reversible with :func:`restore`."""
+    linear_cls = _lora_linear_class()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, linear_cls) and not hasattr(module, _ORIGINAL):
+            setattr(module, _ORIGINAL, module.__dict__.get("forward"))
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+def restore(model: nn.Module) -> int:
+    """Undo :func:`accelerate`; returns how many layers were restored."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, _ORIGINAL):
+            saved = getattr(module, _ORIGINAL)
+            delattr(module, _ORIGINAL)
+            if saved is None:
+                del module.forward  # the class's forward shows through again
+            else:
+                module.forward = saved
+            count += 1
+    return count

@@ -1,0 +1,130 @@
+"""LoRALinear: a frozen ``nn.Linear`` plus a LoRA branch, run by the fused lora ops."""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear, lora_merge_
+
+__all__ = ["LoRALinear", "inject_lora"]
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + scale * B A drop(x)`` with ``scale = alpha / r`` (``alpha / sqrt(r)``
+    with ``use_rslora``), through :func:`lowrank_ext.ops.lora.lora_linear`: one fused op,
+    the dropout mask regenerated in backward instead of saved.
+
+    State dict keys are PEFT's (``base_layer.weight``, ``lora_A.<adapter>.weight``,
+    ``lora_B.<adapter>.weight``), so a PEFT LoRA checkpoint loads as is. Variants:
+    ``core=True`` adds a trainable r x r core between A and B and freezes A and B
+    (LoRA-XS; ``lora_core.<adapter>``), ``rank_scale=True`` a trainable per-rank scale
+    vector (AdaLoRA's diagonal; ``lora_rank_scale.<adapter>``). The base layer is frozen.
+
+    Example::
+
+        layer = LoRALinear(nn.Linear(64, 32), r=8, alpha=16, dropout=0.1)
+        y = layer(torch.randn(4, 10, 64))      # any leading dims
+        layer.merge(); layer.unmerge()         # fold the adapter into base_layer.weight and back
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0,
+                 use_rslora: bool = False, adapter_name: str = "default", core: bool = False,
+                 rank_scale: bool = False, init_lora_weights: bool = True):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not (isinstance(r, int) and r >= 1):
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        alpha = float(r if alpha is None else alpha)
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.adapter_name = r, alpha, float(dropout), adapter_name
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        kw = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.lora_A = nn.ModuleDict({adapter_name: nn.Linear(d_in, r, bias=False, **kw)})
+        self.lora_B = nn.ModuleDict({adapter_name: nn.Linear(r, d_out, bias=False, **kw)})
+        self.lora_core = nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, r, **kw))}) if core else None
+        self.lora_rank_scale = (nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, **kw))})
+                                if rank_scale else None)
+        self.merged = False
+        if init_lora_weights:
+            self.reset_lora_parameters()
+        if core:  # LoRA-XS: A and B are fixed bases, the core is trained
+            self.lora_A[adapter_name].weight.requires_grad_(False)
+            self.lora_B[adapter_name].weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A Kaiming-uniform, B zero (so the layer starts as the base).
+        With a core or a rank scale, those start at zero instead and B is random."""
+        a, b = self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if self.lora_core is None and self.lora_rank_scale is None:
+            nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+
+    def _lora_tensors(self):
+        name = self.adapter_name
+        core = self.lora_core[name] if self.lora_core is not None else None
+        rank_scale = self.lora_rank_scale[name] if self.lora_rank_scale is not None else None
+        return self.lora_A[name].weight, self.lora_B[name].weight, core, rank_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        a, b, core, rank_scale = self._lora_tensors()
+        p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0.0 else 0  # a CPU draw: no device sync
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, core, rank_scale,
+                           scale=self.scaling, dropout_p=p, seed=seed)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` (forward then runs the base alone)."""
+        if not self.merged:
+            a, b, core, rank_scale = self._lora_tensors()
+            lora_merge_(self.base_layer.weight, a, b, core, rank_scale, scale=self.scaling)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter again (exact up to one rounding of the weight's dtype)."""
+        if self.merged:
+            a, b, core, rank_scale = self._lora_tensors()
+            lora_merge_(self.base_layer.weight, a, b, core, rank_scale, scale=-self.scaling)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+                f"core={self.lora_core is not None}, rank_scale={self.lora_rank_scale is not None}, "
+                f"merged={self.merged}")
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    if isinstance(targets, str):  # a regex over the full module name, as PEFT takes it
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, alpha: float | None = None,
+                dropout: float = 0.0, **kwargs) -> nn.Module:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` (names or name
+    suffixes, or one regex over full names, as PEFT reads them) with a :class:`LoRALinear`
+    around it, in place; returns ``model``. Raises if nothing matched."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and _matches(name, target_modules)]
+    if not found:
+        raise ValueError(f"no nn.Linear of the model matches target_modules={target_modules!r}")
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, r, alpha, dropout, **kwargs))
+    return model
