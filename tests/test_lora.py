@@ -1,0 +1,419 @@
+"""The lora family: fused forward/backward/merge against the fp64 references, the dropout
+mask (Philox, regenerated in backward), gradcheck, bad inputs, LoRALinear against PEFT's
+LoRA layer, inject_lora, PEFT acceleration, torch.compile and autocast."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_ext.nn import LoRALinear, inject_lora
+from lowrank_ext.ops.lora import lora_backward, lora_forward, lora_linear, lora_merge_
+from lowrank_ext.reference.lora import (lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref,
+                                        lora_merge_ref)
+from tolerances import ACCUMULATE
+
+peft = pytest.importorskip("peft")  # a test dependency (requirements-dev.txt)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 13, 7, 1), (37, 24, 11, 3), (70, 9, 16, 8), (33, 64, 40, 16)]  # (N, d_in, d_out, r)
+VARIANTS = ["plain", "core", "rank_scale", "both"]
+
+
+def _tensors(n, d_in, d_out, r, dtype, variant, device="cpu"):
+    def t(*shape, std=1.0):
+        return (torch.randn(*shape) * std).to(dtype).to(device)
+    core = t(r, r, std=r ** -0.5) if variant in ("core", "both") else None
+    rank_scale = t(r) if variant in ("rank_scale", "both") else None
+    return t(n, d_in), t(d_out, d_in, std=d_in ** -0.5), t(d_out), t(r, d_in, std=d_in ** -0.5), t(d_out, r), \
+        core, rank_scale
+
+
+def _assert_close(got, want, dtype, what):
+    atol, rtol = ACCUMULATE[dtype]
+    got, want = got.detach(), want.detach()
+    scale = max(float(want.double().abs().max()), 1.0)
+    err = float((got.double() - want.double()).abs().max())
+    assert err <= atol * scale + rtol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_forward_backward_match_reference(dtype, shape, variant, p):
+    device = "cpu"  # the lora ops are CPU_ONLY_OPS (no CUDA kernels yet)
+    x, w, b, a, bb, core, rs = _tensors(*shape, dtype, variant, device)
+    y, xa = lora_forward(x, w, b, a, bb, core, rs, scale=0.8, dropout_p=p, seed=99)
+    y_ref, xa_ref = lora_forward_ref(x.cpu(), w.cpu(), b.cpu(), a.cpu(), bb.cpu(), *(
+        t.cpu() if t is not None else None for t in (core, rs)), 0.8, p, 99)
+    _assert_close(y.cpu(), y_ref, dtype, "y")
+    _assert_close(xa.cpu(), xa_ref, dtype, "xa")
+    g = torch.randn(y.shape).to(dtype).to(device)
+    got = lora_backward(g, x, w, a, bb, core, rs, xa, scale=0.8, dropout_p=p, seed=99)
+    want = lora_backward_ref(g.cpu(), x.cpu(), w.cpu(), a.cpu(), bb.cpu(), *(
+        t.cpu() if t is not None else None for t in (core, rs)), xa.cpu(), 0.8, p, 99)
+    for name, gt, wt in zip(["x", "lora_a", "lora_b", "core", "rank_scale"], got, want):
+        assert gt.shape == wt.shape, f"grad {name}: shape {tuple(gt.shape)} vs {tuple(wt.shape)}"
+        if wt.numel():
+            _assert_close(gt.cpu(), wt, dtype, f"grad {name}")
+
+
+def test_output_mask_skips_gradients():
+    x, w, _, a, bb, core, rs = _tensors(9, 12, 5, 2, torch.float32, "both")
+    _, xa = lora_forward(x, w, None, a, bb, core, rs, scale=1.0)
+    g = torch.randn(9, 5)
+    got = lora_backward(g, x, w, a, bb, core, rs, xa, scale=1.0, dropout_p=0.0, seed=0,
+                        output_mask=(False, True, False, True, False))
+    assert [t.numel() == 0 for t in got] == [True, False, True, False, True]
+    full = lora_backward(g, x, w, a, bb, core, rs, xa, scale=1.0, dropout_p=0.0, seed=0)
+    assert torch.equal(got[1], full[1]) and torch.equal(got[3], full[3])
+
+
+def _identity_branch(n, d, p, seed):
+    """W = 0, A = B = I, scale 1: y = drop(x) exactly, xa = drop(x)."""
+    x = torch.randn(n, d)
+    zero, eye = torch.zeros(d, d), torch.eye(d)
+    y, xa = lora_forward(x, zero, None, eye, eye, scale=1.0, dropout_p=p, seed=seed)
+    return x, y, xa
+
+
+def test_dropout_is_the_reference_philox_mask():
+    x, y, xa = _identity_branch(50, 24, 0.3, seed=7)
+    mask = lora_dropout_mask_ref(7, 50, 24, 0.3).float()
+    assert torch.equal(xa, x * mask), "xa = drop(x) with the reference's mask, bit for bit"
+    assert torch.equal(y, x * mask)
+
+
+def test_dropout_rate_and_scale():
+    p, n, d = 0.25, 400, 100
+    _, _, xa = _identity_branch(n, d, p, seed=3)
+    x = torch.ones(n, d)
+    _, xa = lora_forward(x, torch.zeros(d, d), None, torch.eye(d), torch.eye(d), scale=1.0, dropout_p=p, seed=3)
+    kept = (xa != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (n * d))
+    assert abs((1 - kept) - p) < 5 * sigma, f"dropped fraction {1 - kept:.4f}, p = {p}"
+    threshold = round(p * 65536)
+    assert torch.all((xa == 0) | (xa == torch.tensor(65536 / (65536 - threshold), dtype=torch.float32)))
+    assert abs(xa.double().mean().item() - 1.0) < 5 * sigma / (1 - p), "unbiased: E[drop(x)] = x"
+
+
+def test_dropout_seed_decides_the_mask():
+    _, _, a = _identity_branch(20, 16, 0.5, seed=1)
+    torch.manual_seed(0)
+    _, _, b = _identity_branch(20, 16, 0.5, seed=1)
+    torch.manual_seed(0)
+    _, _, c = _identity_branch(20, 16, 0.5, seed=2)
+    assert torch.equal(a != 0, b != 0) and not torch.equal(b != 0, c != 0)
+
+
+def test_backward_regenerates_the_forward_mask():
+    # W = 0, A = B = I, scale 1: dx = g * mask and dA = g^T (x * mask): the forward's mask
+    n, d, p, seed = 30, 16, 0.4, 21
+    x, g = torch.randn(n, d), torch.randn(n, d)
+    eye = torch.eye(d)
+    _, xa = lora_forward(x, torch.zeros(d, d), None, eye, eye, scale=1.0, dropout_p=p, seed=seed)
+    mask = (xa / x).nan_to_num()  # the factor each element got
+    dx, da, _, _, _ = lora_backward(g, x, torch.zeros(d, d), eye, eye, None, None, xa, scale=1.0, dropout_p=p,
+                                    seed=seed)
+    torch.testing.assert_close(dx, g * mask, rtol=0, atol=1e-6)
+    torch.testing.assert_close(da, g.t() @ (x * mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64(variant, p):
+    x, w, b, a, bb, core, rs = _tensors(6, 5, 4, 3, torch.float64, variant)
+    leaves = [t.requires_grad_() for t in (x, a, bb, core, rs) if t is not None]
+    x, a, bb = leaves[:3]
+    rest = leaves[3:]
+    core = rest.pop(0) if core is not None else None
+    rs = rest.pop(0) if rs is not None else None
+
+    def f(*ts):
+        it = iter(ts)
+        xx, aa, bbb = next(it), next(it), next(it)
+        cc = next(it) if core is not None else None
+        rr = next(it) if rs is not None else None
+        return lora_linear(xx, w, b, aa, bbb, cc, rr, scale=0.7, dropout_p=p, seed=5)
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+def test_gradients_reach_a_trainable_base():
+    x, w, b, a, bb, _, _ = _tensors(8, 6, 5, 2, torch.float64, "plain")
+    w.requires_grad_()
+    b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda ww, bb_: lora_linear(x, ww, bb_, a, bb, scale=0.5), (w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_matches_reference_and_unmerge_restores(dtype, variant):
+    _, w, _, a, bb, core, rs = _tensors(1, 40, 24, 4, dtype, variant)
+    original = w.clone()
+    lora_merge_(w, a, bb, core, rs, scale=0.5)
+    want = lora_merge_ref(original.cpu(), a.cpu(), bb.cpu(), *(t.cpu() if t is not None else None
+                                                                for t in (core, rs)), 0.5)
+    # fp32 accumulation vs the reference's fp64, each rounded once into dtype: one ulp apart at most
+    torch.testing.assert_close(w, want, rtol=0, atol=float(want.double().abs().max()) * torch.finfo(dtype).eps)
+    lora_merge_(w, a, bb, core, rs, scale=-0.5)
+    eps = torch.finfo(dtype).eps
+    bound = 4 * eps * float(want.double().abs().max()) + (1e-6 if dtype == torch.float32 else 0)
+    assert float((w.double() - original.double()).abs().max()) <= bound, "unmerge restores the weight"
+
+
+def test_merge_fp32_adapters_into_bf16_weight():
+    w = torch.randn(8, 5).bfloat16()
+    a, b = torch.randn(2, 5), torch.randn(8, 2)
+    want = (w.double() + 0.3 * (b.double() @ a.double())).bfloat16()
+    lora_merge_(w, a, b, scale=0.3)
+    assert torch.equal(w, want)
+
+
+BAD = [
+    (dict(a=torch.randn(3, 11)), "lora_a must have shape"),
+    (dict(bb=torch.randn(7, 2)), "lora_b must have shape"),
+    (dict(w=torch.randn(7, 9)), "lora_a must have shape|weight"),
+    (dict(a=torch.randn(0, 12)), "r >= 1"),
+    (dict(a=torch.randn(3, 12, dtype=torch.float64)), "lora_a is Double but x is Float"),
+    (dict(p=1.0), "dropout_p must be in"),
+    (dict(p=-0.1), "dropout_p must be in"),
+    (dict(b=torch.randn(6)), "bias must have shape"),
+    (dict(core=torch.randn(2, 2)), "core must have shape"),
+    (dict(rs=torch.randn(4)), "rank_scale must have shape"),
+    (dict(x=torch.randn(5, 12).long()), "x must be float32"),
+    (dict(scale=float("nan")), "scale must be finite"),
+]
+
+
+@pytest.mark.parametrize("over,match", BAD, ids=[m for _, m in BAD])
+def test_bad_inputs(over, match):
+    args = dict(x=torch.randn(5, 12), w=torch.randn(7, 12), b=torch.randn(7), a=torch.randn(3, 12),
+                bb=torch.randn(7, 3), core=None, rs=None, p=0.0, scale=1.0)
+    args.update(over)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        lora_forward(args["x"], args["w"], args["b"], args["a"], args["bb"], args["core"], args["rs"],
+                     scale=args["scale"], dropout_p=args["p"], seed=0)
+
+
+def test_bad_merge_inputs():
+    w = torch.randn(7, 12)
+    before = w.clone()
+    with pytest.raises(RuntimeError, match="lora_b must have shape"):
+        lora_merge_(w, torch.randn(3, 12), torch.randn(6, 3), scale=1.0)
+    with pytest.raises(RuntimeError, match="lora_a must have shape"):
+        lora_merge_(w, torch.randn(3, 11), torch.randn(7, 3), scale=1.0)
+    assert torch.equal(w, before), "a refused merge writes nothing"
+
+
+def test_x_must_be_2d_for_the_raw_op_but_not_for_lora_linear():
+    x, w, b, a, bb, _, _ = _tensors(6, 10, 4, 2, torch.float32, "plain")
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        lora_forward(x.view(2, 3, 10), w, b, a, bb, scale=1.0)
+    y = lora_linear(x.view(2, 3, 10), w, b, a, bb, scale=1.0)
+    assert y.shape == (2, 3, 4)
+    torch.testing.assert_close(y.view(6, 4), lora_forward(x, w, b, a, bb, scale=1.0)[0])
+
+
+@pytest.mark.cuda
+def test_cuda_has_no_kernel_yet():
+    # the lora ops are CPU_ONLY_OPS: a CUDA call is refused by the dispatcher, not run elsewhere
+    x, w, b, a, bb, _, _ = _tensors(4, 8, 8, 2, torch.float32, "plain", "cuda")
+    with pytest.raises(NotImplementedError):
+        lora_forward(x, w, b, a, bb, scale=1.0)
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, **kw):
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"], **kw))
+    return model, model.base_model.model[0]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_linear_matches_peft(use_rslora):
+    base = nn.Linear(20, 12)
+    _, ref = _peft_layer(nn.Linear(20, 12), r=4, alpha=8, use_rslora=use_rslora)
+    ref.base_layer.load_state_dict(base.state_dict())
+    nn.init.normal_(ref.lora_B["default"].weight)
+    ours = LoRALinear(base, r=4, alpha=8, use_rslora=use_rslora)
+    assert set(ours.state_dict()) == set(ref.state_dict()), "PEFT's state_dict keys"
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 20)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(ours, name)["default"].weight.grad, getattr(ref, name)["default"].weight.grad,
+                                   rtol=1e-5, atol=1e-5)
+    assert ours.base_layer.weight.grad is None, "the base layer is frozen"
+
+
+def test_lora_linear_starts_as_base_and_merges():
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, r=4, alpha=4, dropout=0.2)
+    x = torch.randn(6, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)  # B = 0: the base exactly
+    nn.init.normal_(layer.lora_B["default"].weight)
+    w0 = base.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)  # up to fp32 rounding of merge + unmerge
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_dropout_trains_and_eval_is_deterministic():
+    layer = LoRALinear(nn.Linear(32, 32), r=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(8, 32)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x)), "a fresh mask each training forward"
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_lora_xs_and_adalora_variants_train_their_parameters():
+    xs = LoRALinear(nn.Linear(12, 10), r=3, core=True)
+    ada = LoRALinear(nn.Linear(12, 10), r=3, rank_scale=True)
+    x = torch.randn(5, 12)
+    xs(x).sum().backward()
+    ada(x).sum().backward()
+    trainable_xs = {n for n, p in xs.named_parameters() if p.requires_grad}
+    assert trainable_xs == {"lora_core.default"}
+    assert xs.lora_core["default"].grad is not None and xs.lora_core["default"].grad.abs().sum() > 0
+    assert ada.lora_rank_scale["default"].grad.abs().sum() > 0
+    assert ada.lora_A["default"].weight.grad is not None
+
+
+def test_inject_lora():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
+    inject_lora(model, ["2.1"], r=2)
+    assert isinstance(model[2][1], LoRALinear)
+    assert type(model[0]) is nn.Linear and type(model[2][0]) is nn.Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.weight", "0.bias", "2.0.weight", "2.0.bias", "2.1.lora_A.default.weight",
+                         "2.1.lora_B.default.weight"}
+    assert model(torch.randn(3, 8)).shape == (3, 2)
+    # PEFT's matching: a name matches a target equal to it or ending in "." + target
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
+    inject_lora(model, ["0"], r=2)
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2][0], LoRALinear)
+    assert type(model[2][1]) is nn.Linear
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    inject_lora(model, r"1", r=2)  # one regex over full names
+    assert type(model[0]) is nn.Linear and isinstance(model[1], LoRALinear)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        inject_lora(nn.Sequential(nn.Linear(2, 2)), ["q_proj"], r=1)
+
+
+def test_torch_compile_fullgraph():
+    layer = LoRALinear(nn.Linear(16, 8), r=4)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], g)
+    (gx_eager,) = torch.autograd.grad(layer(x), [x], g)
+    torch.testing.assert_close(gx, gx_eager, rtol=0, atol=0)
+
+
+def test_autocast_casts_like_nn_linear():
+    base = nn.Linear(16, 8)
+    layer = LoRALinear(base, r=4)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == base(x).dtype == torch.bfloat16
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want, _ = lora_forward_ref(*(t.bfloat16() for t in (x, base.weight, base.bias, a, b)), scale=layer.scaling)
+    _assert_close(y.float(), want.float(), torch.bfloat16, "autocast y")
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+def _peft_model(dropout=0.0):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.q_proj(x)) * self.v_proj(x))
+    model = peft.get_peft_model(Block(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                          target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    return model
+
+
+def _graph_has_lowrank_op(t: torch.Tensor) -> bool:
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if "lowrank" in type(f).__name__:
+            return True
+        todo += [g for g, _ in f.next_functions]
+    return False
+
+
+def test_peft_accelerate_same_outputs_grads_and_state_dict():
+    from lowrank_ext.integrations.peft import accelerate, restore
+    model = _peft_model()
+    x = torch.randn(4, 7, 16)
+    y0 = model(x)
+    y0.sum().backward()
+    grads0 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    assert accelerate(model) == 2
+    assert accelerate(model) == 0, "idempotent"
+    y1 = model(x)
+    assert _graph_has_lowrank_op(y1), "the patched layers run lowrank::lora_forward"
+    assert not _graph_has_lowrank_op(y0)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    y1.sum().backward()
+    for n, g in grads0.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-5)
+    assert model.state_dict().keys() == state0.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state0.items())
+    assert restore(model) == 2
+    layer = model.base_model.model.q_proj
+    assert "forward" not in layer.__dict__, "PEFT's own forward again"
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+
+
+def test_peft_accelerate_with_dropout_and_fallbacks():
+    from lowrank_ext.integrations.peft import accelerate, is_fused_call
+    model = _peft_model(dropout=0.1)
+    accelerate(model)
+    x = torch.randn(3, 16)
+    model.train()
+    y = model(x)
+    assert torch.isfinite(y).all()
+    layer = model.base_model.model.q_proj
+    assert is_fused_call(layer, x, {})
+    with model.disable_adapter():
+        assert not is_fused_call(layer, x, {})
+    model.eval()
+    y_eval = model(x)
+    from lowrank_ext.integrations.peft import restore
+    restore(model)
+    torch.testing.assert_close(model(x), y_eval, rtol=1e-5, atol=1e-5)
