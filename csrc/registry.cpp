@@ -28,12 +28,15 @@ TORCH_LIBRARY(lowrank, m) {
   // ---- lora: fused LoRA forward/backward, y = x W^T + b + scale * h B^T ----
   // h = ((drop(x) A^T) * rank_scale) core^T; x [N, d_in], weight [d_out, d_in], lora_a [r, d_in],
   // lora_b [d_out, r], core [r, r]? (LoRA-XS/SB), rank_scale [r]? (AdaLoRA); dropout mask from
-  // Philox(seed), never stored. Returns y [N, d_out] and xa = drop(x) A^T [N, r] (saved for backward)
+  // Philox(seed), never stored; seed_tensor (a CPU int64 scalar) overrides seed, so a compiled graph
+  // can draw it. Returns y [N, d_out] and xa = drop(x) A^T [N, r] (saved for backward)
   m.def("lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? core, "
-        "Tensor? rank_scale, float scale, float dropout_p=0., int seed=0) -> (Tensor y, Tensor xa)");
+        "Tensor? rank_scale, float scale, float dropout_p=0., int seed=0, Tensor? seed_tensor=None) "
+        "-> (Tensor y, Tensor xa)");
   // grads of x, lora_a, lora_b, core, rank_scale as output_mask asks (the others come back empty)
   m.def("lora_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? core, "
-        "Tensor? rank_scale, Tensor xa, float scale, float dropout_p, int seed, bool[5] output_mask) "
+        "Tensor? rank_scale, Tensor xa, float scale, float dropout_p, int seed, Tensor? seed_tensor, "
+        "bool[5] output_mask) "
         "-> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_core, Tensor grad_rank_scale)");
   // weight += scale * B diag(rank_scale) core A, in weight's dtype with fp32 accumulation (unmerge: -scale)
   m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor? core, Tensor? rank_scale, "

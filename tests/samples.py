@@ -100,17 +100,20 @@ def lora_forward_samples(device: str) -> Iterator[Sample]:
         for (n, d_in, d_out, r), variant, p in zip(LORA_SHAPES * 2, ("plain", "core", "rank_scale", "both", "plain",
                                                                       "plain"), (0.0, 0.25, 0.0, 0.5, 0.1, 0.0)):
             x, w, b, a, bb, core, rs = _lora_tensors(device, dtype, n, d_in, d_out, r, variant, requires_grad=True)
-            yield Sample((x, w, b if variant != "rank_scale" else None, a, bb, core, rs, 0.5, p, 17),
+            seed_tensor = torch.tensor(17) if variant == "both" else None  # the traceable seed
+            yield Sample((x, w, b if variant != "rank_scale" else None, a, bb, core, rs, 0.5, p, 17, seed_tensor),
                          name=f"{dtype}-{n}x{d_in}x{d_out}-r{r}-{variant}-p{p}")
 
 
 def lora_backward_samples(device: str) -> Iterator[Sample]:
     for s in lora_forward_samples(device):
-        x, w, _, a, bb, core, rs, scale, p, seed = (v.detach() if isinstance(v, torch.Tensor) else v for v in s.args)
-        _, xa = torch.ops.lowrank.lora_forward(x, w, None, a, bb, core, rs, scale, p, seed)
+        x, w, _, a, bb, core, rs, scale, p, seed, seed_tensor = (v.detach() if isinstance(v, torch.Tensor) else v
+                                                                  for v in s.args)
+        _, xa = torch.ops.lowrank.lora_forward(x, w, None, a, bb, core, rs, scale, p, seed, seed_tensor)
         g = torch.randn(x.shape[0], w.shape[0], device=device, dtype=x.dtype)
         for mask in ([True] * 5, [True, False, True, False, True]):
-            yield Sample((g, x, w, a, bb, core, rs, xa, scale, p, seed, mask), name=f"{s.name}-mask{sum(mask)}")
+            yield Sample((g, x, w, a, bb, core, rs, xa, scale, p, seed, seed_tensor, mask),
+                         name=f"{s.name}-mask{sum(mask)}")
 
 
 def lora_merge_samples(device: str) -> Iterator[Sample]:

@@ -317,6 +317,30 @@ def test_inject_lora():
         inject_lora(nn.Sequential(nn.Linear(2, 2)), ["q_proj"], r=1)
 
 
+def test_seed_tensor_is_the_int_seed():
+    x, w, b, a, bb, _, _ = _tensors(20, 16, 8, 4, torch.float32, "plain")
+    y1, xa1 = lora_forward(x, w, b, a, bb, scale=1.0, dropout_p=0.5, seed=77)
+    y2, xa2 = lora_forward(x, w, b, a, bb, scale=1.0, dropout_p=0.5, seed=torch.tensor(77))
+    assert torch.equal(y1, y2) and torch.equal(xa1, xa2)
+    with pytest.raises(RuntimeError, match="seed_tensor must be a CPU int64"):
+        lora_forward(x, w, b, a, bb, scale=1.0, dropout_p=0.5, seed=torch.tensor(77.0))
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    layer = LoRALinear(nn.Linear(16, 8), r=4, dropout=0.25).train()
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    torch.manual_seed(5)
+    y_eager = layer(x)
+    (gx_eager,) = torch.autograd.grad(y_eager, [x], torch.ones_like(y))
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)  # the same seed draw, so the same mask
+    torch.testing.assert_close(gx, gx_eager, rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph():
     layer = LoRALinear(nn.Linear(16, 8), r=4)
     nn.init.normal_(layer.lora_B["default"].weight)

@@ -116,16 +116,19 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                     const at::Tensor& lora_b, const std::optional<at::Tensor>& core,
                                                     const std::optional<at::Tensor>& rank_scale, double scale,
-                                                    double dropout_p, int64_t seed) {
-  return lora_forward(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed, kCpuKernels);
+                                                    double dropout_p, int64_t seed,
+                                                    const std::optional<at::Tensor>& seed_tensor) {
+  return lora_forward(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed, seed_tensor,
+                      kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale,
-    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, std::array<bool, 5> output_mask) {
-  return lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale, dropout_p, seed, output_mask,
-                       kCpuKernels);
+    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, const std::optional<at::Tensor>& seed_tensor,
+    std::array<bool, 5> output_mask) {
+  return lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale, dropout_p, seed, seed_tensor,
+                       output_mask, kCpuKernels);
 }
 
 void lora_merge_cpu(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,

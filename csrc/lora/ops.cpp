@@ -67,6 +67,16 @@ void check_dropout(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
 }
 
+// seed_tensor, when given, is a CPU int64 scalar (reading it never waits for a device)
+int64_t resolve_seed(int64_t seed, const std::optional<at::Tensor>& seed_tensor, const char* op) {
+  if (!seed_tensor) return seed;
+  TORCH_CHECK(seed_tensor->device().is_cpu() && seed_tensor->scalar_type() == at::kLong &&
+                  seed_tensor->numel() == 1,
+              op, ": seed_tensor must be a CPU int64 tensor of one element, got ", seed_tensor->scalar_type(), " ",
+              seed_tensor->sizes(), " on ", seed_tensor->device());
+  return seed_tensor->item<int64_t>();
+}
+
 // The dtype of the small [N, r] work: fp32, or fp64 for fp64 inputs (gradcheck).
 at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -86,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, const std::optional<at::Tensor>& core,
                                                 const std::optional<at::Tensor>& rank_scale, double scale,
-                                                double dropout_p, int64_t seed, const DropoutKernels& k) {
+                                                double dropout_p, int64_t seed,
+                                                const std::optional<at::Tensor>& seed_tensor, const DropoutKernels& k) {
   constexpr const char* op = "lora_forward";
   const at::NoGradGuard no_grad;  // a kernel: the ATen calls below record no graph (autograd is ops/lora.py's)
   const Shapes s = check_lora_args(x, weight, lora_a, lora_b, core, rank_scale, scale, op);
@@ -98,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias is ", bias->scalar_type(), " but x is ",
                      x.scalar_type());
   }
-  const Dropout d = make_dropout(dropout_p, seed);
+  const Dropout d = make_dropout(dropout_p, resolve_seed(seed, seed_tensor, op));
   const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous();
   const at::Tensor xa = d.threshold ? k.x_dropped_a(xc, ac, d) : at::mm(xc, ac.t());
   const at::Tensor h = branch(xa, core, rank_scale).second.to(x.scalar_type());
@@ -110,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale,
-    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, std::array<bool, 5> output_mask,
-    const DropoutKernels& k) {
+    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, const std::optional<at::Tensor>& seed_tensor,
+    std::array<bool, 5> output_mask, const DropoutKernels& k) {
   constexpr const char* op = "lora_backward";
   const at::NoGradGuard no_grad;
   const Shapes s = check_lora_args(x, weight, lora_a, lora_b, core, rank_scale, scale, op);
@@ -124,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
                      x.scalar_type());
   }
   const auto dtype = x.scalar_type(), acc = accumulate_type(dtype);
-  const Dropout d = make_dropout(dropout_p, seed);
+  const Dropout d = make_dropout(dropout_p, resolve_seed(seed, seed_tensor, op));
   const at::Tensor g = grad_y.contiguous(), xc = x.contiguous(), ac = lora_a.contiguous();
   // a gradient not asked for comes back empty (a new tensor each: outputs never alias)
   auto none = [&] { return at::empty({0}, x.options()); };

@@ -25,13 +25,14 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, const std::optional<at::Tensor>& core,
                                                 const std::optional<at::Tensor>& rank_scale, double scale,
-                                                double dropout_p, int64_t seed, const DropoutKernels& k);
+                                                double dropout_p, int64_t seed,
+                                                const std::optional<at::Tensor>& seed_tensor, const DropoutKernels& k);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale,
-    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, std::array<bool, 5> output_mask,
-    const DropoutKernels& k);
+    const at::Tensor& xa, double scale, double dropout_p, int64_t seed, const std::optional<at::Tensor>& seed_tensor,
+    std::array<bool, 5> output_mask, const DropoutKernels& k);
 
 void lora_merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                  const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale, double scale);

@@ -61,7 +61,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = next(a for a in self.active_adapters if a in self.lora_A)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0.0 else 0
+    seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0.0 else 0  # CPU: no device sync
     base = self.base_layer
     return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                        scale=float(self.scaling[name]), dropout_p=float(p), seed=seed)

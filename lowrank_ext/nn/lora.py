@@ -82,7 +82,8 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         a, b, core, rank_scale = self._lora_tensors()
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if p > 0.0 else 0  # a CPU draw: no device sync
+        # a CPU scalar tensor from torch's default generator: no device sync, and traceable
+        seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0.0 else 0
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, core, rank_scale,
                            scale=self.scaling, dropout_p=p, seed=seed)
 

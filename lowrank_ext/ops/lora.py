@@ -20,19 +20,25 @@ __all__ = ["lora_linear", "lora_forward", "lora_backward", "lora_merge_"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _seed_args(seed: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """An int seed, or a CPU int64 scalar tensor (what a compiled graph can draw)."""
+    return (0, seed) if isinstance(seed, torch.Tensor) else (int(seed), None)
+
+
 def lora_forward(x, weight, bias, lora_a, lora_b, core=None, rank_scale=None, *, scale: float,
-                 dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 dropout_p: float = 0.0, seed: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw op on 2-D ``x [N, d_in]``: returns ``(y [N, d_out], xa [N, r])``. No autograd:
     use :func:`lora_linear` for a differentiable call."""
-    return torch.ops.lowrank.lora_forward(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed)
+    return torch.ops.lowrank.lora_forward(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p,
+                                          *_seed_args(seed))
 
 
 def lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, *, scale: float, dropout_p: float,
-                  seed: int, output_mask=(True, True, True, True, True)):
+                  seed: int | torch.Tensor, output_mask=(True, True, True, True, True)):
     """Gradients ``(x, lora_a, lora_b, core, rank_scale)`` of :func:`lora_forward`'s y, each
     computed only where ``output_mask`` asks (the others come back as empty tensors)."""
     return torch.ops.lowrank.lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale,
-                                           dropout_p, seed, list(output_mask))
+                                           dropout_p, *_seed_args(seed), list(output_mask))
 
 
 def lora_merge_(weight, lora_a, lora_b, core=None, rank_scale=None, *, scale: float) -> None:
@@ -43,8 +49,9 @@ def lora_merge_(weight, lora_a, lora_b, core=None, rank_scale=None, *, scale: fl
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, core: torch.Tensor | None = None, rank_scale: torch.Tensor | None = None, *,
-                scale: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """Differentiable LoRA linear on ``x [..., d_in]`` -> ``[..., d_out]``. Under
+                scale: float, dropout_p: float = 0.0, seed: int | torch.Tensor = 0) -> torch.Tensor:
+    """Differentiable LoRA linear on ``x [..., d_in]`` -> ``[..., d_out]``. ``seed`` is an int
+    or a CPU int64 scalar tensor (draw it with ``torch.randint`` inside a compiled model). Under
     ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``nn.Linear``'s
     are. Gradients flow to x, A, B, core, rank_scale, and also to weight and bias if they
     require grad (plain GEMMs; LoRA normally freezes them)."""
@@ -56,12 +63,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     with torch.autocast(device_type, enabled=False):
         lead = x.shape[:-1]
         y, _ = torch.ops.lowrank.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, core,
-                                              rank_scale, scale, dropout_p, seed)
+                                              rank_scale, scale, dropout_p, *_seed_args(seed))
     return y.reshape(*lead, weight.shape[0])
 
 
 @torch.library.register_fake("lowrank::lora_forward")
-def _lora_forward_fake(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p=0.0, seed=0):
+def _lora_forward_fake(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p=0.0, seed=0,
+                       seed_tensor=None):
     _check_fake(x, weight, lora_a, lora_b, core, rank_scale, dropout_p)
     torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],), lambda: "bias must have shape [d_out]")
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
@@ -69,7 +77,7 @@ def _lora_forward_fake(x, weight, bias, lora_a, lora_b, core, rank_scale, scale,
 
 @torch.library.register_fake("lowrank::lora_backward")
 def _lora_backward_fake(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale, dropout_p, seed,
-                        output_mask):
+                        seed_tensor, output_mask):
     _check_fake(x, weight, lora_a, lora_b, core, rank_scale, dropout_p)
     shapes = [x.shape, lora_a.shape, lora_b.shape, None if core is None else core.shape,
               None if rank_scale is None else rank_scale.shape]
@@ -102,27 +110,27 @@ def _check_fake(x, weight, lora_a, lora_b, core, rank_scale, dropout_p):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed = inputs
+    x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed, seed_tensor = inputs
     _, xa = output
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, core, rank_scale, xa)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, core, rank_scale, xa, seed_tensor)
     ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y, _grad_xa):
-    x, weight, lora_a, lora_b, core, rank_scale, xa = ctx.saved_tensors
+    x, weight, lora_a, lora_b, core, rank_scale, xa, seed_tensor = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[3], need[4], core is not None and need[5], rank_scale is not None and need[6]]
     grads = [None] * 5
     if any(mask):
         out = torch.ops.lowrank.lora_backward(grad_y.contiguous(), x, weight, lora_a, lora_b, core, rank_scale, xa,
-                                              ctx.scale, ctx.dropout_p, ctx.seed, mask)
+                                              ctx.scale, ctx.dropout_p, ctx.seed, seed_tensor, mask)
         grads = [g if m else None for g, m in zip(out, mask)]
     grad_w = grad_y.t().mm(x) if need[1] else None
     grad_b = grad_y.sum(0) if ctx.has_bias and need[2] else None
     gx, ga, gb, gc, gr = grads
-    return gx, grad_w, grad_b, ga, gb, gc, gr, None, None, None
+    return gx, grad_w, grad_b, ga, gb, gc, gr, None, None, None, None
 
 
 torch.library.register_autograd("lowrank::lora_forward", _backward, setup_context=_setup_context)

@@ -33,15 +33,17 @@ def _forward64(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, mask):
 
 
 def lora_forward_ref(x, weight, bias, lora_a, lora_b, core=None, rank_scale=None, scale=1.0, dropout_p=0.0,
-                     seed=0):
+                     seed=0, seed_tensor=None):
+    seed = int(seed_tensor) if seed_tensor is not None else seed
     mask = lora_dropout_mask_ref(seed, x.shape[0], x.shape[1], dropout_p)
     y, xa = _forward64(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, mask)
     return y.to(x.dtype), xa.to(x.dtype)
 
 
 def lora_backward_ref(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale, dropout_p, seed,
-                      output_mask=(True, True, True, True, True)):
+                      seed_tensor=None, output_mask=(True, True, True, True, True)):
     """Autograd through the fp64 forward (xa is recomputed: it is a function of x and A)."""
+    seed = int(seed_tensor) if seed_tensor is not None else seed
     mask = lora_dropout_mask_ref(seed, x.shape[0], x.shape[1], dropout_p)
     leaves = [t.detach().double().requires_grad_(t is not None) if t is not None else None
               for t in (x, lora_a, lora_b, core, rank_scale)]
