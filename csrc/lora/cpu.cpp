@@ -21,15 +21,33 @@ namespace {
 
 constexpr int64_t kRows = 32;  // rows per tile: a 32 x 4096 fp32 tile is 512 KiB
 
+// The mask factors of the 8 elements of Philox group g (one call, unrolled).
+inline void group_factors(const Dropout& d, int64_t g, float (&f)[kPhiloxGroup]) {
+  const Philox4 r = philox_group(d.seed, kDropoutOffset, static_cast<uint64_t>(g));
+  for (int k = 0; k < kPhiloxGroup; ++k)
+    f[k] = dropout_factor(d, r, static_cast<uint64_t>(g * kPhiloxGroup + k));
+}
+
+// Calls op(e, factor) for every element e in [e0, e1), one Philox call per 8 elements.
+template <typename Op>
+inline void for_each_factor(const Dropout& d, int64_t e0, int64_t e1, Op&& op) {
+  float f[kPhiloxGroup];
+  for (int64_t g = e0 / kPhiloxGroup; g * kPhiloxGroup < e1; ++g) {
+    group_factors(d, g, f);
+    const int64_t base = g * kPhiloxGroup;
+    const int64_t lo = std::max(base, e0), hi = std::min(base + kPhiloxGroup, e1);
+    if (lo == base && hi == base + kPhiloxGroup) {
+      for (int k = 0; k < kPhiloxGroup; ++k) op(base + k, f[k]);  // full group: a fixed-trip loop
+    } else {
+      for (int64_t e = lo; e < hi; ++e) op(e, f[e - base]);
+    }
+  }
+}
+
 // out[i] = x[e0 + i] * mask(e0 + i) for the elements [e0, e1) of the flattened input.
 template <typename T, typename Acc>
 void dropped_span(const T* x, int64_t e0, int64_t e1, const Dropout& d, Acc* out) {
-  for (int64_t g = e0 / kPhiloxGroup; g * kPhiloxGroup < e1; ++g) {
-    const Philox4 r = philox_group(d.seed, kDropoutOffset, static_cast<uint64_t>(g));
-    const int64_t lo = std::max(g * kPhiloxGroup, e0), hi = std::min(g * kPhiloxGroup + kPhiloxGroup, e1);
-    for (int64_t e = lo; e < hi; ++e)
-      out[e - e0] = static_cast<Acc>(x[e]) * static_cast<Acc>(dropout_factor(d, r, static_cast<uint64_t>(e)));
-  }
+  for_each_factor(d, e0, e1, [&](int64_t e, float f) { out[e - e0] = static_cast<Acc>(x[e]) * static_cast<Acc>(f); });
 }
 
 template <typename Acc>
@@ -75,14 +93,10 @@ void add_masked_ta_cpu(at::Tensor& grad_x, const at::Tensor& t, const at::Tensor
         at::Tensor prod = wrap(tile.data(), rows, d_in);
         at::mm_out(prod, t_acc.narrow(0, r0, rows), a_acc);
         const int64_t e0 = r0 * d_in, e1 = (r0 + rows) * d_in;
-        for (int64_t g = e0 / kPhiloxGroup; g * kPhiloxGroup < e1; ++g) {
-          const Philox4 r = philox_group(d.seed, kDropoutOffset, static_cast<uint64_t>(g));
-          const int64_t lo = std::max(g * kPhiloxGroup, e0), hi = std::min(g * kPhiloxGroup + kPhiloxGroup, e1);
-          for (int64_t e = lo; e < hi; ++e) {
-            const Acc f = static_cast<Acc>(dropout_factor(d, r, static_cast<uint64_t>(e)));
-            gx[e] = static_cast<scalar_t>(static_cast<Acc>(gx[e]) + tile[e - e0] * f);
-          }
-        }
+        const Acc* prod_p = tile.data();
+        for_each_factor(d, e0, e1, [&](int64_t e, float f) {
+          gx[e] = static_cast<scalar_t>(static_cast<Acc>(gx[e]) + prod_p[e - e0] * static_cast<Acc>(f));
+        });
       }
     });
   });
