@@ -43,8 +43,7 @@ def _assert_close(got, want, dtype, what):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_forward_backward_match_reference(dtype, shape, variant, p):
-    device = "cpu"  # the lora ops are CPU_ONLY_OPS (no CUDA kernels yet)
+def test_forward_backward_match_reference(device, dtype, shape, variant, p):
     x, w, b, a, bb, core, rs = _tensors(*shape, dtype, variant, device)
     y, xa = lora_forward(x, w, b, a, bb, core, rs, scale=0.8, dropout_p=p, seed=99)
     y_ref, xa_ref = lora_forward_ref(x.cpu(), w.cpu(), b.cpu(), a.cpu(), bb.cpu(), *(
@@ -150,14 +149,14 @@ def test_gradients_reach_a_trainable_base():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_merge_matches_reference_and_unmerge_restores(dtype, variant):
-    _, w, _, a, bb, core, rs = _tensors(1, 40, 24, 4, dtype, variant)
+def test_merge_matches_reference_and_unmerge_restores(device, dtype, variant):
+    _, w, _, a, bb, core, rs = _tensors(1, 40, 24, 4, dtype, variant, device)
     original = w.clone()
     lora_merge_(w, a, bb, core, rs, scale=0.5)
     want = lora_merge_ref(original.cpu(), a.cpu(), bb.cpu(), *(t.cpu() if t is not None else None
                                                                 for t in (core, rs)), 0.5)
     # fp32 accumulation vs the reference's fp64, each rounded once into dtype: one ulp apart at most
-    torch.testing.assert_close(w, want, rtol=0, atol=float(want.double().abs().max()) * torch.finfo(dtype).eps)
+    torch.testing.assert_close(w.cpu(), want, rtol=0, atol=float(want.double().abs().max()) * torch.finfo(dtype).eps)
     lora_merge_(w, a, bb, core, rs, scale=-0.5)
     eps = torch.finfo(dtype).eps
     bound = 4 * eps * float(want.double().abs().max()) + (1e-6 if dtype == torch.float32 else 0)
@@ -218,11 +217,16 @@ def test_x_must_be_2d_for_the_raw_op_but_not_for_lora_linear():
 
 
 @pytest.mark.cuda
-def test_cuda_has_no_kernel_yet():
-    # the lora ops are CPU_ONLY_OPS: a CUDA call is refused by the dispatcher, not run elsewhere
-    x, w, b, a, bb, _, _ = _tensors(4, 8, 8, 2, torch.float32, "plain", "cuda")
-    with pytest.raises(NotImplementedError):
-        lora_forward(x, w, b, a, bb, scale=1.0)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_and_cuda_draw_the_same_mask(dtype):
+    n, d = 300, 40  # W = 0, A = B = I: xa = drop(x); the kept positions must coincide
+    x = torch.randn(n, d).to(dtype)
+    eye, zero = torch.eye(d).to(dtype), torch.zeros(d, d).to(dtype)
+    _, xa_cpu = lora_forward(x, zero, None, eye, eye, scale=1.0, dropout_p=0.3, seed=4242)
+    _, xa_cuda = lora_forward(x.cuda(), zero.cuda(), None, eye.cuda(), eye.cuda(), scale=1.0, dropout_p=0.3,
+                              seed=torch.tensor(4242))
+    assert torch.equal(xa_cpu != 0, xa_cuda.cpu() != 0)
+    _assert_close(xa_cuda.cpu(), xa_cpu, dtype, "xa")
 
 
 # ----------------------------------------------------------------------------- layers

@@ -5,6 +5,6 @@ from . import lora, optim, quant
 # Ops whose CUDA kernels are not written yet: they have no CUDA registration (a CUDA call
 # raises the dispatcher's "no kernel for CUDA" error), and the README's op table says so.
 # tests/test_registry.py checks this set both ways.
-CPU_ONLY_OPS = frozenset({"lowrank::lora_forward", "lowrank::lora_backward", "lowrank::lora_merge_"})
+CPU_ONLY_OPS: frozenset[str] = frozenset()
 
 __all__ = ["CPU_ONLY_OPS", "lora", "optim", "quant"]
