@@ -39,8 +39,9 @@ def _importable(module: str) -> bool:
 
 
 def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"

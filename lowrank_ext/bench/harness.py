@@ -173,8 +173,9 @@ def load_shapes(family: str) -> list[dict[str, str]]:
 
 
 def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
