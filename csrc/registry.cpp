@@ -38,7 +38,7 @@ TORCH_LIBRARY(lowrank, m) {
         "Tensor? rank_scale, Tensor xa, float scale, float dropout_p, int seed, Tensor? seed_tensor, "
         "bool[5] output_mask) "
         "-> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_core, Tensor grad_rank_scale)");
-  // weight += scale * B diag(rank_scale) core A, in weight's dtype with fp32 accumulation (unmerge: -scale)
+  // weight += scale * B core diag(rank_scale) A, in weight's dtype with fp32 accumulation (unmerge: -scale)
   m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor? core, Tensor? rank_scale, "
         "float scale) -> ()");
 }

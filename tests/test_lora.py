@@ -163,6 +163,16 @@ def test_merge_matches_reference_and_unmerge_restores(device, dtype, variant):
     assert float((w.double() - original.double()).abs().max()) <= bound, "unmerge restores the weight"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merged_weight_computes_the_forward(variant):
+    # independent of the merge reference: the merged base alone must give the LoRA forward
+    x, w, b, a, bb, core, rs = _tensors(9, 20, 12, 4, torch.float64, variant)
+    y, _ = lora_forward(x, w, b, a, bb, core, rs, scale=0.6)
+    merged = w.clone()
+    lora_merge_(merged, a, bb, core, rs, scale=0.6)
+    torch.testing.assert_close(x @ merged.t() + b, y, rtol=1e-12, atol=1e-12)
+
+
 def test_merge_fp32_adapters_into_bf16_weight():
     w = torch.randn(8, 5).bfloat16()
     a, b = torch.randn(2, 5), torch.randn(8, 2)
@@ -300,6 +310,12 @@ def test_lora_xs_and_adalora_variants_train_their_parameters():
     assert ada.lora_A["default"].weight.grad is not None
 
 
+def test_core_and_rank_scale_together_train():
+    layer = LoRALinear(nn.Linear(12, 10), r=3, core=True, rank_scale=True)
+    layer(torch.randn(5, 12)).sum().backward()
+    assert layer.lora_core["default"].grad.abs().sum() > 0, "not stuck at the zero fixed point"
+
+
 def test_inject_lora():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)))
     inject_lora(model, ["2.1"], r=2)
@@ -425,6 +441,20 @@ def test_peft_accelerate_same_outputs_grads_and_state_dict():
     assert restore(model) == 2
     layer = model.base_model.model.q_proj
     assert "forward" not in layer.__dict__, "PEFT's own forward again"
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+
+
+def test_peft_lora_bias_is_not_fused():
+    from lowrank_ext.integrations.peft import accelerate, is_fused_call
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), peft.LoraConfig(
+        r=2, target_modules=["0"], lora_bias=True))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p)
+    x = torch.randn(3, 8)
+    y0 = model(x)
+    accelerate(model)
+    assert not is_fused_call(model.base_model.model[0], x, {})
     torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
 
 

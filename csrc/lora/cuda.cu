@@ -98,15 +98,17 @@ at::Tensor dropped_rows(const at::Tensor& x, int64_t r0, int64_t rows, const Dro
 
 at::Tensor x_dropped_a_cuda(const at::Tensor& x, const at::Tensor& a, const Dropout& d) {
   const c10::cuda::CUDAGuard guard(x.device());
+  // the dropped chunk in fp32 (as on CPU): no rounding of x * keep_scale to fp16/bf16
   const int64_t n = x.size(0), d_in = x.size(1), step = chunk_rows(d_in);
-  at::Tensor xa = at::empty({n, a.size(0)}, x.options());
-  const at::Tensor a_t = a.t();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xa = at::empty({n, a.size(0)}, x.options().dtype(acc));
+  const at::Tensor a_t = a.to(acc).t();
   for (int64_t r0 = 0; r0 < n; r0 += step) {
     const int64_t rows = std::min(step, n - r0);
     at::Tensor out = xa.narrow(0, r0, rows);
-    at::mm_out(out, dropped_rows(x, r0, rows, d, x.scalar_type()), a_t);
+    at::mm_out(out, dropped_rows(x, r0, rows, d, acc), a_t);
   }
-  return xa;
+  return xa.to(x.scalar_type());
 }
 
 void add_masked_ta_cuda(at::Tensor& grad_x, const at::Tensor& t, const at::Tensor& a, const Dropout& d) {

@@ -189,12 +189,13 @@ void lora_merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor&
                      t->scalar_type());
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  // fp32 (fp64) delta (B diag(rank_scale)) (core A), then one rounding into weight's dtype
+  // the forward's y = x A^T diag(rank_scale) core^T B^T is x (B core diag(rank_scale) A)^T:
+  // fp32 (fp64) delta, then one rounding into weight's dtype
   const auto acc = accumulate_type(weight.scalar_type());
   at::Tensor left = lora_b.to(acc);
+  if (core) left = at::mm(left, core->to(acc));
   if (rank_scale) left = at::mul(left, rank_scale->to(acc));
-  at::Tensor right = core ? at::mm(core->to(acc), lora_a.to(acc)) : lora_a.to(acc);
-  at::Tensor merged = at::addmm(weight.to(acc), left, right, /*beta=*/1, /*alpha=*/scale);
+  at::Tensor merged = at::addmm(weight.to(acc), left, lora_a.to(acc), /*beta=*/1, /*alpha=*/scale);
   weight.copy_(merged);
 }
 

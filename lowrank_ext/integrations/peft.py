@@ -6,7 +6,8 @@
 
 Only the forward method of each ``peft.tuners.lora.layer.Linear`` instance is replaced:
 parameters, state_dict, merge/unmerge and adapter management stay PEFT's. A call runs
-fused when exactly one active adapter is plain LoRA (no DoRA or other variant) on an
+fused when exactly one active adapter is plain LoRA (no DoRA or other variant, no
+``lora_bias``) on an
 ``nn.Linear`` base (not ``fan_in_fan_out``), with x, the base weight and the adapter in one
 dtype (or under autocast, which casts them to one) and no per-call ``adapter_names``;
 otherwise that call runs PEFT's own forward, which computes the same function.
@@ -42,6 +43,8 @@ def is_fused_call(layer, x: torch.Tensor, kwargs: dict) -> bool:
     name = active[0]
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return False
+    if getattr(layer, "lora_bias", {}).get(name, False) or layer.lora_B[name].bias is not None:
+        return False  # lora_bias=True: lora_B has a bias the fused op does not add
     if torch.is_autocast_enabled(x.device.type):
         return True
     dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype,

@@ -51,8 +51,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict({adapter_name: nn.Linear(d_in, r, bias=False, **kw)})
         self.lora_B = nn.ModuleDict({adapter_name: nn.Linear(r, d_out, bias=False, **kw)})
         self.lora_core = nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, r, **kw))}) if core else None
-        self.lora_rank_scale = (nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, **kw))})
-                                if rank_scale else None)
+        # with a core, the scale starts at ones: both at zero would be a fixed point of training
+        self.lora_rank_scale = (nn.ParameterDict({adapter_name: nn.Parameter(
+            torch.ones(r, **kw) if core else torch.zeros(r, **kw))}) if rank_scale else None)
         self.merged = False
         if init_lora_weights:
             self.reset_lora_parameters()
@@ -63,7 +64,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         """PEFT's default: A Kaiming-uniform, B zero (so the layer starts as the base).
-        With a core or a rank scale, those start at zero instead and B is random."""
+        With a core or a rank scale, those start at zero instead (the scale at ones when both
+        are there) and B is random."""
         a, b = self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         if self.lora_core is None and self.lora_rank_scale is None:

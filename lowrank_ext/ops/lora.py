@@ -42,7 +42,7 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, *, sc
 
 
 def lora_merge_(weight, lora_a, lora_b, core=None, rank_scale=None, *, scale: float) -> None:
-    """``weight += scale * B diag(rank_scale) core A`` in place, accumulated in fp32 and
+    """``weight += scale * B core diag(rank_scale) A`` (the forward's product) in place, accumulated in fp32 and
     rounded once into weight's dtype. ``scale=-s`` unmerges."""
     torch.ops.lowrank.lora_merge_(weight, lora_a, lora_b, core, rank_scale, scale)
 
@@ -58,8 +58,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
-        x, weight, lora_a, lora_b = (t.to(dt) for t in (x, weight, lora_a, lora_b))
-        bias, core, rank_scale = (None if t is None else t.to(dt) for t in (bias, core, rank_scale))
+
+        def cast(t):  # autocast's rule for nn.Linear: low-precision floats, fp64 left alone
+            return t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        x, weight, bias, lora_a, lora_b, core, rank_scale = map(cast, (x, weight, bias, lora_a, lora_b, core,
+                                                                       rank_scale))
     with torch.autocast(device_type, enabled=False):
         lead = x.shape[:-1]
         y, _ = torch.ops.lowrank.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, core,

@@ -59,6 +59,7 @@ def lora_backward_ref(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, s
 
 def lora_merge_ref(weight, lora_a, lora_b, core=None, rank_scale=None, scale=1.0) -> torch.Tensor:
     """The merged weight (a new tensor; the op updates weight in place)."""
-    left = lora_b.double() * rank_scale.double() if rank_scale is not None else lora_b.double()
-    right = core.double() @ lora_a.double() if core is not None else lora_a.double()
-    return (weight.double() + scale * (left @ right)).to(weight.dtype)
+    left = lora_b.double() @ core.double() if core is not None else lora_b.double()
+    if rank_scale is not None:
+        left = left * rank_scale.double()
+    return (weight.double() + scale * (left @ lora_a.double())).to(weight.dtype)
