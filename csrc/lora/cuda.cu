@@ -24,10 +24,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kChunkElems = int64_t{1} << 24;  // 16M values per transient chunk
 
-// out[i] = x[i] * mask(e0 + i) for i < count; one thread per Philox group of 8 elements.
-template <typename T, typename Out, typename Acc = std::conditional_t<std::is_same_v<T, double>, double, float>>
-__global__ void __launch_bounds__(kThreads) dropout_kernel(const T* x, Out* out, int64_t e0, int64_t count,
-                                                          Dropout d) {
+// Calls op(i, factor) for the elements e0 + i, i < count: one thread per Philox group of 8
+// (grid-stride), the mask factors drawn once per group.
+template <typename Op>
+__device__ __forceinline__ void for_each_factor(const Dropout& d, int64_t e0, int64_t count, Op&& op) {
   const int64_t first_group = e0 / kPhiloxGroup;
   const int64_t groups = (e0 + count + kPhiloxGroup - 1) / kPhiloxGroup - first_group;
   for (int64_t gi = blockIdx.x * int64_t{kThreads} + threadIdx.x; gi < groups; gi += int64_t{gridDim.x} * kThreads) {
@@ -36,32 +36,27 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(const T* x, Out* out,
 #pragma unroll
     for (int k = 0; k < kPhiloxGroup; ++k) {
       const int64_t e = g * kPhiloxGroup + k;
-      if (e >= e0 && e < e0 + count)
-        out[e - e0] = static_cast<Out>(static_cast<Acc>(x[e - e0]) *
-                                       static_cast<Acc>(dropout_factor(d, r, static_cast<uint64_t>(e))));
+      if (e >= e0 && e < e0 + count) op(e - e0, dropout_factor(d, r, static_cast<uint64_t>(e)));
     }
   }
 }
 
-// gx[i] += prod[i] * mask(e0 + i) for i < count (prod in the accumulate type: fp32, fp64 for fp64).
+// out[i] = x[i] * mask(e0 + i)
+template <typename T, typename Out, typename Acc = std::conditional_t<std::is_same_v<T, double>, double, float>>
+__global__ void __launch_bounds__(kThreads) dropout_kernel(const T* x, Out* out, int64_t e0, int64_t count,
+                                                          Dropout d) {
+  for_each_factor(d, e0, count, [&](int64_t i, float f) {
+    out[i] = static_cast<Out>(static_cast<Acc>(x[i]) * static_cast<Acc>(f));
+  });
+}
+
+// gx[i] += prod[i] * mask(e0 + i) (prod in the accumulate type: fp32, fp64 for fp64)
 template <typename T, typename Acc = std::conditional_t<std::is_same_v<T, double>, double, float>>
 __global__ void __launch_bounds__(kThreads) masked_add_kernel(T* gx, const Acc* prod, int64_t e0, int64_t count,
                                                              Dropout d) {
-  const int64_t first_group = e0 / kPhiloxGroup;
-  const int64_t groups = (e0 + count + kPhiloxGroup - 1) / kPhiloxGroup - first_group;
-  for (int64_t gi = blockIdx.x * int64_t{kThreads} + threadIdx.x; gi < groups; gi += int64_t{gridDim.x} * kThreads) {
-    const int64_t g = first_group + gi;
-    const Philox4 r = philox_group(d.seed, kDropoutOffset, static_cast<uint64_t>(g));
-#pragma unroll
-    for (int k = 0; k < kPhiloxGroup; ++k) {
-      const int64_t e = g * kPhiloxGroup + k;
-      if (e >= e0 && e < e0 + count) {
-        const int64_t i = e - e0;
-        gx[i] = static_cast<T>(static_cast<Acc>(gx[i]) +
-                               prod[i] * static_cast<Acc>(dropout_factor(d, r, static_cast<uint64_t>(e))));
-      }
-    }
-  }
+  for_each_factor(d, e0, count, [&](int64_t i, float f) {
+    gx[i] = static_cast<T>(static_cast<Acc>(gx[i]) + prod[i] * static_cast<Acc>(f));
+  });
 }
 
 int grid_for(int64_t count) {

@@ -197,7 +197,7 @@ void adamw_step_quantized_cpu_op(at::TensorList params, at::TensorList grads, at
                                              exp_avg_sq_absmax, code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps,
                                              weight_decay, step_count, bits, blocksize_exp_avg, blocksize_exp_avg_sq,
                                              stochastic_rounding, seed, stochastic_exp_avg, stochastic_exp_avg_sq);
-  step(prep.params, prep.block_offsets);
+  adamw_step_cpu(prep.params);
 }
 
 void adamw_step_fp32_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
@@ -205,7 +205,7 @@ void adamw_step_fp32_cpu_op(at::TensorList params, at::TensorList grads, at::Ten
                             double weight_decay, int64_t step_count, bool stochastic_rounding, int64_t seed) {
   PreparedStep prep = prepare_fp32_step(params, grads, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
                                         step_count, stochastic_rounding, seed);
-  step(prep.params, prep.block_offsets);
+  adamw_step_cpu(prep.params);
 }
 
 }  // namespace

@@ -296,17 +296,17 @@ static_assert(sizeof(TensorSlot) % alignof(int64_t) == 0, "the offsets follow th
 
 void launch(PreparedStep& prep) {
   // the CUDA kernels' own work units (the CPU's superblocks are another size)
-  prep.block_offsets = superblock_offsets(prep.slots.data(), static_cast<int64_t>(prep.slots.size()),
-                                          prep.params.quantized ? kChunk : kFp32Unit);
-  const int64_t total = prep.block_offsets.back();
+  const std::vector<int64_t> offsets = superblock_offsets(prep.slots.data(), static_cast<int64_t>(prep.slots.size()),
+                                                         prep.params.quantized ? kChunk : kFp32Unit);
+  const int64_t total = offsets.back();
   if (total == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(prep.device);
   const size_t slot_bytes = prep.slots.size() * sizeof(TensorSlot);  // a multiple of 8: offsets stay aligned
-  const size_t offset_bytes = prep.block_offsets.size() * sizeof(int64_t);
+  const size_t offset_bytes = offsets.size() * sizeof(int64_t);
   at::Tensor host = at::empty({static_cast<int64_t>(slot_bytes + offset_bytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.mutable_data_ptr<uint8_t>(), prep.slots.data(), slot_bytes);
-  std::memcpy(host.mutable_data_ptr<uint8_t>() + slot_bytes, prep.block_offsets.data(), offset_bytes);
+  std::memcpy(host.mutable_data_ptr<uint8_t>() + slot_bytes, offsets.data(), offset_bytes);
   const at::Tensor table = host.to(prep.device, /*non_blocking=*/true);
   AdamWStepParams p = prep.params;
   p.tensors = reinterpret_cast<const TensorSlot*>(table.const_data_ptr<uint8_t>());

@@ -69,10 +69,10 @@ int log2_exact(int64_t power_of_two) {
   return k;
 }
 
-void finish(PreparedStep& out, int64_t superblock) {
+// The tensor table; each device splits it into its own work units (optim/cpu.cpp, optim/cuda.cu).
+void finish(PreparedStep& out) {
   out.params.tensors = out.slots.data();
   out.params.num_tensors = static_cast<int64_t>(out.slots.size());
-  out.block_offsets = superblock_offsets(out.params.tensors, out.params.num_tensors, superblock);
 }
 
 }  // namespace
@@ -154,7 +154,7 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
   p.stochastic_exp_avg = stochastic_exp_avg;
   p.stochastic_exp_avg_sq = stochastic_exp_avg_sq;
   p.seed = static_cast<uint64_t>(seed);
-  finish(out, superblock_size(p));
+  finish(out);
   return out;
 }
 
@@ -192,7 +192,7 @@ PreparedStep prepare_fp32_step(at::TensorList params, at::TensorList grads, at::
   p.stochastic_rounding = stochastic_rounding;
   p.stochastic_exp_avg = p.stochastic_exp_avg_sq = false;
   p.seed = static_cast<uint64_t>(seed);
-  finish(out, superblock_size(p));
+  finish(out);
   return out;
 }
 

@@ -10,7 +10,6 @@ namespace lowrank::optim {
 
 struct PreparedStep {
   std::vector<TensorSlot> slots;
-  std::vector<int64_t> block_offsets;  // [num_tensors + 1]: first superblock of each tensor
   at::Tensor code_exp_avg, code_exp_avg_sq;  // contiguous (kept alive)
   AdamWStepParams params;               // params.tensors points into slots
   at::Device device{at::kCPU};
