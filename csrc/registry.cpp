@@ -41,6 +41,18 @@ TORCH_LIBRARY(lowrank, m) {
   // weight += scale * B core diag(rank_scale) A, in weight's dtype with fp32 accumulation (unmerge: -scale)
   m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor? core, Tensor? rank_scale, "
         "float scale) -> ()");
+
+  // ---- monarch: block-diagonal products, y = P L P R x (R = blockdiag(w1), L = blockdiag(w2)) ----
+  // x [N, nblocks*in_bs], w1 [nblocks, mid, in_bs], w2 [nblocks, out_bs, mid] -> y [N, nblocks*out_bs];
+  // stage 2 reads h[r*nblocks + l] and writes y[s*nblocks + l] (the permutation P, applied by
+  // indexing). h = R x feature-major [nblocks*mid, N] when save_intermediate (for backward), else empty
+  m.def("monarch_forward(Tensor x, Tensor w1, Tensor w2, bool save_intermediate=False) -> (Tensor y, Tensor h)");
+  // grads of x, w1, w2 as output_mask asks (the others come back empty); h None: recomputed
+  m.def("monarch_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor w2, Tensor? h, bool[3] output_mask) "
+        "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+  // one block-diagonal factor (BOFT / Bone style): x [N, nblocks*in_bs], w [nblocks, out_bs, in_bs]
+  m.def("blockdiag_forward(Tensor x, Tensor w) -> Tensor");
+  m.def("blockdiag_backward(Tensor grad_y, Tensor x, Tensor w, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_w)");
 }
 
 // Non-differentiable ops (integer outputs, in-place optimizer updates): autograd passes

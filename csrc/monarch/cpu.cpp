@@ -1,0 +1,384 @@
+// CPU kernels of the monarch family. Each thread walks x in tiles of rows; within a tile
+// the Monarch intermediate is kept feature-major, ht [nblocks*mid, rows], so that both
+// block-diagonal products are one strided-batched BLAS call each and the permutation P
+// between them is only a leading dimension: stage-2 block l reads the rows l, l+nb, ...
+// of ht (ld = nblocks*rows) and writes the rows l, l+nb, ... of yt. Nothing is permuted
+// in memory; the one copy is the final [d_out, rows] -> [rows, d_out] transpose of the
+// (cache-resident) output tile. fp16/bf16 tiles are widened to fp32 first; fp64 stays fp64.
+#include <torch/library.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <limits>
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#include "monarch/ops.h"
+
+namespace lowrank::monarch {
+namespace {
+
+// The Fortran BLAS GEMMs of the BLAS torch itself links (MKL, statically, in the x86-64
+// wheels, which export sgemm_/dgemm_), found once at load time. ATen's cpublas::gemm would
+// be the natural call but libtorch_cpu does not export it, and at::mm_out on from_blob
+// views costs microseconds of dispatch per block; where the symbols are missing (another
+// BLAS, another platform) every block still goes through at::mm_out, just slower.
+template <typename Acc>
+using blas_gemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const Acc*, const Acc*,
+                              const int*, const Acc*, const int*, const Acc*, Acc*, const int*);
+
+template <typename Acc>
+blas_gemm_fn<Acc> find_blas_gemm() {
+  static const blas_gemm_fn<Acc> fn = [] {
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    void* sym = lib ? dlsym(lib, std::is_same_v<Acc, float> ? "sgemm_" : "dgemm_") : nullptr;
+    return reinterpret_cast<blas_gemm_fn<Acc>>(sym);
+  }();
+  return fn;
+}
+
+bool fits_int(std::initializer_list<int64_t> v) {
+  return std::all_of(v.begin(), v.end(), [](int64_t x) { return x <= std::numeric_limits<int>::max(); });
+}
+
+// Row-major batched GEMM: C[b] = op(A[b]) op(B[b]) + beta C[b] with op(A) [m, k], op(B) [k, n];
+// `ta` means A is stored [k, m] (lda its row stride), `tb` that B is stored [n, k]. BLAS is
+// column-major, so this is C^T = op(B)^T op(A)^T there.
+template <typename Acc>
+void rm_gemm(bool ta, bool tb, int64_t batch, int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda,
+             int64_t stride_a, const Acc* b, int64_t ldb, int64_t stride_b, Acc beta, Acc* c, int64_t ldc,
+             int64_t stride_c) {
+  if (m == 0 || n == 0) return;
+  const blas_gemm_fn<Acc> gemm = find_blas_gemm<Acc>();
+  if (gemm != nullptr && k > 0 && fits_int({m, n, k, lda, ldb, ldc})) {
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char op_a = tb ? 'T' : 'N', op_b = ta ? 'T' : 'N';
+    const Acc one(1);
+    for (int64_t i = 0; i < batch; ++i)
+      gemm(&op_a, &op_b, &mi, &ni, &ki, &one, b + i * stride_b, &la, a + i * stride_a, &lb, &beta, c + i * stride_c,
+           &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value);
+  for (int64_t i = 0; i < batch; ++i) {
+    auto view = [&](const Acc* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+      at::Tensor v = at::from_blob(const_cast<Acc*>(p), t ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                                   {ld, 1}, opts);
+      return t ? v.t() : v;
+    };
+    at::Tensor cv = at::from_blob(c + i * stride_c, {m, n}, {ldc, 1}, opts);
+    const at::Tensor av = view(a + i * stride_a, m, k, lda, ta), bv = view(b + i * stride_b, k, n, ldb, tb);
+    if (beta == Acc(0)) {
+      at::mm_out(cv, av, bv);
+    } else {
+      cv.addmm_(av, bv);
+    }
+  }
+}
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Rows [r0, r0+rows) of a row-major [*, cols] matrix as Acc: the matrix itself when it is
+// already Acc, else widened into `buf`. Returns the pointer; the row stride is `cols`.
+template <typename T, typename Acc>
+const Acc* rows_as_acc(const T* src, int64_t r0, int64_t rows, int64_t cols, std::vector<Acc>& buf) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return src + r0 * cols;
+  } else {
+    buf.resize(static_cast<size_t>(rows * cols));
+    const T* s = src + r0 * cols;
+    for (int64_t i = 0; i < rows * cols; ++i) buf[i] = static_cast<Acc>(s[i]);
+    return buf.data();
+  }
+}
+
+// Where a kernel writes rows [r0, r0+rows) of a row-major [*, cols] output: in place when it
+// is Acc, else in `buf` (then store_rows narrows it).
+template <typename T, typename Acc>
+Acc* out_rows_acc(T* dst, int64_t r0, int64_t rows, int64_t cols, std::vector<Acc>& buf) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return dst + r0 * cols;
+  } else {
+    buf.resize(static_cast<size_t>(rows * cols));
+    return buf.data();
+  }
+}
+
+template <typename T, typename Acc>
+void store_rows(T* dst, int64_t r0, int64_t rows, int64_t cols, const std::vector<Acc>& buf) {
+  if constexpr (!std::is_same_v<T, Acc>) {
+    T* d = dst + r0 * cols;
+    for (int64_t i = 0; i < rows * cols; ++i) d[i] = static_cast<T>(buf[i]);
+  }
+}
+
+// dst[t * ld_dst + f] = src[f * ld_src + t] for f < feats, t < rows, in 32 x 32 blocks (L1-sized).
+template <typename S, typename D>
+void transpose(const S* src, int64_t ld_src, int64_t feats, int64_t rows, D* dst, int64_t ld_dst) {
+  constexpr int64_t kB = 32;
+  for (int64_t f0 = 0; f0 < feats; f0 += kB) {
+    const int64_t f1 = std::min(f0 + kB, feats);
+    for (int64_t t0 = 0; t0 < rows; t0 += kB) {
+      const int64_t t1 = std::min(t0 + kB, rows);
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t f = f0; f < f1; ++f) dst[t * ld_dst + f] = static_cast<D>(src[f * ld_src + t]);
+    }
+  }
+}
+
+// Rows per tile: the feature-major tiles (intermediate and output, or their gradients) fit
+// in about 1 MiB of L2, and a tile is never narrower than 32 columns for the BLAS calls.
+int64_t tile_rows(const MonarchDims& d) {
+  const int64_t per_row = (d.d_mid() + std::max(d.d_out(), d.d_in())) * static_cast<int64_t>(sizeof(float));
+  const int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(per_row, 1);
+  return std::clamp<int64_t>(rows / 16 * 16, 32, 512);
+}
+
+// ht [d_mid, rows] (row stride ld_h) = R x_tile^T: block k is w1[k] [mid, in_bs] times x_k^T.
+template <typename Acc>
+void stage1(const MonarchDims& d, int64_t rows, const Acc* x, const Acc* w1, Acc* ht, int64_t ld_h) {
+  rm_gemm<Acc>(false, true, d.nblocks, d.mid, rows, d.in_bs, w1, d.in_bs, d.mid * d.in_bs, x, d.d_in(), d.in_bs,
+               Acc(0), ht, ld_h, d.mid * ld_h);
+}
+
+template <typename T>
+void monarch_forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const MonarchDims& d,
+                            at::Tensor& y, at::Tensor* h) {
+  using Acc = acc_t<T>;
+  const at::Tensor w1a = w1.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+  const at::Tensor w2a = w2.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+  const Acc* w1p = w1a.const_data_ptr<Acc>();
+  const Acc* w2p = w2a.const_data_ptr<Acc>();
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  T* hp = h ? h->mutable_data_ptr<T>() : nullptr;
+  const int64_t tile = tile_rows(d), ntiles = (d.n + tile - 1) / tile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<Acc> xbuf, hbuf(static_cast<size_t>(d.d_mid() * tile)), ybuf(static_cast<size_t>(d.d_out() * tile));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, d.n - r0);
+      const Acc* xt = rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf);
+      // the intermediate goes straight into the saved h when it is already Acc
+      Acc* ht = hbuf.data();
+      int64_t ld_h = tile;
+      if constexpr (std::is_same_v<T, Acc>) {
+        if (hp != nullptr) ht = hp + r0, ld_h = d.n;
+      }
+      stage1<Acc>(d, rows, xt, w1p, ht, ld_h);
+      if (hp != nullptr && ht == hbuf.data())
+        for (int64_t f = 0; f < d.d_mid(); ++f)
+          for (int64_t t = 0; t < rows; ++t) hp[f * d.n + r0 + t] = static_cast<T>(ht[f * ld_h + t]);
+      // stage 2, block l: rows l, l+nb, ... of ht -> rows l, l+nb, ... of yt (the permutation P)
+      Acc* yt = ybuf.data();
+      rm_gemm<Acc>(false, false, d.nblocks, d.out_bs, rows, d.mid, w2p, d.mid, d.out_bs * d.mid, ht,
+                   d.nblocks * ld_h, ld_h, Acc(0), yt, d.nblocks * tile, tile);
+      transpose(yt, tile, d.d_out(), rows, yp + r0 * d.d_out(), d.d_out());
+    }
+  });
+}
+
+template <typename T>
+void monarch_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
+                             const at::Tensor& w2, const std::optional<at::Tensor>& h, const MonarchDims& d,
+                             std::array<bool, 3> mask, at::Tensor& grad_x, at::Tensor& grad_w1,
+                             at::Tensor& grad_w2) {
+  using Acc = acc_t<T>;
+  const auto acc = c10::CppTypeToScalarType<Acc>::value;
+  const at::Tensor w1a = w1.to(acc).contiguous(), w2a = w2.to(acc).contiguous();
+  const Acc* w1p = w1a.const_data_ptr<Acc>();
+  const Acc* w2p = w2a.const_data_ptr<Acc>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad_y.const_data_ptr<T>();
+  const T* hp = h ? h->const_data_ptr<T>() : nullptr;
+  T* dxp = mask[0] ? grad_x.mutable_data_ptr<T>() : nullptr;
+  const bool need_dht = mask[0] || mask[1];
+  // one fp32 (fp64) partial weight gradient per thread, summed in thread order
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor dw1_part = mask[1] ? at::zeros({nthreads, d.nblocks, d.mid, d.in_bs}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dw2_part = mask[2] ? at::zeros({nthreads, d.nblocks, d.out_bs, d.mid}, x.options().dtype(acc)) : at::Tensor();
+  const int64_t tile = tile_rows(d), ntiles = (d.n + tile - 1) / tile;
+  at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t me = at::get_thread_num();
+    Acc* dw1 = mask[1] ? dw1_part.select(0, me).mutable_data_ptr<Acc>() : nullptr;
+    Acc* dw2 = mask[2] ? dw2_part.select(0, me).mutable_data_ptr<Acc>() : nullptr;
+    std::vector<Acc> xbuf, dxbuf, hbuf, gbuf(static_cast<size_t>(d.d_out() * tile)), dhbuf;
+    if (need_dht) dhbuf.resize(static_cast<size_t>(d.d_mid() * tile));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, d.n - r0);
+      Acc* gt = gbuf.data();  // grad_y tile, feature-major [d_out, tile]
+      transpose(gp + r0 * d.d_out(), d.d_out(), rows, d.d_out(), gt, tile);
+      const Acc* xt = (mask[1] || (mask[2] && hp == nullptr)) ? rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf)
+                                                              : nullptr;
+      if (mask[2]) {  // grad w2[l] += gt_l [out_bs, rows] ht_l^T [rows, mid]
+        const Acc* ht;
+        int64_t ld_h;
+        if (hp == nullptr) {  // not saved: recompute R x
+          hbuf.resize(static_cast<size_t>(d.d_mid() * tile));
+          stage1<Acc>(d, rows, xt, w1p, hbuf.data(), tile);
+          ht = hbuf.data(), ld_h = tile;
+        } else if constexpr (std::is_same_v<T, Acc>) {
+          ht = hp + r0, ld_h = d.n;
+        } else {
+          hbuf.resize(static_cast<size_t>(d.d_mid() * tile));
+          for (int64_t f = 0; f < d.d_mid(); ++f)
+            for (int64_t t = 0; t < rows; ++t) hbuf[f * tile + t] = static_cast<Acc>(hp[f * d.n + r0 + t]);
+          ht = hbuf.data(), ld_h = tile;
+        }
+        rm_gemm<Acc>(false, true, d.nblocks, d.out_bs, d.mid, rows, gt, d.nblocks * tile, tile, ht,
+                     d.nblocks * ld_h, ld_h, Acc(1), dw2, d.mid, d.out_bs * d.mid);
+      }
+      if (!need_dht) continue;
+      // dht_l [mid, rows] = w2[l]^T gt_l, written to rows l, l+nb, ... (P^T by leading dimension)
+      Acc* dht = dhbuf.data();
+      rm_gemm<Acc>(true, false, d.nblocks, d.mid, rows, d.out_bs, w2p, d.mid, d.out_bs * d.mid, gt,
+                   d.nblocks * tile, tile, Acc(0), dht, d.nblocks * tile, tile);
+      if (mask[1])  // grad w1[k] += dht_k [mid, rows] x_k [rows, in_bs]
+        rm_gemm<Acc>(false, false, d.nblocks, d.mid, d.in_bs, rows, dht, tile, d.mid * tile, xt, d.d_in(), d.in_bs,
+                     Acc(1), dw1, d.in_bs, d.mid * d.in_bs);
+      if (mask[0]) {  // grad x_k [rows, in_bs] = dht_k^T w1[k]
+        Acc* dxt = out_rows_acc<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
+        rm_gemm<Acc>(true, false, d.nblocks, rows, d.in_bs, d.mid, dht, tile, d.mid * tile, w1p, d.in_bs,
+                     d.mid * d.in_bs, Acc(0), dxt, d.d_in(), d.in_bs);
+        store_rows<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
+      }
+    }
+  });
+  if (mask[1]) grad_w1.copy_(dw1_part.sum(0));
+  if (mask[2]) grad_w2.copy_(dw2_part.sum(0));
+}
+
+template <typename T>
+void blockdiag_forward_kernel(const at::Tensor& x, const at::Tensor& w, const MonarchDims& d, at::Tensor& y) {
+  using Acc = acc_t<T>;
+  const at::Tensor wa = w.to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+  const Acc* wp = wa.const_data_ptr<Acc>();
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  constexpr int64_t tile = 256;
+  at::parallel_for(0, (d.n + tile - 1) / tile, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<Acc> xbuf, ybuf;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, d.n - r0);
+      const Acc* xt = rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf);
+      Acc* yt = out_rows_acc<T, Acc>(yp, r0, rows, d.d_out(), ybuf);
+      // y_k [rows, out_bs] = x_k w[k]^T, straight from and into the row-major tensors
+      rm_gemm<Acc>(false, true, d.nblocks, rows, d.out_bs, d.in_bs, xt, d.d_in(), d.in_bs, wp, d.in_bs,
+                   d.out_bs * d.in_bs, Acc(0), yt, d.d_out(), d.out_bs);
+      store_rows<T, Acc>(yp, r0, rows, d.d_out(), ybuf);
+    }
+  });
+}
+
+template <typename T>
+void blockdiag_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                               const MonarchDims& d, std::array<bool, 2> mask, at::Tensor& grad_x,
+                               at::Tensor& grad_w) {
+  using Acc = acc_t<T>;
+  const auto acc = c10::CppTypeToScalarType<Acc>::value;
+  const at::Tensor wa = w.to(acc).contiguous();
+  const Acc* wp = wa.const_data_ptr<Acc>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad_y.const_data_ptr<T>();
+  T* dxp = mask[0] ? grad_x.mutable_data_ptr<T>() : nullptr;
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor dw_part = mask[1] ? at::zeros({nthreads, d.nblocks, d.out_bs, d.in_bs}, x.options().dtype(acc)) : at::Tensor();
+  constexpr int64_t tile = 256;
+  at::parallel_for(0, (d.n + tile - 1) / tile, 1, [&](int64_t i0, int64_t i1) {
+    Acc* dw = mask[1] ? dw_part.select(0, at::get_thread_num()).mutable_data_ptr<Acc>() : nullptr;
+    std::vector<Acc> xbuf, gbuf, dxbuf;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * tile, rows = std::min(tile, d.n - r0);
+      const Acc* gt = rows_as_acc<T, Acc>(gp, r0, rows, d.d_out(), gbuf);
+      if (mask[0]) {  // grad x_k = g_k w[k]
+        Acc* dxt = out_rows_acc<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
+        rm_gemm<Acc>(false, false, d.nblocks, rows, d.in_bs, d.out_bs, gt, d.d_out(), d.out_bs, wp, d.in_bs,
+                     d.out_bs * d.in_bs, Acc(0), dxt, d.d_in(), d.in_bs);
+        store_rows<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
+      }
+      if (mask[1]) {  // grad w[k] += g_k^T x_k
+        const Acc* xt = rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf);
+        rm_gemm<Acc>(true, false, d.nblocks, d.out_bs, d.in_bs, rows, gt, d.d_out(), d.out_bs, xt, d.d_in(),
+                     d.in_bs, Acc(1), dw, d.in_bs, d.out_bs * d.in_bs);
+      }
+    }
+  });
+  if (mask[1]) grad_w.copy_(dw_part.sum(0));
+}
+
+#define LOWRANK_MONARCH_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> monarch_forward_cpu(const at::Tensor& x_in, const at::Tensor& w1,
+                                                       const at::Tensor& w2, bool save_intermediate) {
+  const MonarchDims d = check_monarch_args(x_in, w1, &w2, "monarch_forward");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({d.n, d.d_out()}, x.options());
+  at::Tensor h = save_intermediate ? at::empty({d.d_mid(), d.n}, x.options()) : at::empty({0}, x.options());
+  LOWRANK_MONARCH_DISPATCH(x.scalar_type(), "monarch_forward", [&] {
+    monarch_forward_kernel<scalar_t>(x, w1, w2, d, y, save_intermediate ? &h : nullptr);
+  });
+  return {y, h};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_cpu(const at::Tensor& grad_y_in,
+                                                                    const at::Tensor& x_in, const at::Tensor& w1,
+                                                                    const at::Tensor& w2,
+                                                                    const std::optional<at::Tensor>& h_in,
+                                                                    std::array<bool, 3> mask) {
+  const MonarchDims d = check_monarch_args(x_in, w1, &w2, "monarch_backward");
+  check_grad_y(grad_y_in, x_in, d.d_out(), "monarch_backward");
+  check_saved_h(h_in, x_in, d, "monarch_backward");
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const std::optional<at::Tensor> h = h_in ? std::optional<at::Tensor>(h_in->contiguous()) : std::nullopt;
+  at::Tensor gx = mask[0] ? at::empty({d.n, d.d_in()}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gw1 = mask[1] ? at::empty(w1.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gw2 = mask[2] ? at::empty(w2.sizes(), x.options()) : at::empty({0}, x.options());
+  LOWRANK_MONARCH_DISPATCH(x.scalar_type(), "monarch_backward", [&] {
+    monarch_backward_kernel<scalar_t>(grad_y, x, w1, w2, h, d, mask, gx, gw1, gw2);
+  });
+  return {gx, gw1, gw2};
+}
+
+at::Tensor blockdiag_forward_cpu(const at::Tensor& x_in, const at::Tensor& w) {
+  const MonarchDims d = check_monarch_args(x_in, w, nullptr, "blockdiag_forward");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({d.n, d.d_out()}, x.options());
+  LOWRANK_MONARCH_DISPATCH(x.scalar_type(), "blockdiag_forward",
+                           [&] { blockdiag_forward_kernel<scalar_t>(x, w, d, y); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> blockdiag_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                                                          const at::Tensor& w, std::array<bool, 2> mask) {
+  const MonarchDims d = check_monarch_args(x_in, w, nullptr, "blockdiag_backward");
+  check_grad_y(grad_y_in, x_in, d.d_out(), "blockdiag_backward");
+  const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
+  at::Tensor gx = mask[0] ? at::empty({d.n, d.d_in()}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = mask[1] ? at::empty(w.sizes(), x.options()) : at::empty({0}, x.options());
+  LOWRANK_MONARCH_DISPATCH(x.scalar_type(), "blockdiag_backward",
+                           [&] { blockdiag_backward_kernel<scalar_t>(grad_y, x, w, d, mask, gx, gw); });
+  return {gx, gw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("monarch_forward", TORCH_FN(monarch_forward_cpu));
+  m.impl("monarch_backward", TORCH_FN(monarch_backward_cpu));
+  m.impl("blockdiag_forward", TORCH_FN(blockdiag_forward_cpu));
+  m.impl("blockdiag_backward", TORCH_FN(blockdiag_backward_cpu));
+}
+
+}  // namespace lowrank::monarch
