@@ -126,6 +126,52 @@ def lora_merge_samples(device: str) -> Iterator[Sample]:
                      name=f"{dtype}-fp32-adapter")
 
 
+# (N, nblocks, in_bs, mid, out_bs): N = 1 and a tile-crossing N, nblocks = 1, rectangular
+# blocks, mid smaller than nblocks (pairs of blocks share no intermediate), mid > in_bs
+MONARCH_SHAPES = ((1, 4, 3, 2, 5), (37, 1, 7, 7, 3), (70, 3, 8, 6, 4), (600, 4, 6, 8, 8), (0, 2, 4, 4, 4))
+
+
+def _monarch_tensors(device, dtype, n, nb, in_bs, mid, out_bs, requires_grad=False):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
+    return t(n, nb * in_bs), t(nb, mid, in_bs), t(nb, out_bs, mid)
+
+
+def monarch_forward_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES:
+        for i, shape in enumerate(MONARCH_SHAPES):
+            x, w1, w2 = _monarch_tensors(device, dtype, *shape, requires_grad=True)
+            yield Sample((x, w1, w2, i % 2 == 0), name=f"{dtype}-{'x'.join(map(str, shape))}")
+    x, w1, w2 = _monarch_tensors(device, torch.float32, 9, 2, 5, 5, 5)
+    yield Sample((x.t().contiguous().t()[:, :], w1.transpose(1, 2).contiguous().transpose(1, 2), w2, True),
+                 name="noncontiguous")
+
+
+def monarch_backward_samples(device: str) -> Iterator[Sample]:
+    for s in monarch_forward_samples(device):
+        x, w1, w2, save = (v.detach() if isinstance(v, torch.Tensor) else v for v in s.args)
+        y, h = torch.ops.lowrank.monarch_forward(x, w1, w2, True)
+        g = torch.randn_like(y)
+        for mask in ([True] * 3, [False, True, False], [True, False, True]):
+            yield Sample((g, x, w1, w2, h if save else None, mask), name=f"{s.name}-h{int(save)}-mask{mask}")
+
+
+def blockdiag_forward_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES:
+        for n, nb, in_bs, _, out_bs in MONARCH_SHAPES:
+            x = torch.randn(n, nb * in_bs, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(nb, out_bs, in_bs, device=device, dtype=dtype, requires_grad=True)
+            yield Sample((x, w), name=f"{dtype}-{n}x{nb}x{in_bs}x{out_bs}")
+
+
+def blockdiag_backward_samples(device: str) -> Iterator[Sample]:
+    for s in blockdiag_forward_samples(device):
+        x, w = (v.detach() for v in s.args)
+        g = torch.randn(x.shape[0], w.shape[0] * w.shape[1], device=device, dtype=x.dtype)
+        for mask in ([True, True], [False, True], [True, False]):
+            yield Sample((g, x, w, mask), name=f"{s.name}-mask{mask}")
+
+
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
@@ -134,4 +180,8 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::lora_forward": lora_forward_samples,
     "lowrank::lora_backward": lora_backward_samples,
     "lowrank::lora_merge_": lora_merge_samples,
+    "lowrank::monarch_forward": monarch_forward_samples,
+    "lowrank::monarch_backward": monarch_backward_samples,
+    "lowrank::blockdiag_forward": blockdiag_forward_samples,
+    "lowrank::blockdiag_backward": blockdiag_backward_samples,
 }

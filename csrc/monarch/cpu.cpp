@@ -139,11 +139,20 @@ void transpose(const S* src, int64_t ld_src, int64_t feats, int64_t rows, D* dst
 }
 
 // Rows per tile: the feature-major tiles (intermediate and output, or their gradients) fit
-// in about 1 MiB of L2, and a tile is never narrower than 32 columns for the BLAS calls.
+// in about 1 MiB of L2, every thread gets a tile, and a tile is never narrower than 32
+// columns for the BLAS calls.
 int64_t tile_rows(const MonarchDims& d) {
   const int64_t per_row = (d.d_mid() + std::max(d.d_out(), d.d_in())) * static_cast<int64_t>(sizeof(float));
-  const int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(per_row, 1);
-  return std::clamp<int64_t>(rows / 16 * 16, 32, 512);
+  const int64_t by_cache = (int64_t{1} << 20) / std::max<int64_t>(per_row, 1);
+  const int64_t by_threads = (d.n + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::clamp<int64_t>(std::min(by_cache, by_threads + 15) / 16 * 16, 32, 512);
+}
+
+// blockdiag reads and writes the row-major tensors in place: tiles only split the rows
+// between threads (at most 256 rows each, so the per-thread partials of grad w stay few).
+int64_t blockdiag_tile_rows(int64_t n) {
+  const int64_t by_threads = (n + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::clamp<int64_t>((by_threads + 15) / 16 * 16, 16, 256);
 }
 
 // ht [d_mid, rows] (row stride ld_h) = R x_tile^T: block k is w1[k] [mid, in_bs] times x_k^T.
@@ -266,7 +275,7 @@ void blockdiag_forward_kernel(const at::Tensor& x, const at::Tensor& w, const Mo
   const Acc* wp = wa.const_data_ptr<Acc>();
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  constexpr int64_t tile = 256;
+  const int64_t tile = blockdiag_tile_rows(d.n);
   at::parallel_for(0, (d.n + tile - 1) / tile, 1, [&](int64_t i0, int64_t i1) {
     std::vector<Acc> xbuf, ybuf;
     for (int64_t i = i0; i < i1; ++i) {
@@ -294,7 +303,7 @@ void blockdiag_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, co
   T* dxp = mask[0] ? grad_x.mutable_data_ptr<T>() : nullptr;
   const int64_t nthreads = at::get_num_threads();
   at::Tensor dw_part = mask[1] ? at::zeros({nthreads, d.nblocks, d.out_bs, d.in_bs}, x.options().dtype(acc)) : at::Tensor();
-  constexpr int64_t tile = 256;
+  const int64_t tile = blockdiag_tile_rows(d.n);
   at::parallel_for(0, (d.n + tile - 1) / tile, 1, [&](int64_t i0, int64_t i1) {
     Acc* dw = mask[1] ? dw_part.select(0, at::get_thread_num()).mutable_data_ptr<Acc>() : nullptr;
     std::vector<Acc> xbuf, gbuf, dxbuf;

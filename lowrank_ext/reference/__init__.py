@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .lora import lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref, lora_merge_ref
+from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_ref, monarch_backward_ref,
+                      monarch_dense_ref, monarch_forward_ref, monarch_ref)
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
@@ -19,7 +21,13 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::lora_forward": lora_forward_ref,
     "lowrank::lora_backward": lora_backward_ref,
     "lowrank::lora_merge_": lora_merge_ref,
+    "lowrank::monarch_forward": monarch_forward_ref,
+    "lowrank::monarch_backward": monarch_backward_ref,
+    "lowrank::blockdiag_forward": blockdiag_forward_ref,
+    "lowrank::blockdiag_backward": blockdiag_backward_ref,
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
-           "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref"]
+           "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
+           "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
+           "blockdiag_forward_ref", "blockdiag_backward_ref"]
