@@ -138,12 +138,16 @@ void transpose(const S* src, int64_t ld_src, int64_t feats, int64_t rows, D* dst
   }
 }
 
-// Rows per tile: the feature-major tiles (intermediate and output, or their gradients) fit
-// in about 1 MiB of L2, every thread gets a tile, and a tile is never narrower than 32
-// columns for the BLAS calls.
+// Rows per tile. Small blocks do few FLOPs per byte: their feature-major tiles (the
+// intermediate and the output, or their gradients) should stay in ~1 MiB of L2. Large
+// blocks are compute-bound and the weight-gradient GEMMs reduce over the tile's rows, so
+// they get longer tiles (8 MiB, measured: d = 4096, nblocks = 4 runs ~1.3x faster with 256
+// rows than with 32). Every thread gets a tile; a tile is never narrower than 32 columns.
 int64_t tile_rows(const MonarchDims& d) {
   const int64_t per_row = (d.d_mid() + std::max(d.d_out(), d.d_in())) * static_cast<int64_t>(sizeof(float));
-  const int64_t by_cache = (int64_t{1} << 20) / std::max<int64_t>(per_row, 1);
+  const bool large_blocks = std::min({d.in_bs, d.mid, d.out_bs}) >= 128;
+  const int64_t budget = large_blocks ? (int64_t{8} << 20) : (int64_t{1} << 20);
+  const int64_t by_cache = budget / std::max<int64_t>(per_row, 1);
   const int64_t by_threads = (d.n + at::get_num_threads() - 1) / at::get_num_threads();
   return std::clamp<int64_t>(std::min(by_cache, by_threads + 15) / 16 * 16, 32, 512);
 }

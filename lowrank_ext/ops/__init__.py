@@ -5,8 +5,6 @@ from . import lora, monarch, optim, quant
 # Ops whose CUDA kernels are not written yet: they have no CUDA registration (a CUDA call
 # raises the dispatcher's "no kernel for CUDA" error), and the README's op table says so.
 # tests/test_registry.py checks this set both ways.
-CPU_ONLY_OPS: frozenset[str] = frozenset({
-    "lowrank::monarch_forward", "lowrank::monarch_backward", "lowrank::blockdiag_forward", "lowrank::blockdiag_backward",
-})
+CPU_ONLY_OPS: frozenset[str] = frozenset()
 
 __all__ = ["CPU_ONLY_OPS", "lora", "monarch", "optim", "quant"]
