@@ -53,6 +53,13 @@ TORCH_LIBRARY(lowrank, m) {
   // one block-diagonal factor (BOFT / Bone style): x [N, nblocks*in_bs], w [nblocks, out_bs, in_bs]
   m.def("blockdiag_forward(Tensor x, Tensor w) -> Tensor");
   m.def("blockdiag_backward(Tensor grad_y, Tensor x, Tensor w, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_w)");
+
+  // ---- sparse: sparse adapters (SHiRA, SLTrain) on a dense weight ----
+  // weight.view(-1)[indices[a][i]] += alphas[a] * values[a][i] for each adapter a, in place; repeated
+  // indices accumulate; every index is checked before anything is written
+  m.def("sparse_scatter_add_(Tensor(a!) weight, Tensor[] indices, Tensor[] values, float[] alphas) -> ()");
+  // SDDMM: grad_values[i] = sum_n grad_out[n, rows[i]] * x[n, cols[i]]; never the dense d_out x d_in gradient
+  m.def("sddmm(Tensor grad_out, Tensor x, Tensor rows, Tensor cols) -> Tensor");
 }
 
 // Non-differentiable ops (integer outputs, in-place optimizer updates): autograd passes
@@ -62,4 +69,6 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("quantize_blockwise", torch::CppFunction::makeFallthrough());
   m.impl("dequantize_blockwise", torch::CppFunction::makeFallthrough());
   m.impl("lora_merge_", torch::CppFunction::makeFallthrough());
+  m.impl("sparse_scatter_add_", torch::CppFunction::makeFallthrough());
+  m.impl("sddmm", torch::CppFunction::makeFallthrough());
 }

@@ -172,6 +172,33 @@ def blockdiag_backward_samples(device: str) -> Iterator[Sample]:
             yield Sample((g, x, w, mask), name=f"{s.name}-mask{mask}")
 
 
+def sparse_scatter_add_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for shape, nnz in (((7, 13), 9), ((1,), 1), ((64, 33), 200), ((5, 4, 3), 0)):
+            w = torch.randn(shape, device=device, dtype=dtype)
+            numel = w.numel()
+            idx = torch.randint(0, numel, (nnz,), device=device)
+            yield Sample((w, [idx], [torch.randn(nnz, device=device, dtype=dtype)], [0.5]),
+                         name=f"{dtype}-{shape}-nnz{nnz}")
+        w = torch.randn(40, 20, device=device, dtype=dtype)  # two adapters, sorted + repeated, fp32 values
+        yield Sample((w, [torch.arange(0, 800, 7, device=device), torch.tensor([3, 3, 799, 0], device=device)],
+                      [torch.randn(115, device=device), torch.randn(4, device=device, dtype=dtype)], [1.0, -2.0]),
+                     name=f"{dtype}-two-adapters")
+
+
+def sddmm_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for n, d_out, d_in, nnz in ((1, 3, 5, 4), (300, 17, 9, 50), (0, 4, 4, 3), (37, 8, 8, 0)):
+            g = torch.randn(n, d_out, device=device, dtype=dtype)
+            x = torch.randn(n, d_in, device=device, dtype=dtype)
+            rows = torch.randint(0, d_out, (nnz,), device=device)
+            cols = torch.randint(0, d_in, (nnz,), device=device)
+            yield Sample((g, x, rows, cols), name=f"{dtype}-{n}x{d_out}x{d_in}-nnz{nnz}")
+    g = torch.randn(20, 6, device=device).t().contiguous().t()  # non-contiguous operands
+    yield Sample((g, torch.randn(6, 20, device=device).t(), torch.tensor([5, 0], device=device),
+                  torch.tensor([0, 5], device=device)), name="noncontiguous")
+
+
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
@@ -184,4 +211,6 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::monarch_backward": monarch_backward_samples,
     "lowrank::blockdiag_forward": blockdiag_forward_samples,
     "lowrank::blockdiag_backward": blockdiag_backward_samples,
+    "lowrank::sparse_scatter_add_": sparse_scatter_add_samples,
+    "lowrank::sddmm": sddmm_samples,
 }

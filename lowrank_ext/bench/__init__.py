@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "optim": "lowrank_ext.bench.optim",
     "lora": "lowrank_ext.bench.lora",
     "monarch": "lowrank_ext.bench.monarch",
+    "sparse": "lowrank_ext.bench.sparse",
 }
 
 

@@ -11,6 +11,7 @@ from .lora import lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref, lo
 from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_ref, monarch_backward_ref,
                       monarch_dense_ref, monarch_forward_ref, monarch_ref)
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
+from .sparse import sddmm_ref, sparse_scatter_add_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
 REFERENCES: dict[str, Callable] = {
@@ -25,9 +26,11 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::monarch_backward": monarch_backward_ref,
     "lowrank::blockdiag_forward": blockdiag_forward_ref,
     "lowrank::blockdiag_backward": blockdiag_backward_ref,
+    "lowrank::sparse_scatter_add_": sparse_scatter_add_ref,
+    "lowrank::sddmm": sddmm_ref,
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
            "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
-           "blockdiag_forward_ref", "blockdiag_backward_ref"]
+           "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref"]

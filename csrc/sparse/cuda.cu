@@ -1,0 +1,148 @@
+// CUDA kernels of the sparse family. UNVERIFIED: compiled in CI but never yet run on a GPU
+// (see the README's op table); the first GPU session runs tests/test_sparse.py on them.
+//
+// sparse_scatter_add_: the index check is a device reduction (aminmax) whose result the host
+// must read to raise before anything is written: one synchronisation per call, by design.
+// Then one thread per entry adds alpha * value atomically, computed in fp32 and rounded once
+// into the weight's dtype as on the CPU (fp16/bf16: a compare-and-swap on the 32-bit word
+// holding the value); repeated indices accumulate in an unspecified order, so bitwise
+// results may differ from the CPU's only where indices repeat.
+// sddmm: grad_out and x are transposed once (ATen copies), then one warp per entry reads the
+// two feature rows coalesced and reduces their dot product with shuffles, in fp32.
+#include <torch/library.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/cuda_utils.cuh"
+#include "sparse/ops.h"
+
+namespace lowrank::sparse {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// *addr = round(float(*addr) + delta), atomically.
+template <typename W>
+__device__ __forceinline__ void atomic_add_rounded_once(W* addr, acc_t<W> delta) {
+  if constexpr (sizeof(W) == 2) {
+    auto* word = reinterpret_cast<unsigned int*>(reinterpret_cast<uintptr_t>(addr) & ~uintptr_t{3});
+    const int shift = (reinterpret_cast<uintptr_t>(addr) & 2) ? 16 : 0;
+    unsigned int old = *word, assumed;
+    do {
+      assumed = old;
+      const unsigned short bits = static_cast<unsigned short>(assumed >> shift);
+      W cur;
+      memcpy(&cur, &bits, 2);
+      const W upd = static_cast<W>(static_cast<float>(cur) + delta);
+      unsigned short ub;
+      memcpy(&ub, &upd, 2);
+      const unsigned int replaced = (assumed & ~(0xffffu << shift)) | (static_cast<unsigned int>(ub) << shift);
+      old = atomicCAS(word, assumed, replaced);
+    } while (old != assumed);
+  } else {
+    atomicAdd(addr, delta);  // float, double: the add is the one rounding
+  }
+}
+
+template <typename W, typename V>
+__global__ void scatter_add_kernel(W* __restrict__ w, const int64_t* __restrict__ idx, const V* __restrict__ val,
+                                   int64_t n, acc_t<W> alpha) {
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads)
+    atomic_add_rounded_once(w + idx[i], alpha * static_cast<acc_t<W>>(val[i]));
+}
+
+// The first out-of-range index raises (naming the bound); reads two scalars back to the host.
+void check_range(const at::Tensor& idx, int64_t limit, const char* what) {
+  if (idx.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(idx);
+  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+  TORCH_CHECK(lo_v >= 0 && hi_v < limit, what, " hold values in [", lo_v, ", ", hi_v, "], out of range [0, ", limit,
+              "); nothing was written");
+}
+
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(n, kThreads), 65535)); }
+
+void sparse_scatter_add_cuda(const at::Tensor& weight, at::TensorList indices, at::TensorList values,
+                             at::ArrayRef<double> alphas) {
+  check_scatter_args(weight, indices, values, alphas);
+  const c10::cuda::OptionalCUDAGuard guard(weight.device());
+  std::vector<at::Tensor> idx(indices.size()), val(values.size());
+  for (size_t a = 0; a < indices.size(); ++a) {  // every check before the first write
+    idx[a] = indices[a].contiguous();
+    val[a] = values[a].contiguous();
+    check_range(idx[a], weight.numel(), "sparse_scatter_add_: indices");
+  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_scatter_add_cuda", [&] {
+    using W = scalar_t;
+    for (size_t a = 0; a < idx.size(); ++a) {
+      const int64_t n = idx[a].numel();
+      if (n == 0) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val[a].scalar_type(), "sparse_scatter_add_values",
+                                      [&] {
+                                        scatter_add_kernel<W, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+                                            weight.mutable_data_ptr<W>(), idx[a].const_data_ptr<int64_t>(),
+                                            val[a].const_data_ptr<scalar_t>(), n,
+                                            static_cast<acc_t<W>>(alphas[a]));
+                                        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                      });
+    }
+  });
+}
+
+// One warp per entry: dot(gt[rows_i, :], xt[cols_i, :]) over n tokens, feature-major inputs.
+template <typename T>
+__global__ void sddmm_kernel(const T* __restrict__ gt, const T* __restrict__ xt, const int64_t* __restrict__ rows,
+                             const int64_t* __restrict__ cols, int64_t nnz, int64_t n, T* __restrict__ out) {
+  using Acc = acc_t<T>;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (kThreads / 32);
+  for (int64_t i = (blockIdx.x * int64_t{kThreads} + threadIdx.x) / 32; i < nnz; i += warps) {
+    const T* g = gt + rows[i] * n;
+    const T* x = xt + cols[i] * n;
+    Acc s = 0;
+    for (int64_t k = lane; k < n; k += 32) s += static_cast<Acc>(g[k]) * static_cast<Acc>(x[k]);
+#pragma unroll
+    for (int mask = 16; mask > 0; mask >>= 1) s += __shfl_xor_sync(0xffffffffu, s, mask);
+    if (lane == 0) out[i] = static_cast<T>(s);
+  }
+}
+
+at::Tensor sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rows_in,
+                      const at::Tensor& cols_in) {
+  check_sddmm_args(grad_out, x, rows_in, cols_in);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
+  check_range(rows, grad_out.size(1), "sddmm: rows");
+  check_range(cols, x.size(1), "sddmm: cols");
+  const int64_t nnz = rows.numel(), n = x.size(0);
+  at::Tensor out = at::empty({nnz}, x.options());
+  if (nnz == 0) return out;
+  const at::Tensor gt = grad_out.t().contiguous(), xt = x.t().contiguous();  // [d_out, N], [d_in, N]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm_cuda", [&] {
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(nnz, kThreads / 32), 65535));
+    sddmm_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+        cols.const_data_ptr<int64_t>(), nnz, n, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("sparse_scatter_add_", TORCH_FN(sparse_scatter_add_cuda));
+  m.impl("sddmm", TORCH_FN(sddmm_cuda));
+}
+
+}  // namespace lowrank::sparse

@@ -1,0 +1,202 @@
+"""Sparse adapters as layers: SparseAdapterLinear (SHiRA) and SLTrainLinear (SLTrain)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.sparse import sddmm
+
+__all__ = ["SparseAdapterLinear", "SLTrainLinear", "choose_support"]
+
+
+def choose_support(weight: torch.Tensor, nnz: int, how: str = "random", grad: torch.Tensor | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """Sorted unique flat indices of ``nnz`` entries of ``weight``: ``random`` (seeded),
+    ``magnitude`` (largest |W|) or ``gradient`` (largest |grad|, e.g. accumulated over a few
+    batches, as SHiRA's gradient mask)."""
+    numel = weight.numel()
+    if not 1 <= nnz <= numel:
+        raise ValueError(f"nnz must be in [1, {numel}], got {nnz}")
+    if how == "random":
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(numel, generator=g)[:nnz]
+    elif how == "magnitude":
+        idx = weight.detach().abs().flatten().float().topk(nnz).indices.cpu()
+    elif how == "gradient":
+        if grad is None or grad.shape != weight.shape:
+            raise ValueError("support='gradient' needs grad, a tensor of the weight's shape")
+        idx = grad.detach().abs().flatten().float().topk(nnz).indices.cpu()
+    else:
+        raise ValueError(f"support must be 'random', 'magnitude' or 'gradient', got {how!r}")
+    return idx.sort().values.to(weight.device)
+
+
+class _FusedSparseLinear(torch.autograd.Function):
+    """y = x W_eff^T + b, with W_eff = W + S already in place: one GEMM. Backward: grad x by
+    the same W_eff, grad of S's values by SDDMM at its support; W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows, cols):
+        ctx.save_for_backward(x, weight, rows, cols)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rows, cols = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_values = sddmm(grad_y, x, rows, cols) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_values, None, None
+
+
+class SparseAdapterLinear(nn.Module):
+    """SHiRA: a frozen ``nn.Linear`` plus trainable values on a fixed sparse support, with
+    zero forward overhead: the layer keeps ``W_eff = W + S`` in ``base_layer.weight`` itself
+    (no clone of W, one GEMM per forward) and the values' gradient comes from SDDMM (no dense
+    weight gradient).
+
+    W_eff follows the values lazily: each forward first folds in what changed since the last
+    one (the parameter's version counter tells), so an optimizer step needs no extra call.
+    Under ``torch.compile`` call :meth:`sync_` after each step yourself. The base entries
+    under the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
+
+    Example::
+
+        layer = SparseAdapterLinear(nn.Linear(256, 256), density=0.02)    # random support
+        opt = torch.optim.AdamW([layer.values], lr=1e-3)
+        layer(torch.randn(8, 256)).square().mean().backward(); opt.step()
+        adapter = layer.adapter()                   # (indices, values), see lowrank_ext.sparse
+        base = layer.unfuse()                       # the original nn.Linear, weight restored exactly
+    """
+
+    def __init__(self, base_layer: nn.Linear, density: float | None = None, nnz: int | None = None,
+                 support: str | torch.Tensor = "random", grad: torch.Tensor | None = None, seed: int = 0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SparseAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        weight = base_layer.weight
+        if not weight.is_contiguous():
+            raise ValueError("the base layer's weight must be contiguous")
+        if isinstance(support, torch.Tensor):
+            idx = support.to(device=weight.device, dtype=torch.int64).flatten().unique(sorted=True)
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= weight.numel()):
+                raise ValueError(f"support indices out of range for a weight of {weight.numel()} elements")
+        else:
+            if (density is None) == (nnz is None):
+                raise ValueError("give exactly one of density and nnz")
+            if nnz is None:
+                if not 0.0 < density <= 1.0:
+                    raise ValueError(f"density must be in (0, 1], got {density}")
+                nnz = max(1, round(density * weight.numel()))
+            idx = choose_support(weight, nnz, support, grad, seed)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.register_buffer("indices", idx)
+        self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())  # W under the support
+        self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=weight.dtype, device=weight.device))
+        self.register_buffer("applied", torch.zeros_like(self.values.detach()))  # what W_eff holds now
+        self._synced_version = -1
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.indices // self.base_layer.in_features
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return self.indices % self.base_layer.in_features
+
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Fold the values' change since the last sync into W_eff (W_eff[support] = W + values,
+        written from the kept base entries, so rounding never accumulates over steps)."""
+        w = self.base_layer.weight.view(-1)
+        w[self.indices] = (self.base_values.float() + self.values.float()).to(w.dtype)
+        self.applied.copy_(self.values)
+        self._synced_version = self.values._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.values._version != self._synced_version:
+            self.sync_()
+        w = self.base_layer.weight
+        return _FusedSparseLinear.apply(x, w, self.base_layer.bias, self.values, self.rows, self.cols)
+
+    def adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) of this layer's adapter (flat indices into the weight)."""
+        return self.indices.clone(), self.values.detach().clone()
+
+    @torch.no_grad()
+    def unfuse(self) -> nn.Linear:
+        """The base layer with W restored exactly (the adapter leaves it)."""
+        self.base_layer.weight.view(-1)[self.indices] = self.base_values
+        self.applied.zero_()
+        self._synced_version = -1
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        w = self.base_layer.weight
+        return f"nnz={self.indices.numel()} ({self.indices.numel() / w.numel():.2%} of {tuple(w.shape)})"
+
+
+class SLTrainLinear(nn.Module):
+    """SLTrain: ``W = B A + S`` trained from scratch, with B [out, r], A [r, in] and S sparse
+    on a random fixed support (``density`` of the entries). ``y = (x A^T) B^T + x S^T``: the
+    sparse part runs as one GEMM against a dense buffer holding S in place (zeros elsewhere)
+    and its values' gradient comes from SDDMM, so there is no dense weight gradient and no
+    optimizer state of weight size (the buffer is weight-sized).
+
+    Example::
+
+        layer = SLTrainLinear(512, 512, rank=64, density=0.03)
+        layer(torch.randn(4, 512)).sum().backward()    # grads of lora-style A, B and S's values
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, density: float, bias: bool = True,
+                 seed: int = 0, *, device=None, dtype=None):
+        super().__init__()
+        if not (isinstance(rank, int) and 1 <= rank <= min(in_features, out_features)):
+            raise ValueError(f"rank must be an int in [1, {min(in_features, out_features)}], got {rank!r}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        kw = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_buffer("sparse_weight", torch.zeros(out_features, in_features, **kw))
+        nnz = max(1, round(density * in_features * out_features))
+        self.register_buffer("indices", choose_support(self.sparse_weight, nnz, "random", seed=seed))
+        self.values = nn.Parameter(torch.empty(nnz, **kw))
+        self._synced_version = -1
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # W = B A + S starts like a kaiming-uniform dense layer split between the two parts
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))
+        nn.init.uniform_(self.lora_B, -math.sqrt(bound / self.rank), math.sqrt(bound / self.rank))
+        nn.init.uniform_(self.values, -bound, bound)
+        self._synced_version = -1
+
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Write the current values into the dense S buffer (done by forward when they changed)."""
+        self.sparse_weight.view(-1)[self.indices] = self.values.to(self.sparse_weight.dtype)
+        self._synced_version = self.values._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.values._version != self._synced_version:
+            self.sync_()
+        rows, cols = self.indices // self.in_features, self.indices % self.in_features
+        y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
+        return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight B A + S."""
+        s = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        s[self.indices] = self.values.detach()
+        return self.lora_B.detach() @ self.lora_A.detach() + s.view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"nnz={self.indices.numel()}")

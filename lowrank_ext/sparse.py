@@ -1,0 +1,146 @@
+"""Sparse adapters on a model: fuse (apply) and unfuse (remove) SHiRA-style adapters —
+flat indices and values per linear layer — and save / load them with safetensors.
+
+An adapter is a dict ``{module name: (indices, values)}``, the names those of the model's
+``nn.Linear`` layers (or of :class:`~lowrank_ext.nn.SparseAdapterLinear` layers, whose base
+weight is used). Switching is ``apply`` / ``remove``: one fused scatter per weight for any
+number of adapters, no GEMM, no clone of the weights.
+
+Example::
+
+    import torch
+    from torch import nn
+    from lowrank_ext import sparse
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    idx = torch.randperm(64 * 64)[:80].sort().values
+    adapter = {"0": (idx, torch.randn(80) * 0.01)}
+    handle = sparse.apply(model, adapter, alpha=1.0)      # W[idx] += alpha * values
+    sparse.save(adapter, "/tmp/adapter.safetensors")
+    sparse.remove(model, handle)                         # the weights back bit for bit
+    again = sparse.load("/tmp/adapter.safetensors")
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .ops.sparse import sparse_scatter_add_
+
+__all__ = ["apply", "remove", "save", "load", "from_model", "Handle"]
+
+Adapter = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Handle:
+    """What :func:`apply` did: per weight, the adapters' indices, values and alphas, and the
+    weight's entries there before (restored exactly when this is the last apply not yet removed)."""
+    entries: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[float], torch.Tensor]] = \
+        field(default_factory=dict)
+    removed: bool = False
+    # its backups hold an adapter applied earlier and removed since (out of order): subtract instead
+    exact: bool = True
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    module = model.get_submodule(name)
+    module = getattr(module, "base_layer", module)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+    return module.weight
+
+
+def _stack(model: nn.Module) -> list[Handle]:
+    if not hasattr(model, "_lowrank_sparse_handles"):
+        object.__setattr__(model, "_lowrank_sparse_handles", [])
+    return model._lowrank_sparse_handles
+
+
+@torch.no_grad()
+def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float | Sequence[float] = 1.0) -> Handle:
+    """Adds ``alpha * values`` at each adapter's indices into the named weights, in place: several
+    adapters (a list, with one alpha each or one for all) fuse in one scatter per weight.
+    Every index of every adapter is checked before any weight is written."""
+    if isinstance(adapters, Mapping):
+        adapters = [adapters]
+    alphas = [float(alpha)] * len(adapters) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if len(alphas) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(alphas)} alphas")
+    handle = Handle()
+    per_weight: dict[str, tuple[list, list, list]] = {}
+    for adapter, a in zip(adapters, alphas):
+        for name, (idx, val) in adapter.items():
+            w = _weight(model, name)
+            i, v, al = per_weight.setdefault(name, ([], [], []))
+            i.append(idx.to(device=w.device, dtype=torch.int64))
+            v.append(val.to(w.device))
+            al.append(a)
+    for name, (i, v, al) in per_weight.items():  # validate everything before the first write
+        numel = _weight(model, name).numel()
+        for t in i:
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
+                raise RuntimeError(f"adapter indices for {name!r} are out of range for its {numel} weights; "
+                                   "nothing was written")
+    for name, (i, v, al) in per_weight.items():
+        w = _weight(model, name)
+        before = w.view(-1)[torch.cat(i)].clone()
+        sparse_scatter_add_(w, i, v, al)
+        handle.entries[name] = (i, v, al, before)
+    _stack(model).append(handle)
+    return handle
+
+
+@torch.no_grad()
+def remove(model: nn.Module, handle: Handle) -> None:
+    """Undoes :func:`apply`. The most recent apply not yet removed is undone exactly (its weights'
+    previous entries are written back); an older one is subtracted (exact up to rounding), and
+    the applies made after it are subtracted too when their turn comes (their saved entries
+    still hold it)."""
+    if handle.removed:
+        raise ValueError("this adapter handle was already removed")
+    stack = _stack(model)
+    if handle not in stack:
+        raise ValueError("this handle was not applied to this model")
+    last = stack[-1] is handle
+    if not last:
+        for later in stack[stack.index(handle) + 1:]:
+            later.exact = False
+    for name, (i, v, al, before) in handle.entries.items():
+        w = _weight(model, name)
+        if last and handle.exact:
+            w.view(-1)[torch.cat(i)] = before
+        else:
+            sparse_scatter_add_(w, i, v, [-a for a in al])
+    stack.remove(handle)
+    handle.removed = True
+
+
+def from_model(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter trained in a model's SparseAdapterLinear layers, by module name."""
+    from .nn.sparse import SparseAdapterLinear
+    return {name: m.adapter() for name, m in model.named_modules() if isinstance(m, SparseAdapterLinear)}
+
+
+def save(adapter: Adapter, path: str) -> None:
+    """Writes ``{name}.indices`` and ``{name}.values`` tensors to a safetensors file."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, (idx, val) in adapter.items():
+        tensors[f"{name}.indices"] = idx.detach().to("cpu", torch.int64).contiguous()
+        tensors[f"{name}.values"] = val.detach().cpu().contiguous()
+    save_file(tensors, path)
+
+
+def load(path: str, device: str | torch.device = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Reads an adapter written by :func:`save`."""
+    from safetensors.torch import load_file
+    tensors = load_file(path, device=str(device))
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    missing = [n for n in names if f"{n}.indices" not in tensors or f"{n}.values" not in tensors]
+    if missing:
+        raise ValueError(f"{path}: no indices or values for {missing}")
+    return {n: (tensors[f"{n}.indices"], tensors[f"{n}.values"]) for n in names}

@@ -1,0 +1,323 @@
+"""The sparse family: sparse_scatter_add_ against a serial loop and the fp64 reference
+(repeated indices, several adapters, thread boundaries), its all-or-nothing index check,
+sddmm against the dense gradient gathered, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_ext.ops.sparse import sddmm, sparse_scatter_add_
+from lowrank_ext.reference.sparse import sddmm_ref, sparse_scatter_add_ref
+from tolerances import ACCUMULATE
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _serial_loop(weight, indices, values, alphas):
+    """The documented semantics, one entry at a time: w = round(w + alpha * v) in fp32 (fp64 for fp64)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    flat = weight.view(-1)
+    for idx, val, alpha in zip(indices, values, alphas):
+        a = torch.tensor(alpha, dtype=acc)
+        for j, v in zip(idx.tolist(), val.to(acc)):
+            flat[j] = (flat[j].to(acc) + a * v).to(weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unique_indices_match_the_formula_exactly(device, dtype):
+    w = torch.randn(64, 129).to(dtype).to(device)
+    idx = torch.randperm(w.numel(), device=device)[:1000]
+    v = torch.randn(1000, device=device).to(dtype)
+    want = w.clone()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want.view(-1)[idx] = (w.view(-1)[idx].to(acc) + torch.tensor(0.3, dtype=acc) * v.to(acc)).to(dtype)
+    sparse_scatter_add_(w, idx, v, 0.3)
+    assert torch.equal(w, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_repeated_indices_equal_a_serial_loop(dtype, order):
+    # 20000 entries over a small weight: many repeats, and several threads' ranges
+    w = torch.randn(30, 50).to(dtype)
+    idx = torch.randint(0, w.numel(), (20000,))
+    if order == "sorted":
+        idx = idx.sort().values
+    v = torch.randn(20000).to(dtype)
+    want = w.clone()
+    _serial_loop(want, [idx], [v], [0.5])
+    sparse_scatter_add_(w, idx, v, 0.5)
+    assert torch.equal(w, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_several_adapters_match_reference(device, dtype):
+    w = torch.randn(100, 77).to(dtype).to(device)
+    idx = [torch.randint(0, w.numel(), (n,), device=device) for n in (3000, 10, 500)]
+    idx[0] = idx[0].sort().values
+    vals = [torch.randn(3000, device=device).to(dtype), torch.randn(10, device=device), torch.randn(500, device=device)]
+    alphas = [1.0, -0.25, 2.0]
+    want = w.cpu().clone()
+    sparse_scatter_add_ref(want, [i.cpu() for i in idx], [v.cpu() for v in vals], alphas)
+    sparse_scatter_add_(w, idx, vals, alphas)
+    atol, rtol = ACCUMULATE[dtype]
+    torch.testing.assert_close(w.cpu(), want, atol=4 * atol, rtol=4 * rtol)
+
+
+def test_apply_then_remove_restores_within_rounding():
+    w0 = torch.randn(256, 256)
+    w = w0.clone()
+    idx = torch.randperm(w.numel())[:655]
+    v = torch.randn(655)
+    sparse_scatter_add_(w, idx, v, 0.8)
+    assert not torch.equal(w, w0)
+    sparse_scatter_add_(w, idx, v, -0.8)
+    # two roundings per touched entry, each at most half an ulp of |w| + |0.8 v|
+    bound = (w0.abs() + 0.8 * v.abs().max()) * 2.0 ** -23
+    assert bool(((w - w0).abs() <= bound).all())
+    untouched = torch.ones(w.numel(), dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(w.view(-1)[untouched], w0.view(-1)[untouched])
+
+
+def test_out_of_range_index_writes_nothing(device):
+    w = torch.randn(10, 10, device=device)
+    w0 = w.clone()
+    good = torch.arange(0, 100, 3, device=device)
+    for bad in (torch.tensor([5, 100], device=device), torch.tensor([-1, 2], device=device)):
+        with pytest.raises(RuntimeError, match="out of range"):
+            # the bad index is in the second adapter: the first must not be applied either
+            sparse_scatter_add_(w, [good, bad], [torch.ones(34, device=device), torch.ones(2, device=device)], 1.0)
+        assert torch.equal(w, w0)
+
+
+def test_scatter_bad_inputs():
+    w = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        sparse_scatter_add_(w.t(), torch.tensor([1]), torch.ones(1))
+    with pytest.raises(TypeError, match="int64"):
+        sparse_scatter_add_(w, torch.tensor([1], dtype=torch.int32), torch.ones(1))
+    with pytest.raises(RuntimeError, match="one value per index"):
+        sparse_scatter_add_(w, torch.tensor([1, 2]), torch.ones(3))
+    with pytest.raises(RuntimeError, match="one length"):
+        torch.ops.lowrank.sparse_scatter_add_(w, [torch.tensor([1])], [torch.ones(1)], [1.0, 2.0])
+    with pytest.raises(TypeError, match="weight must be"):
+        sparse_scatter_add_(torch.zeros(4, dtype=torch.int32), torch.tensor([1]), torch.ones(1))
+    with pytest.raises(RuntimeError, match="finite"):
+        sparse_scatter_add_(w, torch.tensor([1]), torch.ones(1), float("nan"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 4), (300, 17, 9, 50), (513, 64, 40, 2000), (0, 4, 4, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_sddmm_matches_reference_and_dense_gradient(device, dtype, shape):
+    n, d_out, d_in, nnz = shape
+    g = torch.randn(n, d_out).to(dtype).to(device)
+    x = torch.randn(n, d_in).to(dtype).to(device)
+    rows = torch.randint(0, d_out, (nnz,), device=device)
+    cols = torch.randint(0, d_in, (nnz,), device=device)
+    got = sddmm(g, x, rows, cols)
+    assert got.dtype == dtype and got.shape == (nnz,)
+    dense = g.cpu().double().t() @ x.cpu().double()  # the [d_out, d_in] gradient the op avoids
+    want = dense[rows.cpu(), cols.cpu()]
+    atol, rtol = ACCUMULATE[dtype]
+    scale = max(float(want.abs().max()) if nnz else 0.0, 1.0) * max(n, 1) ** 0.5
+    torch.testing.assert_close(got.cpu().double(), want, atol=atol * scale, rtol=rtol)
+    torch.testing.assert_close(got.cpu(), sddmm_ref(g.cpu(), x.cpu(), rows.cpu(), cols.cpu()),
+                               atol=atol * scale, rtol=rtol)
+
+
+def test_sddmm_is_the_weight_gradient_of_the_sampled_entries():
+    x = torch.randn(4, 6, 32)
+    weight = torch.randn(24, 32, requires_grad=True)
+    y = x @ weight.t()
+    g = torch.randn_like(y)
+    y.backward(g)
+    rows, cols = torch.randint(0, 24, (100,)), torch.randint(0, 32, (100,))
+    torch.testing.assert_close(sddmm(g, x, rows, cols), weight.grad[rows, cols], rtol=1e-5, atol=1e-5)
+
+
+def test_sddmm_bad_inputs():
+    g, x = torch.randn(5, 4), torch.randn(5, 6)
+    ok = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        sddmm(g, x, torch.tensor([0, 4]), ok)
+    with pytest.raises(RuntimeError, match="out of range"):
+        sddmm(g, x, ok, torch.tensor([-1, 0]))
+    with pytest.raises(RuntimeError, match="one N"):
+        sddmm(torch.randn(4, 4), x, ok, ok)
+    with pytest.raises(TypeError, match="grad_out is"):
+        sddmm(g.double(), x, ok, ok)
+    with pytest.raises(RuntimeError, match="one length"):
+        sddmm(g, x, ok, torch.tensor([0]))
+
+
+# ---- layers and adapter switching ---------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from lowrank_ext import sparse  # noqa: E402
+from lowrank_ext.nn import SLTrainLinear, SparseAdapterLinear, choose_support  # noqa: E402
+
+
+def _dense_mask_reference(base: nn.Linear, idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor, g: torch.Tensor):
+    """y and the values' gradient from a dense masked formulation: W_eff = W + scatter(values)."""
+    v = values.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    s = torch.zeros(base.weight.numel(), dtype=v.dtype).index_put((idx,), v).view_as(base.weight)
+    y = torch.nn.functional.linear(xr, base.weight.detach() + s, base.bias.detach())
+    y.backward(g)
+    return y.detach(), xr.grad, v.grad
+
+
+@pytest.mark.parametrize("support", ["random", "magnitude", "gradient"])
+def test_shira_layer_matches_dense_mask_reference_and_trains(support):
+    base = nn.Linear(48, 40)
+    w0 = base.weight.detach().clone()
+    grad = torch.randn(40, 48) if support == "gradient" else None
+    layer = SparseAdapterLinear(base, density=0.05, support=support, grad=grad, seed=3)
+    nnz = layer.indices.numel()
+    assert nnz == round(0.05 * 48 * 40) and torch.equal(layer.indices, layer.indices.unique(sorted=True))
+    if support == "magnitude":
+        assert torch.equal(layer.indices, w0.abs().flatten().topk(nnz).indices.sort().values)
+    opt = torch.optim.SGD([layer.values], lr=0.5)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    for _ in range(3):  # the forward folds each step's change into W_eff
+        g = torch.randn(3, 7, 40)
+        y = layer(x)
+        ref_base = nn.Linear(48, 40)
+        with torch.no_grad():
+            ref_base.weight.copy_(w0)
+            ref_base.bias.copy_(base.bias)
+        y_ref, gx_ref, gv_ref = _dense_mask_reference(ref_base, layer.indices, layer.values, x, g)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        x.grad = None
+        opt.zero_grad()
+        y.backward(g)
+        torch.testing.assert_close(x.grad, gx_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.values.grad, gv_ref, rtol=1e-5, atol=1e-4)
+        assert base.weight.grad is None  # no dense weight gradient
+        opt.step()
+    restored = layer.unfuse()
+    assert restored is base and torch.equal(base.weight, w0)  # bit-exact
+
+
+def test_shira_layer_compiles_with_explicit_sync():
+    layer = SparseAdapterLinear(nn.Linear(32, 16), nnz=40)
+    with torch.no_grad():
+        layer.values.normal_()
+    layer.sync_()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 32, requires_grad=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    gv, = torch.autograd.grad(y.sum(), [layer.values])
+    torch.testing.assert_close(gv, sddmm(torch.ones(5, 16), x.detach(), layer.rows, layer.cols))
+
+
+def test_shira_layer_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        SparseAdapterLinear(nn.Conv1d(2, 2, 1), density=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        SparseAdapterLinear(nn.Linear(4, 4), density=0.1, nnz=2)
+    with pytest.raises(ValueError, match="density"):
+        SparseAdapterLinear(nn.Linear(4, 4), density=1.5)
+    with pytest.raises(ValueError, match="support must be"):
+        SparseAdapterLinear(nn.Linear(4, 4), nnz=2, support="best")
+    with pytest.raises(ValueError, match="needs grad"):
+        choose_support(torch.randn(4, 4), 2, "gradient")
+    with pytest.raises(ValueError, match="out of range"):
+        SparseAdapterLinear(nn.Linear(4, 4), support=torch.tensor([0, 16]))
+
+
+def _model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _adapter(model, names=("0", "2"), density=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        nnz = int(density * w.numel())
+        out[name] = (torch.randperm(w.numel(), generator=g)[:nnz].sort().values, torch.randn(nnz, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_then_remove_restores_bit_exactly(dtype):
+    model = _model().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = _adapter(model, seed=0), _adapter(model, seed=1)
+    h1 = sparse.apply(model, a, alpha=0.5)
+    w = model[0].weight.detach().clone()
+    want = before["0.weight"].clone()
+    sparse_scatter_add_ref(want, [a["0"][0]], [a["0"][1].to(dtype)], [0.5])
+    atol, rtol = ACCUMULATE[dtype]
+    torch.testing.assert_close(w, want, atol=atol, rtol=rtol)
+    h2 = sparse.apply(model, [a, b], alpha=[1.0, -2.0])  # two adapters fused in one call
+    sparse.remove(model, h2)
+    sparse.remove(model, h1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_remove_out_of_order_subtracts():
+    model = _model()
+    before = model[0].weight.detach().clone()
+    h1 = sparse.apply(model, _adapter(model, seed=0))
+    h2 = sparse.apply(model, _adapter(model, seed=1))
+    sparse.remove(model, h1)  # not the last one: subtracted, exact up to rounding
+    sparse.remove(model, h2)  # its saved entries still hold h1: subtracted as well
+    torch.testing.assert_close(model[0].weight, before, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="already removed"):
+        sparse.remove(model, h1)
+
+
+def test_apply_checks_every_index_first():
+    model = _model()
+    before = model[0].weight.detach().clone()
+    bad = {"0": (torch.tensor([0, 1]), torch.ones(2)), "2": (torch.tensor([5, 10 ** 6]), torch.ones(2))}
+    with pytest.raises(RuntimeError, match="out of range"):
+        sparse.apply(model, bad)
+    assert torch.equal(model[0].weight, before)
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        sparse.apply(model, {"1": (torch.tensor([0]), torch.ones(1))})
+
+
+def test_adapter_save_load_roundtrip_and_from_model(tmp_path):
+    model = _model()
+    model[0] = SparseAdapterLinear(model[0], density=0.1)
+    with torch.no_grad():
+        model[0].values.normal_()
+    adapter = sparse.from_model(model)
+    assert list(adapter) == ["0"]
+    path = str(tmp_path / "a.safetensors")
+    sparse.save(adapter, path)
+    loaded = sparse.load(path)
+    assert torch.equal(loaded["0"][0], adapter["0"][0]) and torch.equal(loaded["0"][1], adapter["0"][1])
+    # applying the loaded adapter to a fresh copy of the base model gives the trained layer's output
+    fresh = _model()
+    sparse.apply(fresh, loaded)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sltrain_layer_matches_dense_and_has_no_dense_weight_grad():
+    layer = SLTrainLinear(40, 24, rank=4, density=0.1)
+    x = torch.randn(6, 40, requires_grad=True)
+    y = layer(x)
+    w = layer.to_dense()
+    torch.testing.assert_close(y, x @ w.t() + layer.bias, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dense_grad = g.t() @ x.detach()  # [24, 40]
+    torch.testing.assert_close(layer.values.grad, dense_grad.view(-1)[layer.indices], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, dense_grad @ layer.lora_A.detach().t(), rtol=1e-4, atol=1e-5)
+    assert layer.sparse_weight.grad is None and not layer.sparse_weight.requires_grad
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    opt.step()  # the next forward picks the new values up
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        SLTrainLinear(8, 8, rank=9, density=0.1)
