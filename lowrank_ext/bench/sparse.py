@@ -18,6 +18,13 @@ Check: the weights after apply+remove (or the gradient values) against the refer
 within 1e-4 of their max magnitude (LoRA fusion: shape only). GB/s: apply+remove counts
 the index and value reads and the weight entries' read and write, twice; sddmm counts
 the 2 N nnz FLOPs (TFLOP/s).
+
+* ``shira fwd+bwd``: one SHiRA layer [d, d] with r (d + d) trainable entries (PEFT's count for
+  rank r), forward + grads of x and the values. Providers: the frozen ``nn.Linear`` alone
+  (the reference: grad of x only; target: ours <= 1.2x its time), ours
+  (``SparseAdapterLinear``), PEFT's SHiRA layer (clones W every forward). Each row's note
+  gives the activation bytes its autograd graph saves (frozen weight and adapter excluded).
+  Check: y and grad x against the frozen layer's (the adapter starts at zero).
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shap
 REFERENCE, OURS = "reference", "lowrank_ext"
 INDEX_ADD, SCATTER_ADD, LORA = "torch index_add_", "torch scatter_add_", "LoRA fusion (W.addmm_)"
 DENSE_GATHER, SAMPLED = "dense grad + gather", "torch.sparse.sampled_addmm"
-TARGET_VS_LORA, TARGET_VS_SCATTER, TARGET_VS_SAMPLED = 10.0, 1.5, 1.5
+FROZEN, SHIRA_OURS, PEFT_SHIRA = "frozen nn.Linear", "lowrank_ext SparseAdapterLinear", "PEFT SHiRA"
+TARGET_VS_LORA, TARGET_VS_SCATTER, TARGET_VS_SAMPLED, TARGET_VS_FROZEN = 10.0, 1.5, 1.5, 1.2
 
 
 def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[Case]:
@@ -41,7 +49,12 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[
                                         int(r["r"]))
         nnz = int(d * d * dens)
         params = {"op": op, "layers": layers, "n": n, "d": d, "nnz": nnz, "r": rank}
-        if op == "apply+remove":
+        if op == "shira fwd+bwd":
+            nnz = rank * 2 * d  # PEFT's SHiRA: r (m + n) entries
+            params["nnz"] = nnz
+            out.append(Case(family="sparse", op=op, label=f"N={n} d={d} nnz={nnz} ({nnz / d / d:.1%})",
+                            params=params, flops=4.0 * n * d * d))
+        elif op == "apply+remove":
             label = f"{layers} x {d}x{d} ({layers * d * d / 1e6:.0f}M params) {dens:.0%}"
             out.append(Case(family="sparse", op=op, label=label, params=params,
                             bytes=2.0 * layers * nnz * (8 + 4 + 4 + 4)))
@@ -58,6 +71,9 @@ def make_inputs(case: Case, device: torch.device) -> dict:
 
     def support():
         return torch.randperm(d * d, generator=g)[:nnz].sort().values.to(device)
+    if p["op"] == "shira fwd+bwd":
+        return {"x": torch.randn(p["n"], d, generator=g).to(device), "g": torch.randn(p["n"], d, generator=g).to(device),
+                "w": (torch.randn(d, d, generator=g) * d ** -0.5).to(device), "b": torch.zeros(d, device=device)}
     if p["op"] == "apply+remove":
         weights = [torch.randn(d, d, generator=g).to(device) for _ in range(p["layers"])]
         idx = [support() for _ in weights]
@@ -145,14 +161,64 @@ def _sampled(case: Case, inputs: dict) -> Timed:
     return Timed(fn=fn, output=fn(), note="CSR mask built outside the timing; mat1 = grad_out.t()")
 
 
+def _layer_timed(inputs: dict, layer_fn, wrt: list[torch.Tensor], frozen: list[torch.Tensor]) -> Timed:
+    from .lora import _saved_bytes
+    g = inputs["g"]
+
+    def step():
+        y = layer_fn()
+        return (y.detach(), torch.autograd.grad(y, wrt, g)[0])
+    out = step()
+    return Timed(fn=step, output=out, note=f"saves {_saved_bytes(layer_fn, frozen) / 2 ** 20:.1f} MiB")
+
+
+def _base_linear(inputs: dict) -> torch.nn.Linear:
+    d = inputs["w"].shape[0]
+    base = torch.nn.Linear(d, d, device=inputs["w"].device)
+    with torch.no_grad():
+        base.weight.copy_(inputs["w"])
+        base.bias.copy_(inputs["b"])
+    return base.requires_grad_(False)
+
+
+def _shira_frozen(case: Case, inputs: dict) -> Timed:
+    x = inputs["x"].clone().requires_grad_(True)
+    base = _base_linear(inputs)
+    return _layer_timed(inputs, lambda: base(x), [x], [base.weight, base.bias])
+
+
+def _shira_ours(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext.nn import SparseAdapterLinear
+    x = inputs["x"].clone().requires_grad_(True)
+    layer = SparseAdapterLinear(_base_linear(inputs), nnz=case.params["nnz"])
+    return _layer_timed(inputs, lambda: layer(x), [x, layer.values], [layer.base_layer.weight, layer.base_layer.bias,
+                                                                       layer.values])
+
+
+def _shira_peft(case: Case, inputs: dict) -> Timed:
+    from . import peers
+    mod, why = peers.load("peft")
+    if mod is None or not hasattr(mod, "ShiraConfig"):
+        raise SkipProvider(why or "this PEFT has no SHiRA")
+    base = _base_linear(inputs)
+    model = mod.get_peft_model(torch.nn.Sequential(base), mod.ShiraConfig(r=case.params["r"], target_modules=["0"]))
+    layer = model.base_model.model[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = inputs["x"].clone().requires_grad_(True)
+    return _layer_timed(inputs, lambda: layer(x), [x, *params], [base.weight, base.bias, *params])
+
+
 def _is(op):
     return lambda case: case.params["op"] == op
 
 
 def providers(device: torch.device) -> list[Provider]:
     return [
-        Provider(REFERENCE, "reference", _reference, slow=True),
-        Provider(OURS, "ours", _ours),
+        Provider(REFERENCE, "reference", _reference, slow=True, applies=lambda c: c.params["op"] != "shira fwd+bwd"),
+        Provider(OURS, "ours", _ours, applies=lambda c: c.params["op"] != "shira fwd+bwd"),
+        Provider(FROZEN, "reference", _shira_frozen, applies=_is("shira fwd+bwd")),
+        Provider(SHIRA_OURS, "ours", _shira_ours, applies=_is("shira fwd+bwd")),
+        Provider(PEFT_SHIRA, "peer", _shira_peft, peer="peft", applies=_is("shira fwd+bwd")),
         Provider(INDEX_ADD, "peer", _index_add, applies=_is("apply+remove")),
         Provider(SCATTER_ADD, "peer", _scatter_add, applies=_is("apply+remove")),
         Provider(LORA, "peer", _lora, slow=True, applies=_is("apply+remove")),
@@ -162,6 +228,8 @@ def providers(device: torch.device) -> list[Provider]:
 
 
 def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | None:
+    if case.params["op"] == "shira fwd+bwd":  # y and grad x; the adapter starts at zero: equal to the frozen layer's
+        ref_out, out = ref_out[:2], out[:2]
     for i, (o, r) in enumerate(zip(out, ref_out)):
         if o.shape != r.shape:
             return f"output {i}: shape {tuple(o.shape)} vs {tuple(r.shape)}"
@@ -180,6 +248,14 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
     for r in rows:
         by_case.setdefault(r.case.key, {})[r.provider] = r
     for key, rs in by_case.items():
+        shira, frozen, peft = rs.get(SHIRA_OURS), rs.get(FROZEN), rs.get(PEFT_SHIRA)
+        if shira and shira.status == "ok" and frozen and frozen.status == "ok":
+            vs = shira.median_s / frozen.median_s
+            line = (f"{key}: SparseAdapterLinear {shira.median_s * 1e3:.1f} ms = {vs:.2f}x the frozen linear (target "
+                    f"<= {TARGET_VS_FROZEN:g}x: {'met' if vs <= TARGET_VS_FROZEN else 'NOT met'}), {shira.note}")
+            if peft and peft.status == "ok":
+                line += f"; PEFT SHiRA {peft.median_s * 1e3:.1f} ms, {peft.note}"
+            lines.append(line)
         ours = rs.get(OURS)
         if not ours or ours.status != "ok":
             continue
