@@ -154,6 +154,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_close(names, outs, refs, tol: float) -> str | None:
+    """None if every output is within ``tol * max |ref|`` of its reference (max abs error),
+    else why not: the families' common correctness check."""
+    for name, o, r in zip(names, outs, refs):
+        if o.shape != r.shape:
+            return f"{name}: shape {tuple(o.shape)} vs {tuple(r.shape)}"
+        scale = float(r.double().abs().max()) if r.numel() else 0.0
+        scale = scale or 1.0
+        err = float((o.double() - r.double()).abs().max()) if r.numel() else 0.0
+        if not err <= tol * scale:
+            return f"{name}: max error {err:.3g} > {tol:g} * max |ref| {scale:.3g}"
+    return None
+
+
 def load_shapes(family: str) -> list[dict[str, str]]:
     """Rows of ``benchmarks/shapes/<family>.csv`` ('#' lines are comments).
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import peers
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes
 
 SEED = 1234
 REFERENCE, OURS, FROZEN, PEFT = "reference (unfused)", "lowrank_ext", "frozen nn.Linear", "PEFT LoRA"
@@ -163,12 +163,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
                 return f"output {i}: shape {tuple(o.shape)} vs {tuple(r.shape)}, or non-finite"
         return None
     tol = 1e-4 if case.params["dtype"] == torch.float32 else 2e-2
-    for name, o, r in zip(("y", "grad x", "grad A", "grad B"), out, ref_out):
-        scale = float(r.float().abs().max()) or 1.0
-        err = float((o.float() - r.float()).abs().max())
-        if not err <= tol * scale:
-            return f"{name}: max error {err:.3g} > {tol:g} * max |ref| {scale:.3g}"
-    return None
+    return check_close(("y", "grad x", "grad A", "grad B"), out, ref_out, tol)
 
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:

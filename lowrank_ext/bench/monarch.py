@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Family, Provider, Row, Timed, load_shapes
+from .harness import Case, Family, Provider, Row, Timed, check_close, load_shapes
 
 REFERENCE, OURS, DENSE, GEMMS = "reference (bmm)", "lowrank_ext", "dense nn.Linear", "same-size GEMMs"
 TARGET_VS_REFERENCE = 1.5
@@ -134,12 +134,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
     if provider.name in (DENSE, GEMMS):
         return None  # other products: timed for comparison only
     tol = 1e-4 if case.params["dtype"] == torch.float32 else 3e-2
-    for name, o, r in zip(("y", "grad x", "grad w1", "grad w2"), out, ref_out):
-        scale = float(r.float().abs().max()) or 1.0
-        err = float((o.float() - r.float()).abs().max())
-        if not err <= tol * scale:
-            return f"{name}: max error {err:.3g} > {tol:g} * max |ref| {scale:.3g}"
-    return None
+    return check_close(("y", "grad x", "grad w1", "grad w2"), out, ref_out, tol)
 
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
