@@ -60,6 +60,18 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("sparse_scatter_add_(Tensor(a!) weight, Tensor[] indices, Tensor[] values, float[] alphas) -> ()");
   // SDDMM: grad_values[i] = sum_n grad_out[n, rows[i]] * x[n, cols[i]]; never the dense d_out x d_in gradient
   m.def("sddmm(Tensor grad_out, Tensor x, Tensor rows, Tensor cols) -> Tensor");
+
+  // ---- svd: randomized and streaming SVD, batched small SVD (fp16/bf16 computed and returned in fp32) ----
+  // Y = A Omega for A [m, n] or [b, m, n]; Omega [n, l] standard normal from Philox(seed), never stored
+  m.def("gaussian_sketch(Tensor A, int l, int seed) -> Tensor");
+  // one-sided Jacobi SVD of small matrices A [.., m, n] (min(m, n) up to a few hundred):
+  // U [.., m, p], S [.., p] descending, Vh [.., p, n], p = min(m, n); U's columns sign-fixed
+  m.def("jacobi_svd(Tensor A) -> (Tensor U, Tensor S, Tensor Vh)");
+  // randomized SVD, top k of A [.., m, n]: sketch of k + oversample columns, n_iter power
+  // iterations, shifted CholeskyQR3 (Householder fallback), Jacobi on the small factor
+  m.def("rsvd(Tensor A, int k, int oversample=10, int n_iter=2, int seed=0) -> (Tensor U, Tensor S, Tensor Vh)");
+  // incremental SVD: the top k of [U diag(S), X] for new columns X [m, c]
+  m.def("svd_update(Tensor U, Tensor S, Tensor X, int k) -> (Tensor U_new, Tensor S_new)");
 }
 
 // Non-differentiable ops (integer outputs, in-place optimizer updates): autograd passes
@@ -71,4 +83,8 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("lora_merge_", torch::CppFunction::makeFallthrough());
   m.impl("sparse_scatter_add_", torch::CppFunction::makeFallthrough());
   m.impl("sddmm", torch::CppFunction::makeFallthrough());
+  m.impl("gaussian_sketch", torch::CppFunction::makeFallthrough());
+  m.impl("jacobi_svd", torch::CppFunction::makeFallthrough());
+  m.impl("rsvd", torch::CppFunction::makeFallthrough());
+  m.impl("svd_update", torch::CppFunction::makeFallthrough());
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (torch's libraries must be loaded before _C)
 
 from . import _C
-from . import nn, ops, optim, quant, reference, sparse  # noqa: F401  (registers fakes; user-facing helpers)
+from . import init, linalg, nn, ops, optim, quant, reference, sparse  # noqa: F401  (registers fakes; user-facing helpers)
 
 __version__: str = _C.BUILD_INFO["version"]
 
@@ -22,4 +22,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "nn", "ops", "optim", "quant", "reference", "sparse", "__version__"]
+__all__ = ["build_info", "init", "linalg", "nn", "ops", "optim", "quant", "reference", "sparse", "__version__"]

@@ -199,6 +199,49 @@ def sddmm_samples(device: str) -> Iterator[Sample]:
                   torch.tensor([0, 5], device=device)), name="noncontiguous")
 
 
+def _decaying(m: int, n: int, device, dtype=torch.float32, batch: tuple = ()) -> torch.Tensor:
+    """A [.., m, n] with singular values 0.8^i (orthogonal factors from QR of Gaussians)."""
+    p = min(m, n)
+    u = torch.linalg.qr(torch.randn(*batch, m, p, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(*batch, n, p, dtype=torch.float64)).Q
+    s = 0.8 ** torch.arange(p, dtype=torch.float64)
+    return ((u * s) @ v.transpose(-2, -1)).to(device=device, dtype=dtype)
+
+
+def gaussian_sketch_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for shape, l in (((7, 13), 5), ((1, 1), 1), ((2, 40, 600), 9), ((5, 3), 0)):
+            yield Sample((torch.randn(shape, device=device, dtype=dtype), l, 1234), name=f"{dtype}-{shape}-l{l}")
+    yield Sample((torch.randn(30, 20, device=device).t(), 4, -1), name="noncontiguous-negative-seed")
+
+
+def jacobi_svd_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for shape in ((6, 4), (4, 6), (1, 1), (3, 17, 17), (2, 50, 9), (0, 5, 5)):
+            yield Sample((torch.randn(shape, device=device, dtype=dtype),), name=f"{dtype}-{shape}")
+    yield Sample((torch.zeros(5, 3, device=device),), name="zero")
+    yield Sample((torch.randn(40, 10, device=device).t(),), name="noncontiguous")
+
+
+def rsvd_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        yield Sample((_decaying(40, 30, device, dtype), 5), name=f"{dtype}-tall")
+        yield Sample((_decaying(20, 70, device, dtype), 3, 4, 1, 7), name=f"{dtype}-wide")
+    yield Sample((_decaying(33, 33, device, batch=(3,)), 8, 2, 0, 1), name="batched-no-power")
+    yield Sample((torch.zeros(9, 6, device=device), 2), name="zero")
+    yield Sample((torch.randn(12, 1, device=device), 1, 0), name="one-column")
+
+
+def svd_update_samples(device: str) -> Iterator[Sample]:
+    for dtype in (torch.float32, torch.float64):
+        a = _decaying(30, 12, device, dtype)
+        u, s, _ = torch.linalg.svd(a[:, :6], full_matrices=False)
+        yield Sample((u[:, :4], s[:4], a[:, 6:], 5), name=f"{dtype}")
+        yield Sample((u[:, :0], s[:0], a, 3), name=f"{dtype}-empty-start")
+    yield Sample((torch.linalg.qr(torch.randn(8, 3, device=device)).Q, torch.ones(3, device=device),
+                  torch.randn(8, 200, device=device, dtype=torch.bfloat16), 8), name="blocks-bf16-k=m")
+
+
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
@@ -213,4 +256,8 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::blockdiag_backward": blockdiag_backward_samples,
     "lowrank::sparse_scatter_add_": sparse_scatter_add_samples,
     "lowrank::sddmm": sddmm_samples,
+    "lowrank::gaussian_sketch": gaussian_sketch_samples,
+    "lowrank::jacobi_svd": jacobi_svd_samples,
+    "lowrank::rsvd": rsvd_samples,
+    "lowrank::svd_update": svd_update_samples,
 }

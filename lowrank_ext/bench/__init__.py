@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "lora": "lowrank_ext.bench.lora",
     "monarch": "lowrank_ext.bench.monarch",
     "sparse": "lowrank_ext.bench.sparse",
+    "svd": "lowrank_ext.bench.svd",
 }
 
 

@@ -12,6 +12,7 @@ from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_r
                       monarch_dense_ref, monarch_forward_ref, monarch_ref)
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .sparse import sddmm_ref, sparse_scatter_add_ref
+from .svd import gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
 REFERENCES: dict[str, Callable] = {
@@ -28,9 +29,14 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::blockdiag_backward": blockdiag_backward_ref,
     "lowrank::sparse_scatter_add_": sparse_scatter_add_ref,
     "lowrank::sddmm": sddmm_ref,
+    "lowrank::gaussian_sketch": gaussian_sketch_ref,
+    "lowrank::jacobi_svd": jacobi_svd_ref,
+    "lowrank::rsvd": rsvd_ref,
+    "lowrank::svd_update": svd_update_ref,
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
            "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
-           "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref"]
+           "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref",
+           "gaussian_sketch_ref", "sketch_matrix_ref", "jacobi_svd_ref", "rsvd_ref", "svd_update_ref"]

@@ -1,0 +1,267 @@
+// Argument checks and the device-generic drivers of the svd family. The drivers are plain
+// ATen code (GEMMs, Cholesky and triangular solves go to the vendor libraries through ATen)
+// around the family's two kernels, the Gaussian sketch and the one-sided Jacobi SVD.
+#include "svd/ops.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/linalg_cholesky_ex.h>
+#include <ATen/ops/linalg_qr.h>
+#include <ATen/ops/linalg_solve_triangular.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "common/checks.h"
+
+namespace lowrank::svd {
+namespace {
+
+bool is_svd_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// The family's ops called through the dispatcher, so a driver reaches each device's kernel.
+at::Tensor call_gaussian_sketch(const at::Tensor& a, int64_t l, int64_t seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowrank::gaussian_sketch", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(a, l, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_jacobi_svd(const at::Tensor& a) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lowrank::jacobi_svd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(a);
+}
+
+double unit_roundoff(at::ScalarType t) {
+  return t == at::kDouble ? std::numeric_limits<double>::epsilon() / 2 : std::numeric_limits<float>::epsilon() / 2;
+}
+
+// Deterministic signs: each column of U has its largest-magnitude entry (the first, on ties)
+// positive; the matching row of Vh flips with it, so U S Vh is unchanged.
+void fix_signs(at::Tensor& u, at::Tensor* vh) {
+  if (u.numel() == 0) return;
+  const at::Tensor idx = u.abs().argmax(-2, /*keepdim=*/true);  // [b, 1, p]
+  at::Tensor sign = u.gather(-2, idx).sign();
+  sign = at::where(sign == 0, at::ones_like(sign), sign);
+  u = u * sign;
+  if (vh) *vh = *vh * sign.transpose(-2, -1);
+}
+
+struct Orthonormal {
+  at::Tensor q, r;  // y = q r, q [b, m, l] orthonormal columns, r [b, l, l] upper triangular
+};
+
+// Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SISC 2020): a first
+// CholeskyQR pass on Y^T Y + s I, s = 11 (m l + l (l + 1)) u ||Y||_F^2, cannot break down for
+// any finite Y of full numerical rank and leaves kappa(Q1) <= ~u^-1/2, where plain CholeskyQR2
+// is accurate; two plain passes follow. Every pass is two GEMMs (the Gram, and Y R^-1 with the
+// l x l inverse formed first, twice as fast as a TRSM on the tall Y): no Householder panel
+// factorisation, where GPUs lose time on tall-skinny matrices. The third pass's Gram doubles
+// as the check: if Q2^T Q2 is far from I (Y rank deficient, zero or not finite) or a Cholesky
+// fails, that batch entry falls back to Householder QR, which is orthonormal whatever Y is.
+// `passes` = 1 keeps only the shifted pass: a well-conditioned (not orthonormal) basis of the
+// same span, all the power iterations need between products (as LU is used in fbpca).
+Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
+  const int64_t m = y.size(1), l = y.size(2);
+  const double u = unit_roundoff(y.scalar_type());
+  const at::Tensor eye = at::eye(l, y.options()).unsqueeze(0);
+  at::Tensor ok = at::ones({y.size(0)}, y.options().dtype(at::kBool));
+  auto pass = [&](const at::Tensor& q_in, const at::Tensor& gram) {
+    auto [r, info] = at::linalg_cholesky_ex(gram, /*upper=*/true);
+    ok = ok & (info == 0);
+    const at::Tensor r_inv = at::linalg_solve_triangular(r, eye.expand_as(r), /*upper=*/true);
+    return std::make_pair(at::bmm(q_in, r_inv), r);
+  };
+  const at::Tensor shift = y.square().sum({1, 2}, /*keepdim=*/true) * (11.0 * (double(m) * l + double(l) * (l + 1)) * u);
+  auto [q, r] = pass(y, at::bmm(y.transpose(1, 2), y) + shift * eye);
+  if (passes > 1) {
+    auto [q2, r2] = pass(q, at::bmm(q.transpose(1, 2), q));
+    const at::Tensor gram3 = at::bmm(q2.transpose(1, 2), q2);
+    ok = ok & ((gram3 - eye).abs().amax({1, 2}) <= 0.1);  // false for NaN too
+    auto [q3, r3] = pass(q2, gram3);
+    q = q3;
+    r = at::bmm(r3, at::bmm(r2, r));
+  }
+  // The fallback decision reads `ok` on the host: free on CPU (the only device the drivers are
+  // registered for so far); a CUDA registration must take it without a sync (see the README).
+  const at::Tensor bad = (~ok).nonzero().squeeze(1);
+  if (bad.numel() > 0) {
+    auto [qh, rh] = at::linalg_qr(y.index_select(0, bad), "reduced");
+    q = q.index_copy(0, bad, qh);
+    r = r.index_copy(0, bad, rh);
+  }
+  return {q, r};
+}
+
+// Outputs are contiguous (what the fake kernels promise), without the batch dim of a 2-D input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(bool unbatch, const at::Tensor& u, const at::Tensor& s,
+                                                      const at::Tensor& vh) {
+  if (unbatch) return {u.squeeze(0).contiguous(), s.squeeze(0).contiguous(), vh.squeeze(0).contiguous()};
+  return {u.contiguous(), s.contiguous(), vh.contiguous()};
+}
+
+at::Tensor as_batched_work(const at::Tensor& a) {
+  const at::Tensor b = a.dim() == 2 ? a.unsqueeze(0) : a;
+  return b.to(work_dtype(a.scalar_type())).contiguous();
+}
+
+}  // namespace
+
+at::ScalarType work_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_matrix_arg(const at::Tensor& a, const char* op, const char* name) {
+  TORCH_CHECK(a.dim() == 2 || a.dim() == 3, op, ": ", name, " must be 2-D [m, n] or 3-D [batch, m, n], got shape ",
+              a.sizes());
+  TORCH_CHECK_TYPE(is_svd_dtype(a.scalar_type()), op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", a.scalar_type());
+}
+
+void check_sketch_args(const at::Tensor& a, int64_t l) {
+  check_matrix_arg(a, "gaussian_sketch", "A");
+  TORCH_CHECK(l >= 0, "gaussian_sketch: the number of sketch columns l must be >= 0, got ", l);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tensor& a_in, JacobiKernel kernel) {
+  check_matrix_arg(a_in, "jacobi_svd", "A");
+  const at::Tensor a = as_batched_work(a_in);
+  const int64_t batch = a.size(0), m = a.size(1), n = a.size(2), p = std::min(m, n);
+  const bool wide = m < n;
+  const at::Tensor tall = wide ? a.transpose(1, 2) : a;  // [batch, mm, p], mm >= p
+  at::Tensor u, s, vh;
+  if (p == 0 || batch == 0) {
+    u = at::zeros({batch, tall.size(1), p}, a.options());
+    s = at::zeros({batch, p}, a.options());
+    vh = at::zeros({batch, p, p}, a.options());
+  } else {
+    // A tall matrix is first reduced to its p x p triangle: Jacobi then rotates p-long columns.
+    at::Tensor q_tall;
+    at::Tensor work = tall;
+    if (tall.size(1) >= 2 * p) std::tie(q_tall, work) = at::linalg_qr(tall, "reduced");
+    at::Tensor cols = work.transpose(1, 2).clone(at::MemoryFormat::Contiguous);  // row j = column j; never A itself
+    at::Tensor v = at::eye(p, a.options()).unsqueeze(0).repeat({batch, 1, 1});  // row j = column j of V
+    kernel(cols, v);
+    s = at::linalg_vector_norm(cols, 2, {2});
+    const at::Tensor order = at::argsort(s, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+    s = s.gather(1, order);
+    cols = cols.gather(1, order.unsqueeze(2).expand_as(cols));
+    vh = v.gather(1, order.unsqueeze(2).expand_as(v));
+    const at::Tensor nonzero = (s > 0).unsqueeze(2);
+    u = at::where(nonzero, cols / at::where(nonzero, s.unsqueeze(2), at::ones_like(s).unsqueeze(2)),
+                  at::zeros_like(cols)).transpose(1, 2);
+    // Zero singular values leave zero columns: complete U to orthonormal columns with a
+    // Householder QR, which keeps the (already orthonormal) others up to sign.
+    if (!(s.device().is_cpu()) || (s == 0).any().item<bool>()) {
+      auto [qc, rc] = at::linalg_qr(u, "reduced");
+      at::Tensor sign = rc.diagonal(0, 1, 2).sign();
+      sign = at::where(sign == 0, at::ones_like(sign), sign);
+      u = qc * sign.unsqueeze(1);
+    }
+    if (q_tall.defined()) u = at::bmm(q_tall, u);
+  }
+  if (wide) {  // A^T = U S Vh  =>  A = Vh^T S U^T
+    std::swap(u, vh);
+    u = u.transpose(1, 2).contiguous();
+    vh = vh.transpose(1, 2).contiguous();
+  }
+  fix_signs(u, &vh);
+  return finish(a_in.dim() == 2, u, s, vh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_in, int64_t k, int64_t oversample,
+                                                           int64_t n_iter, int64_t seed) {
+  const char* op = "rsvd";
+  check_matrix_arg(a_in, op, "A");
+  const int64_t m = a_in.size(-2), n = a_in.size(-1);
+  TORCH_CHECK(k >= 1 && k <= std::min(m, n), op, ": k must be in [1, min(m, n)] = [1, ", std::min(m, n),
+              "] for A of shape ", a_in.sizes(), ", got k = ", k);
+  TORCH_CHECK(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
+  TORCH_CHECK(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  const at::Tensor a = as_batched_work(a_in);
+  const at::Tensor at_ = a.transpose(1, 2);
+  const int64_t l = std::min(k + oversample, std::min(m, n));
+
+  // Range finder with power iterations, re-conditioned after every product (Halko et al.,
+  // Algorithm 4.4): in fp32 an unorthonormalised (A A^T)^q A Omega loses all but the top
+  // directions to rounding. Only the final basis needs to be orthonormal.
+  at::Tensor q = call_gaussian_sketch(a, l, seed);
+  for (int64_t i = 0; i < n_iter; ++i) {
+    const at::Tensor z = orthonormalize(at::bmm(at_, orthonormalize(q, 1).q), 1).q;
+    q = at::bmm(a, z);
+  }
+  q = orthonormalize(q).q;
+  // A ~ Q Q^T A = Q Z^T with Z = A^T Q = Q2 R, so A ~ Q R^T Q2^T: only the l x l R^T needs an
+  // SVD (the Jacobi kernel), and both factors come out of GEMMs.
+  const Orthonormal z = orthonormalize(at::bmm(at_, q));
+  auto [ur, sr, vhr] = call_jacobi_svd(z.r.transpose(1, 2));
+  at::Tensor u = at::bmm(q, ur.narrow(2, 0, k));
+  at::Tensor s = sr.narrow(1, 0, k).contiguous();
+  at::Tensor vh = at::bmm(vhr.narrow(1, 0, k), z.q.transpose(1, 2));
+  fix_signs(u, &vh);
+  return finish(a_in.dim() == 2, u, s, vh);
+}
+
+std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, const at::Tensor& s_in,
+                                                     const at::Tensor& x_in, int64_t k) {
+  const char* op = "svd_update";
+  TORCH_CHECK(u_in.dim() == 2 && x_in.dim() == 2 && s_in.dim() == 1, op,
+              ": U must be [m, k0], S [k0] and X [m, c], got shapes ", u_in.sizes(), ", ", s_in.sizes(), " and ",
+              x_in.sizes());
+  TORCH_CHECK(u_in.size(0) == x_in.size(0) && s_in.size(0) == u_in.size(1), op, ": U ", u_in.sizes(), ", S ",
+              s_in.sizes(), " and X ", x_in.sizes(), " do not fit together (U [m, k0], S [k0], X [m, c])");
+  for (const auto* t : {&u_in, &s_in, &x_in})
+    TORCH_CHECK_TYPE(is_svd_dtype(t->scalar_type()), op, ": U, S and X must be float tensors, got ",
+                     t->scalar_type());
+  check_same_device(u_in, x_in, op, "U", "X");
+  check_same_device(s_in, x_in, op, "S", "X");
+  const int64_t m = x_in.size(0);
+  const int64_t k_max = std::min(m, u_in.size(1) + x_in.size(1));
+  TORCH_CHECK(k >= 1 && k <= k_max, op, ": k must be in [1, min(m, k0 + c)] = [1, ", k_max, "], got ", k);
+  const at::ScalarType wt =
+      (u_in.scalar_type() == at::kDouble || x_in.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  at::Tensor u = u_in.to(wt), s = s_in.to(wt);
+  const at::Tensor x = x_in.to(wt);
+  // Columns are taken in blocks of at most max(64, 2k): the small SVD is of a (k0 + c)^2 matrix;
+  // and of at most m, so that the residual's orthonormal basis is [m, c].
+  const int64_t block = std::min<int64_t>(std::max<int64_t>(64, 2 * k), m);
+  for (int64_t c0 = 0; c0 < x.size(1); c0 += block) {
+    const at::Tensor xb = x.narrow(1, c0, std::min(block, x.size(1) - c0));
+    const int64_t k0 = u.size(1), c = xb.size(1);
+    // Project out the current basis twice (classical Gram-Schmidt twice is orthogonal to
+    // working precision), then orthonormalise the residual.
+    at::Tensor coef = at::mm(u.t(), xb);
+    at::Tensor resid = xb - at::mm(u, coef);
+    const at::Tensor coef2 = at::mm(u.t(), resid);
+    resid = resid - at::mm(u, coef2);
+    coef = coef + coef2;
+    const Orthonormal qr = orthonormalize(resid.unsqueeze(0));
+    // [U Q] [[diag(S), C], [0, R]] = [U S, X]: the SVD of the small middle matrix updates U, S.
+    at::Tensor middle = at::zeros({k0 + c, k0 + c}, x.options());
+    middle.narrow(0, 0, k0).narrow(1, 0, k0).diagonal().copy_(s);
+    middle.narrow(0, 0, k0).narrow(1, k0, c).copy_(coef);
+    middle.narrow(0, k0, c).narrow(1, k0, c).copy_(qr.r.squeeze(0));
+    auto [um, sm, vhm] = call_jacobi_svd(middle);
+    const int64_t keep = std::min(k, k0 + c);
+    u = at::mm(at::cat({u, qr.q.squeeze(0)}, 1), um.narrow(1, 0, keep));
+    s = sm.narrow(0, 0, keep).contiguous();
+  }
+  fix_signs(u, nullptr);
+  return {u.contiguous(), s.contiguous()};
+}
+
+}  // namespace lowrank::svd

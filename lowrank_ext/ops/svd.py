@@ -1,0 +1,98 @@
+"""Randomized and streaming SVD: ``torch.ops.lowrank.{gaussian_sketch, jacobi_svd, rsvd,
+svd_update}`` with their fake registrations.
+
+    gaussian_sketch(A, l, seed):    A @ Omega, Omega [n, l] Gaussian from Philox(seed), never stored
+    jacobi_svd(A):                  U, S, Vh of small matrices [.., m, n] (one-sided Jacobi)
+    rsvd(A, k, oversample, n_iter, seed):   the top-k SVD of A [.., m, n], randomized
+    svd_update(U, S, X, k):         the top-k left factors of [U diag(S), X]
+
+fp16/bf16 inputs are computed, and returned, in fp32; fp64 stays fp64. Results are
+reproducible for a seed (one thread count or many) and sign-fixed: each column of U has its
+largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU only
+so far (no CUDA registration: a CUDA tensor raises the dispatcher's error; see the README).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gaussian_sketch", "jacobi_svd", "rsvd", "svd_update"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _work(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gaussian_sketch(a: torch.Tensor, l: int, seed: int = 0) -> torch.Tensor:
+    """``A @ Omega`` for ``A [m, n]`` or ``[b, m, n]``: ``Omega [n, l]`` standard normal from
+    Philox(seed) (the same for every batch entry), generated panel by panel."""
+    return torch.ops.lowrank.gaussian_sketch(a, l, seed)
+
+
+def jacobi_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD ``A = U diag(S) Vh`` of ``A [..., m, n]`` (any leading dims), by one-sided
+    Jacobi, one matrix per thread: for many small matrices (min(m, n) up to a few hundred).
+
+    >>> import torch, lowrank_ext
+    >>> a = torch.randn(8, 20, 6, dtype=torch.float64)
+    >>> u, s, vh = lowrank_ext.ops.svd.jacobi_svd(a)
+    >>> torch.allclose(u @ torch.diag_embed(s) @ vh, a)
+    True
+    """
+    lead = a.shape[:-2]
+    u, s, vh = torch.ops.lowrank.jacobi_svd(a.reshape(-1, *a.shape[-2:]))
+    return u.reshape(*lead, *u.shape[1:]), s.reshape(*lead, s.shape[-1]), vh.reshape(*lead, *vh.shape[1:])
+
+
+def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
+         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` SVD of ``A [m, n]`` or ``[b, m, n]`` by randomized range finding
+    (``k + oversample`` sketch columns, ``n_iter`` power iterations)."""
+    return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, seed)
+
+
+def svd_update(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold new columns ``X [m, c]`` into a truncated SVD ``U [m, k0], S [k0]``: the top ``k``
+    left singular vectors and values of ``[U diag(S), X]`` (exact when that matrix has rank
+    <= k; X is taken in blocks of min(m, max(64, 2k)) columns, truncating to k after each)."""
+    return torch.ops.lowrank.svd_update(u, s, x, k)
+
+
+def _check_matrix(a, op):
+    torch._check(a.dim() in (2, 3), lambda: f"{op}: A must be [m, n] or [b, m, n], got {tuple(a.shape)}")
+    torch._check(a.dtype in _DTYPES, lambda: f"{op}: A must be a float tensor, got {a.dtype}")
+
+
+@torch.library.register_fake("lowrank::gaussian_sketch")
+def _gaussian_sketch_fake(a, l, seed):
+    _check_matrix(a, "gaussian_sketch")
+    torch._check(l >= 0, lambda: f"gaussian_sketch: l must be >= 0, got {l}")
+    return a.new_empty(*a.shape[:-1], l, dtype=_work(a.dtype))
+
+
+@torch.library.register_fake("lowrank::jacobi_svd")
+def _jacobi_svd_fake(a):
+    _check_matrix(a, "jacobi_svd")
+    m, n = a.shape[-2:]
+    p = min(m, n)
+    lead, wt = a.shape[:-2], _work(a.dtype)
+    return a.new_empty(*lead, m, p, dtype=wt), a.new_empty(*lead, p, dtype=wt), a.new_empty(*lead, p, n, dtype=wt)
+
+
+@torch.library.register_fake("lowrank::rsvd")
+def _rsvd_fake(a, k, oversample=10, n_iter=2, seed=0):
+    _check_matrix(a, "rsvd")
+    m, n = a.shape[-2:]
+    torch._check(1 <= k <= min(m, n), lambda: f"rsvd: k must be in [1, min(m, n)], got {k}")
+    lead, wt = a.shape[:-2], _work(a.dtype)
+    return a.new_empty(*lead, m, k, dtype=wt), a.new_empty(*lead, k, dtype=wt), a.new_empty(*lead, k, n, dtype=wt)
+
+
+@torch.library.register_fake("lowrank::svd_update")
+def _svd_update_fake(u, s, x, k):
+    torch._check(u.dim() == 2 and s.dim() == 1 and x.dim() == 2 and u.shape[0] == x.shape[0]
+                 and s.shape[0] == u.shape[1], lambda: "svd_update: U [m, k0], S [k0], X [m, c]")
+    torch._check(1 <= k <= min(x.shape[0], u.shape[1] + x.shape[1]), lambda: f"svd_update: bad k = {k}")
+    wt = torch.float64 if torch.float64 in (u.dtype, x.dtype) else torch.float32
+    return x.new_empty(x.shape[0], k, dtype=wt), x.new_empty(k, dtype=wt)

@@ -1,0 +1,377 @@
+"""The svd family: the Gaussian sketch against the Philox reference, the Jacobi SVD against
+LAPACK (torch.linalg.svd), rsvd against the optimal rank-k error (spectra built with known
+singular values) and the fp64 reference algorithm, the streaming update against the SVD of
+the whole matrix (principal angles), reproducibility, bad inputs; the SVD-based LoRA
+initialisations (PiSSA, EVA, LoRA-SB) against what they are defined to produce. CPU kernels
+only so far: the ops have no CUDA registration (tests/test_registry.py checks that)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowrank_ext import init, linalg
+from lowrank_ext.nn import LoRALinear, inject_lora
+from lowrank_ext.ops import svd as ops
+from lowrank_ext.reference.svd import gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _with_spectrum(m, n, s, dtype=torch.float64, batch=()):
+    """A [.., m, n] = U diag(s) V^T with random orthonormal U, V (fp64 QR of Gaussians)."""
+    p = s.shape[-1]
+    u = torch.linalg.qr(torch.randn(*batch, m, p, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(*batch, n, p, dtype=torch.float64)).Q
+    return ((u * s.double()) @ v.transpose(-2, -1)).to(dtype)
+
+
+def _orth_err(q):
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return float((q.transpose(-2, -1) @ q - eye).abs().max())
+
+
+def _principal_angle_sines(u1, u2):
+    """Sines of the principal angles between the column spans of orthonormal u1 and u2: the
+    singular values of (I - u2 u2^T) u1 (accurate for small angles, unlike sqrt(1 - cos^2))."""
+    u1, u2 = u1.double(), u2.double()
+    return torch.linalg.svdvals(u1 - u2 @ (u2.transpose(-2, -1) @ u1))
+
+
+# ---------------------------------------------------------------------------- gaussian_sketch
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,l", [((7, 13), 5), ((3, 40, 700), 9), ((1, 1), 1), ((2, 9), 0)])
+def test_sketch_matches_reference(dtype, shape, l):
+    a = torch.randn(shape).to(dtype)
+    y = ops.gaussian_sketch(a, l, seed=99)
+    want = gaussian_sketch_ref(a, l, 99)
+    assert y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert y.shape == (*shape[:-1], l)
+    # Omega agrees to a few fp32 ulps (libm log/sin/cos vs torch's); the products then round
+    torch.testing.assert_close(y, want, atol=1e-5 * a.float().abs().sum(-1).max().item(), rtol=1e-5)
+
+
+def test_sketch_is_a_standard_normal_nested_in_l():
+    omega = ops.gaussian_sketch(torch.eye(2000), 50, seed=3)  # A = I: Omega itself
+    assert abs(omega.mean().item()) < 0.01 and abs(omega.var().item() - 1) < 0.01
+    assert abs(((omega ** 4).mean() / 3 - 1).item()) < 0.03  # Gaussian kurtosis
+    torch.testing.assert_close(omega, sketch_matrix_ref(2000, 50, 3), atol=2e-6, rtol=2e-6)
+    wider = ops.gaussian_sketch(torch.eye(2000), 80, seed=3)
+    assert torch.equal(wider[:, :50], omega)  # column-major indexing: a wider sketch extends it
+    assert not torch.equal(ops.gaussian_sketch(torch.eye(2000), 50, seed=4), omega)
+
+
+def test_sketch_panels_and_batch_share_omega():
+    a = torch.randn(3, 5, 1500)  # 1500 columns: three 512-row panels of Omega
+    y = ops.gaussian_sketch(a, 7, seed=1)
+    for i in range(3):
+        # GEMM blocking differs between 15 and 5 rows: sums of 1500 products agree to rounding
+        torch.testing.assert_close(y[i], ops.gaussian_sketch(a[i], 7, seed=1), atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- jacobi_svd
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (1, 1), (5, 1), (1, 5), (40, 40), (300, 20), (20, 300),
+                                   (8, 33, 17), (2, 256, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jacobi_matches_lapack(shape, dtype):
+    a = torch.randn(shape, dtype=dtype)
+    u, s, vh = ops.jacobi_svd(a)
+    ur, sr, vhr = jacobi_svd_ref(a)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    scale = sr.max().item()
+    torch.testing.assert_close(s, sr, atol=tol * scale * 10, rtol=0)
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, a, atol=tol * scale * 10, rtol=0)
+    assert _orth_err(u) < tol * 50 and _orth_err(vh.transpose(-2, -1)) < tol * 50
+    # Gaussian matrices have distinct singular values: with the sign rule the vectors are unique
+    gap = (sr[..., :-1] - sr[..., 1:]).min().item() if sr.shape[-1] > 1 else 1.0
+    vec_tol = tol * 10 * scale / gap
+    torch.testing.assert_close(u, ur, atol=vec_tol, rtol=0)
+    torch.testing.assert_close(vh, vhr, atol=vec_tol, rtol=0)
+
+
+def test_jacobi_small_singular_values_to_high_relative_accuracy():
+    # graded: one-sided Jacobi keeps relative accuracy in the small singular values
+    s = torch.logspace(0, -10, 12, dtype=torch.float64)
+    a = _with_spectrum(30, 12, s)
+    got = ops.jacobi_svd(a)[1]
+    torch.testing.assert_close(got, s, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jacobi_half_inputs_computed_in_fp32(dtype):
+    a = torch.randn(4, 20, 10).to(dtype)
+    u, s, vh = ops.jacobi_svd(a)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(s, torch.linalg.svdvals(a.double()).float(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7)])
+def test_jacobi_rank_deficient_and_zero(shape):
+    m, n = shape
+    a = torch.randn(m, 2, dtype=torch.float64) @ torch.randn(2, n, dtype=torch.float64)
+    for mat in (a, torch.zeros(m, n, dtype=torch.float64)):
+        u, s, vh = ops.jacobi_svd(mat)
+        assert _orth_err(u) < 1e-12 and _orth_err(vh.transpose(0, 1)) < 1e-12  # completed to orthonormal
+        torch.testing.assert_close(u @ torch.diag(s) @ vh, mat, atol=1e-12, rtol=0)
+        torch.testing.assert_close(s, torch.linalg.svdvals(mat), atol=1e-12, rtol=0)
+
+
+def test_jacobi_batch_equals_loop_and_leading_dims():
+    a = torch.randn(2, 3, 9, 6)
+    u, s, vh = ops.jacobi_svd(a)
+    assert u.shape == (2, 3, 9, 6) and s.shape == (2, 3, 6) and vh.shape == (2, 3, 6, 6)
+    for i in range(2):
+        for j in range(3):
+            ui, si, vhi = ops.jacobi_svd(a[i, j])
+            assert torch.equal(si, s[i, j]) and torch.equal(ui, u[i, j]) and torch.equal(vhi, vh[i, j])
+
+
+def test_jacobi_does_not_modify_input():
+    for shape in ((4, 6), (6, 4), (30, 5)):
+        a = torch.randn(shape)
+        before = a.clone()
+        ops.jacobi_svd(a)
+        assert torch.equal(a, before)
+
+
+def test_jacobi_empty():
+    u, s, vh = ops.jacobi_svd(torch.randn(0, 4, 3))
+    assert u.shape == (0, 4, 3) and s.shape == (0, 3) and vh.shape == (0, 3, 3)
+
+
+# ---------------------------------------------------------------------------- rsvd
+
+DECAYS = {"geometric": lambda p: 0.9 ** torch.arange(p, dtype=torch.float64),
+          "polynomial": lambda p: 1.0 / (1.0 + torch.arange(p, dtype=torch.float64)),
+          "slow": lambda p: (1.0 + torch.arange(p, dtype=torch.float64)) ** -0.5}
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("shape,k", [((400, 300), 20), ((250, 500), 32), ((1000, 120), 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype):
+    m, n = shape
+    s = DECAYS[decay](min(m, n))
+    a = _with_spectrum(m, n, s, dtype)
+    u, sv, vh = linalg.rsvd(a, k, oversample=10, n_iter=2, seed=0)
+    assert u.shape == (m, k) and sv.shape == (k,) and vh.shape == (k, n) and u.dtype == dtype
+    err = torch.linalg.matrix_norm((u.double() * sv.double()) @ vh.double() - a.double())
+    optimal = s[k:].square().sum().sqrt()
+    assert err / optimal <= 1.05, f"error / optimal = {float(err / optimal):.4f}"
+    orth_tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert _orth_err(u) < orth_tol and _orth_err(vh.transpose(0, 1)) < orth_tol
+    assert bool((sv[:-1] >= sv[1:]).all())
+
+
+def test_rsvd_matches_the_fp64_reference_algorithm():
+    s = 0.8 ** torch.arange(60, dtype=torch.float64)
+    a = _with_spectrum(90, 60, s)
+    u, sv, vh = ops.rsvd(a, 8, 6, 1, 5)
+    ur, svr, vhr = rsvd_ref(a, 8, 6, 1, 5)  # same sketch, Householder QR, LAPACK SVD
+    # CholeskyQR vs Householder: rounding differences of ~u * kappa of the power-iterated bases
+    torch.testing.assert_close(sv, svr, atol=1e-10, rtol=0)
+    torch.testing.assert_close(u, ur, atol=1e-9, rtol=0)
+    torch.testing.assert_close(vh, vhr, atol=1e-9, rtol=0)
+
+
+def test_rsvd_exact_on_low_rank_and_reproducible():
+    a = torch.randn(200, 12) @ torch.randn(12, 150)
+    u, s, vh = linalg.rsvd(a, 12, seed=7)
+    rel = torch.linalg.matrix_norm(u @ torch.diag(s) @ vh - a) / torch.linalg.matrix_norm(a)
+    assert rel < 1e-5
+    u2, s2, vh2 = linalg.rsvd(a, 12, seed=7)
+    assert torch.equal(u, u2) and torch.equal(s, s2) and torch.equal(vh, vh2)
+    # a different seed: the same (exact) factors up to rounding, through a different sketch
+    u3, s3, _ = linalg.rsvd(a, 12, seed=8)
+    torch.testing.assert_close(s3, s, atol=1e-4 * s[0].item(), rtol=0)
+
+
+def test_rsvd_signs_are_fixed():
+    a = _with_spectrum(50, 40, 0.7 ** torch.arange(40, dtype=torch.float64))
+    u, s, vh = ops.rsvd(a, 6)
+    idx = u.abs().argmax(0)
+    assert bool((u[idx, torch.arange(6)] > 0).all())
+    u_neg, _, vh_neg = ops.rsvd(-a, 6)  # -A has the same U up to the sign rule, Vh negated
+    torch.testing.assert_close(u_neg, u, atol=1e-10, rtol=0)
+    torch.testing.assert_close(vh_neg, -vh, atol=1e-10, rtol=0)
+
+
+def test_rsvd_rank_deficient_and_zero():
+    a = torch.randn(60, 3) @ torch.randn(3, 40)  # rank 3 < k + oversample
+    u, s, vh = ops.rsvd(a, 8)
+    assert _orth_err(u) < 1e-5 and _orth_err(vh.t()) < 1e-5
+    torch.testing.assert_close(s[:3], torch.linalg.svdvals(a)[:3], atol=1e-4, rtol=1e-5)
+    assert float(s[3:].max()) < 1e-5 * float(s[0])
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-4, rtol=0)
+    u, s, vh = ops.rsvd(torch.zeros(30, 20), 5)
+    assert torch.equal(s, torch.zeros(5)) and _orth_err(u) < 1e-6 and _orth_err(vh.t()) < 1e-6
+
+
+def test_rsvd_batched_equals_loop_and_batched_rsvd_groups():
+    s = 1.0 / (1.0 + torch.arange(64, dtype=torch.float64))
+    a = _with_spectrum(80, 64, s, torch.float32, batch=(5,))
+    u, sv, vh = ops.rsvd(a, 10)
+    for i in range(5):
+        ui, si, vhi = ops.rsvd(a[i], 10)
+        torch.testing.assert_close(si, sv[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ui, u[i], atol=1e-4, rtol=0)
+        torch.testing.assert_close(vhi, vh[i], atol=1e-4, rtol=0)
+    mats = [a[0], torch.randn(30, 20), a[1], torch.randn(30, 20, dtype=torch.float64)]
+    out = linalg.batched_rsvd(mats, 4)
+    for m, (ui, si, vhi) in zip(mats, out):
+        uw, sw, vhw = ops.rsvd(m, 4)
+        assert ui.dtype == uw.dtype
+        torch.testing.assert_close(si, sw, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ui @ torch.diag(si) @ vhi, uw @ torch.diag(sw) @ vhw, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rsvd_half_inputs_computed_in_fp32(dtype):
+    a = _with_spectrum(120, 90, 0.8 ** torch.arange(90, dtype=torch.float64), dtype)
+    u, s, vh = ops.rsvd(a, 6)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    u32, s32, vh32 = ops.rsvd(a.float(), 6)  # the same matrix, already widened
+    torch.testing.assert_close(s, s32, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(u, u32, atol=1e-5, rtol=0)
+
+
+def test_rsvd_compiles_without_graph_breaks():
+    a = torch.randn(64, 48)
+    fn = torch.compile(lambda x: linalg.rsvd(x * 2.0, 5, seed=1), fullgraph=True, backend="aot_eager")
+    u, s, vh = fn(a)
+    ue, se, vhe = linalg.rsvd(a * 2.0, 5, seed=1)
+    torch.testing.assert_close(s, se)
+    torch.testing.assert_close(u, ue)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.rsvd(torch.randn(10, 8), 9), "k must be in"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 0), "k must be in"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, -1), "oversample"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, 5, -2), "n_iter"),
+    (lambda: ops.rsvd(torch.randn(10), 1), "2-D"),
+    (lambda: ops.rsvd(torch.randn(2, 2, 10, 8), 1), "2-D"),
+    (lambda: ops.rsvd(torch.ones(10, 8, dtype=torch.int32), 1), "float"),
+    (lambda: ops.gaussian_sketch(torch.randn(4, 4), -1, 0), "l must be"),
+    (lambda: ops.jacobi_svd(torch.ones(4, 4, dtype=torch.int64)), "float"),
+    (lambda: ops.svd_update(torch.randn(5, 2), torch.ones(3), torch.randn(5, 4), 2), "do not fit"),
+    (lambda: ops.svd_update(torch.randn(5, 2), torch.ones(2), torch.randn(6, 4), 2), "do not fit"),
+    (lambda: ops.svd_update(torch.randn(5, 2), torch.ones(2), torch.randn(5, 4), 6), "k must be in"),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        call()
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_are_refused_clearly():
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        ops.rsvd(torch.randn(10, 8, device="cuda"), 2)
+
+
+# ---------------------------------------------------------------------------- svd_update / StreamingSVD
+
+def test_svd_update_exact_while_rank_fits():
+    a = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 30, dtype=torch.float64)
+    u0, s0, _ = torch.linalg.svd(a[:, :10], full_matrices=False)
+    u, s = ops.svd_update(u0[:, :6], s0[:6], a[:, 10:], 6)
+    ur, sr = svd_update_ref(u0[:, :6], s0[:6], a[:, 10:], 6)
+    torch.testing.assert_close(s, sr, atol=1e-10, rtol=0)
+    torch.testing.assert_close(u, ur, atol=1e-8, rtol=0)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a)[:6], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype):
+    m, n, k = 200, 3000, 12
+    signal = _with_spectrum(m, n, torch.linspace(10, 5, k, dtype=torch.float64))
+    a = (signal + 1e-3 * torch.randn(m, n, dtype=torch.float64) / math.sqrt(n)).to(dtype)
+    svd = linalg.StreamingSVD(k)
+    for block in a.split(128, dim=1):
+        svd.update(block)
+    assert svd.columns_seen == n and svd.U.shape == (m, k) and svd.U.dtype == dtype
+    uw, sw, _ = torch.linalg.svd(a.double(), full_matrices=False)
+    sines = _principal_angle_sines(svd.U.double(), uw[:, :k])
+    assert float(sines.max()) < (1e-6 if dtype == torch.float64 else 1e-4)
+    torch.testing.assert_close(svd.S.double(), sw[:k], atol=1e-6 * 10, rtol=1e-5)
+    assert _orth_err(svd.U) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_streaming_truncation_keeps_the_top_subspace_with_a_gap():
+    # rank 40 > k + oversample: every update truncates; a clear gap after k keeps the top k
+    m, n, k = 100, 2000, 5
+    s = torch.cat([torch.full((k,), 10.0, dtype=torch.float64), torch.full((35,), 0.1, dtype=torch.float64)])
+    a = _with_spectrum(m, n, s)
+    svd = linalg.StreamingSVD(k, oversample=5)
+    for block in a.split(100, dim=1):
+        svd.update(block)
+    uw = torch.linalg.svd(a, full_matrices=False).U[:, :k]
+    assert float(_principal_angle_sines(svd.U, uw).max()) < 0.05
+
+
+def test_streaming_errors_and_small_first_block():
+    svd = linalg.StreamingSVD(4)
+    svd.update(torch.randn(10, 2))  # fewer columns than k so far
+    assert svd.U.shape == (10, 2)
+    svd.update(torch.randn(10, 0))
+    with pytest.raises(ValueError, match="rows"):
+        svd.update(torch.randn(11, 3))
+    with pytest.raises(ValueError, match="positive"):
+        linalg.StreamingSVD(0)
+
+
+# ---------------------------------------------------------------------------- init
+
+def test_pissa_keeps_the_function_and_takes_the_principal_part():
+    base = torch.nn.Linear(48, 32)
+    w0 = base.weight.detach().clone()
+    x = torch.randn(7, 48)
+    y0 = base(x).detach()
+    layer = init.pissa_init(base, r=6, alpha=12, n_iter=None)  # exact SVD
+    torch.testing.assert_close(layer(x), y0, atol=1e-5, rtol=1e-5)
+    u, s, vh = torch.linalg.svd(w0.double())
+    delta = layer.scaling * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    torch.testing.assert_close(delta, (u[:, :6] * s[:6]) @ vh[:6], atol=1e-5, rtol=0)
+    # the residual is W minus its top-6 part: its singular values are W's 7th onwards
+    torch.testing.assert_close(torch.linalg.svdvals(layer.base_layer.weight.double())[:26], s[6:], atol=1e-5,
+                               rtol=0)
+    layer2 = init.pissa_init(torch.nn.Linear(48, 32), r=4)  # randomized default
+    assert isinstance(layer2, LoRALinear) and layer2.r == 4
+
+
+def test_eva_sets_a_to_the_top_right_singular_vectors_of_inputs():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    inject_lora(model, ["0", "2"], r=4)
+    batches = [torch.randn(5, 10, 16) for _ in range(6)]
+    x0 = torch.cat([b.reshape(-1, 16) for b in batches])
+    with torch.no_grad():
+        x2 = torch.relu(model[0].base_layer(x0))  # B = 0: the LoRA layer is the base
+        y_before = model(batches[0])
+    values = init.eva_init(model, batches, oversample=20)  # tracks 24 >= d_in directions: exact
+    for layer, x in ((model[0], x0), (model[2], x2)):
+        a = layer.lora_A["default"].weight.detach().double()
+        _, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        assert float(_principal_angle_sines(a.t(), vh[:4].t()).max()) < 1e-3
+    torch.testing.assert_close(values["0"].double(), torch.linalg.svdvals(x0.double())[:4], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(model(batches[0]), y_before)  # B still zero: same function
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        init.eva_init(torch.nn.Linear(3, 3), [torch.randn(2, 3)])
+
+
+def test_lora_sb_starts_at_the_projected_first_step():
+    base = torch.nn.Linear(40, 30)
+    grad = torch.randn(30, 40)
+    layer = init.lora_sb_init(base, grad, lr=0.01, r=5, n_iter=None)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    core = layer.lora_core["default"]
+    assert not a.requires_grad and not b.requires_grad and core.requires_grad
+    u, s, vh = torch.linalg.svd(-0.01 * grad.double())
+    best = (u[:, :5] * s[:5]) @ vh[:5]
+    delta = layer.scaling * b.double() @ core.double() @ a.double()
+    torch.testing.assert_close(delta, best, atol=1e-6, rtol=0)
+    assert _orth_err(b) < 1e-5 and _orth_err(a.t()) < 1e-5
+    with pytest.raises(ValueError, match="shape"):
+        init.lora_sb_init(torch.nn.Linear(4, 3), torch.randn(4, 3), lr=1.0, r=2)
