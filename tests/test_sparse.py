@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowrank_ext.ops.sparse import sddmm, sparse_scatter_add_
 from lowrank_ext.reference.sparse import sddmm_ref, sparse_scatter_add_ref
@@ -89,6 +91,37 @@ def test_out_of_range_index_writes_nothing(device):
             # the bad index is in the second adapter: the first must not be applied either
             sparse_scatter_add_(w, [good, bad], [torch.ones(34, device=device), torch.ones(2, device=device)], 1.0)
         assert torch.equal(w, w0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 3000), adapters=st.lists(st.tuples(st.integers(0, 400), st.floats(-4, 4)), min_size=1,
+                                                        max_size=3),
+       dtype=st.sampled_from(DTYPES), sort=st.booleans(), seed=st.integers(0, 2 ** 31))
+def test_scatter_property_equals_the_serial_loop(numel, adapters, dtype, sort, seed):
+    """Any weight size, any number of adapters, any (repeating, sorted or not) indices and
+    alphas: exactly what the documented one-entry-at-a-time loop gives."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(numel, generator=g).to(dtype)
+    indices = [torch.randint(0, numel, (n,), generator=g) for n, _ in adapters]
+    if sort:
+        indices = [i.sort().values for i in indices]
+    values = [torch.randn(i.numel(), generator=g).to(dtype) for i in indices]
+    alphas = [a for _, a in adapters]
+    want = w.clone()
+    _serial_loop(want, indices, values, alphas)
+    sparse_scatter_add_(w, indices, values, alphas)
+    assert torch.equal(w, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 300), d_out=st.integers(1, 40), d_in=st.integers(1, 40), nnz=st.integers(0, 200),
+       seed=st.integers(0, 2 ** 31))
+def test_sddmm_property_equals_the_dense_gradient_gathered(n, d_out, d_in, nnz, seed):
+    g = torch.Generator().manual_seed(seed)
+    grad_out, x = torch.randn(n, d_out, generator=g), torch.randn(n, d_in, generator=g)
+    rows, cols = torch.randint(0, d_out, (nnz,), generator=g), torch.randint(0, d_in, (nnz,), generator=g)
+    dense = grad_out.double().t() @ x.double()
+    torch.testing.assert_close(sddmm(grad_out, x, rows, cols).double(), dense[rows, cols], atol=1e-4, rtol=1e-5)
 
 
 def test_scatter_bad_inputs():

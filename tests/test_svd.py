@@ -150,7 +150,7 @@ DECAYS = {"geometric": lambda p: 0.9 ** torch.arange(p, dtype=torch.float64),
 
 
 @pytest.mark.parametrize("decay", list(DECAYS))
-@pytest.mark.parametrize("shape,k", [((400, 300), 20), ((250, 500), 32), ((1000, 120), 10)])
+@pytest.mark.parametrize("shape,k", [((400, 300), 20), ((250, 500), 32), ((1000, 120), 10), ((2048, 1024), 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype):
     m, n = shape
@@ -160,8 +160,11 @@ def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype):
     assert u.shape == (m, k) and sv.shape == (k,) and vh.shape == (k, n) and u.dtype == dtype
     err = torch.linalg.matrix_norm((u.double() * sv.double()) @ vh.double() - a.double())
     optimal = s[k:].square().sum().sqrt()
-    assert err / optimal <= 1.05, f"error / optimal = {float(err / optimal):.4f}"
-    orth_tol = 1e-12 if dtype == torch.float64 else 2e-6
+    # plus the floor of the working precision: a few unit roundoffs of ||A||_F (the fp32 A
+    # itself is only that exact; 0.9^128 ~ 1e-6 is already there)
+    floor = 4 * torch.finfo(dtype).eps / 2 * s.square().sum().sqrt()
+    assert err <= 1.05 * optimal + floor, f"error / optimal = {float(err / optimal):.4f}"
+    orth_tol = 4 * max(math.sqrt(max(m, n)), k + 10) * torch.finfo(dtype).eps  # GEMMs over l = k + 10
     assert _orth_err(u) < orth_tol and _orth_err(vh.transpose(0, 1)) < orth_tol
     assert bool((sv[:-1] >= sv[1:]).all())
 

@@ -67,18 +67,22 @@ struct Orthonormal {
   at::Tensor q, r;  // y = q r, q [b, m, l] orthonormal columns, r [b, l, l] upper triangular
 };
 
-// Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SISC 2020): a first
-// CholeskyQR pass on Y^T Y + s I, s = 11 (m l + l (l + 1)) u ||Y||_F^2, cannot break down for
-// any finite Y of full numerical rank and leaves kappa(Q1) <= ~u^-1/2, where plain CholeskyQR2
-// is accurate; two plain passes follow. Every pass is two GEMMs (the Gram, and Y R^-1 with the
-// l x l inverse formed first, twice as fast as a TRSM on the tall Y): no Householder panel
-// factorisation, where GPUs lose time on tall-skinny matrices. The third pass's Gram doubles
-// as the check: if Q2^T Q2 is far from I (Y rank deficient, zero or not finite) or a Cholesky
-// fails, that batch entry falls back to Householder QR, which is orthonormal whatever Y is.
-// `passes` = 1 keeps only the shifted pass: a well-conditioned (not orthonormal) basis of the
-// same span, all the power iterations need between products (as LU is used in fbpca).
+// Shifted CholeskyQR (after Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, SISC 2020): a
+// first CholeskyQR pass on Y^T Y + s I with s = 100 u ||Y||_F^2 cannot break down for a
+// finite Y of full numerical rank and leaves kappa(Q1) <= 1/sqrt(100 u) (~400 in fp32), where
+// plain CholeskyQR is accurate; a second, plain pass then gives kappa(Q2) ~ 1 + 1e-2 and a
+// third orthonormality to working precision. (Their shift, 11 (m l + l (l + 1)) u ||Y||_2^2,
+// guarantees the first pass for any rounding but exceeds ||Y||^2 in fp32 once m l > ~1e6:
+// the pass would then barely condition Y.) The span of Q1 is that of Y whatever the shift.
+// Every pass is two GEMMs (the Gram, and Y R^-1 with the l x l inverse formed first, twice
+// as fast as a TRSM on the tall Y): no Householder panel factorisation, where GPUs lose time
+// on tall-skinny matrices. The third pass's Gram doubles as the check: if Q2^T Q2 is far from
+// I (Y rank deficient, zero or not finite) or a Cholesky fails, that batch entry falls back
+// to Householder QR, which is orthonormal whatever Y is.
+// `passes` = 2 stops after the second pass, a basis that is orthonormal to ~1e-2: all the
+// power iterations need between products. Only a failed Cholesky falls back there.
 Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
-  const int64_t m = y.size(1), l = y.size(2);
+  const int64_t l = y.size(2);
   const double u = unit_roundoff(y.scalar_type());
   const at::Tensor eye = at::eye(l, y.options()).unsqueeze(0);
   at::Tensor ok = at::ones({y.size(0)}, y.options().dtype(at::kBool));
@@ -88,15 +92,17 @@ Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
     const at::Tensor r_inv = at::linalg_solve_triangular(r, eye.expand_as(r), /*upper=*/true);
     return std::make_pair(at::bmm(q_in, r_inv), r);
   };
-  const at::Tensor shift = y.square().sum({1, 2}, /*keepdim=*/true) * (11.0 * (double(m) * l + double(l) * (l + 1)) * u);
+  const at::Tensor shift = y.square().sum({1, 2}, /*keepdim=*/true) * (100.0 * u);
   auto [q, r] = pass(y, at::bmm(y.transpose(1, 2), y) + shift * eye);
-  if (passes > 1) {
-    auto [q2, r2] = pass(q, at::bmm(q.transpose(1, 2), q));
+  auto [q2, r2] = pass(q, at::bmm(q.transpose(1, 2), q));
+  q = q2;
+  r = at::bmm(r2, r);
+  if (passes > 2) {
     const at::Tensor gram3 = at::bmm(q2.transpose(1, 2), q2);
     ok = ok & ((gram3 - eye).abs().amax({1, 2}) <= 0.1);  // false for NaN too
     auto [q3, r3] = pass(q2, gram3);
     q = q3;
-    r = at::bmm(r3, at::bmm(r2, r));
+    r = at::bmm(r3, r);
   }
   // The fallback decision reads `ok` on the host: free on CPU (the only device the drivers are
   // registered for so far); a CUDA registration must take it without a sync (see the README).
@@ -201,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
   // directions to rounding. Only the final basis needs to be orthonormal.
   at::Tensor q = call_gaussian_sketch(a, l, seed);
   for (int64_t i = 0; i < n_iter; ++i) {
-    const at::Tensor z = orthonormalize(at::bmm(at_, orthonormalize(q, 1).q), 1).q;
+    const at::Tensor z = orthonormalize(at::bmm(at_, orthonormalize(q, 2).q), 2).q;
     q = at::bmm(a, z);
   }
   q = orthonormalize(q).q;

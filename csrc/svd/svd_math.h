@@ -30,10 +30,18 @@ LOWRANK_HD float sketch_entry(uint64_t seed, uint64_t e) {
   return gaussian_from_philox(philox_group(seed, 0, e >> 2), e);
 }
 
-// The four Gaussians of element indices 4g .. 4g + 3 from one Philox call.
+// The four Gaussians of element indices 4g .. 4g + 3 from one Philox call: the same
+// arithmetic as gaussian_from_philox, each Box-Muller pair's radius and angle computed once.
 LOWRANK_HD void sketch_group(uint64_t seed, uint64_t g, float out[4]) {
   const Philox4 r = philox_group(seed, 0, g);
-  for (int i = 0; i < 4; ++i) out[i] = gaussian_from_philox(r, 4 * g + i);
+  for (int pair = 0; pair < 2; ++pair) {
+    const float u1 = static_cast<float>((r.v[2 * pair] >> 8) + 1u) * kInv2p24;
+    const float u2 = static_cast<float>(r.v[2 * pair + 1] >> 8) * kInv2p24;
+    const float radius = sqrtf(-2.0f * logf(u1));
+    const float theta = kTwoPi * u2;
+    out[2 * pair] = radius * cosf(theta);
+    out[2 * pair + 1] = radius * sinf(theta);
+  }
 }
 
 }  // namespace lowrank::svd

@@ -168,6 +168,35 @@ def check_close(names, outs, refs, tol: float) -> str | None:
     return None
 
 
+def _dense_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors holding `t`'s data (a sparse tensor's indices and values)."""
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return [t]
+
+
+def saved_bytes(run, frozen: list[torch.Tensor]) -> int:
+    """Bytes of the activations `run()`'s autograd graph saves (frozen weights and adapter
+    parameters excluded, each storage once; sparse tensors by their indices and values)."""
+    skip = {p.untyped_storage().data_ptr() for t in frozen for p in _dense_parts(t)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        for part in _dense_parts(t):
+            ptr = part.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = max(seen.get(ptr, 0), part.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
 def load_shapes(family: str) -> list[dict[str, str]]:
     """Rows of ``benchmarks/shapes/<family>.csv`` ('#' lines are comments).
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import peers
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, saved_bytes
 
 SEED = 1234
 REFERENCE, OURS, FROZEN, PEFT = "reference (unfused)", "lowrank_ext", "frozen nn.Linear", "PEFT LoRA"
@@ -63,23 +63,6 @@ def make_inputs(case: Case, device: torch.device) -> dict:
     return inputs
 
 
-def _saved_bytes(run, frozen: list[torch.Tensor]) -> int:
-    """Bytes of the activations `run()`'s autograd graph saves (frozen weights and adapter
-    parameters excluded, each storage once)."""
-    skip = {t.untyped_storage().data_ptr() for t in frozen}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
-
-
 def _timed(inputs: dict, forward, wrt: list[torch.Tensor], frozen: list[torch.Tensor]) -> Timed:
     g = inputs["g"]
 
@@ -88,7 +71,7 @@ def _timed(inputs: dict, forward, wrt: list[torch.Tensor], frozen: list[torch.Te
         return (y.detach(), *torch.autograd.grad(y, wrt, g))
 
     out = step()
-    saved = _saved_bytes(forward, frozen)
+    saved = saved_bytes(forward, frozen)
     return Timed(fn=step, output=out, note=f"saves {saved / 2 ** 20:.1f} MiB")
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, saved_bytes
 
 REFERENCE, OURS = "reference", "lowrank_ext"
 INDEX_ADD, SCATTER_ADD, LORA = "torch index_add_", "torch scatter_add_", "LoRA fusion (W.addmm_)"
@@ -162,14 +162,13 @@ def _sampled(case: Case, inputs: dict) -> Timed:
 
 
 def _layer_timed(inputs: dict, layer_fn, wrt: list[torch.Tensor], frozen: list[torch.Tensor]) -> Timed:
-    from .lora import _saved_bytes
     g = inputs["g"]
 
     def step():
         y = layer_fn()
         return (y.detach(), torch.autograd.grad(y, wrt, g)[0])
     out = step()
-    return Timed(fn=step, output=out, note=f"saves {_saved_bytes(layer_fn, frozen) / 2 ** 20:.1f} MiB")
+    return Timed(fn=step, output=out, note=f"saves {saved_bytes(layer_fn, frozen) / 2 ** 20:.1f} MiB")
 
 
 def _base_linear(inputs: dict) -> torch.nn.Linear:
