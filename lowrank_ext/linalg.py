@@ -5,7 +5,8 @@
     svd = StreamingSVD(k); svd.update(X1); svd.update(X2); svd.U, svd.S
 
 Results are fp32 for fp32/fp16/bf16 inputs and fp64 for fp64, reproducible for a seed, with
-each column of U sign-fixed (its largest-magnitude entry positive). CPU kernels only so far.
+each column of U sign-fixed (its largest-magnitude entry positive). CPU and CUDA kernels
+(CUDA unverified on a GPU so far).
 """
 from __future__ import annotations
 

@@ -80,14 +80,18 @@ struct Orthonormal {
 // I (Y rank deficient, zero or not finite) or a Cholesky fails, that batch entry falls back
 // to Householder QR, which is orthonormal whatever Y is.
 // `passes` = 2 stops after the second pass, a basis that is orthonormal to ~1e-2: all the
-// power iterations need between products. Only a failed Cholesky falls back there.
+// power iterations need between products. Only a failed Cholesky falls back there (on CPU).
 Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
   const int64_t l = y.size(2);
   const double u = unit_roundoff(y.scalar_type());
   const at::Tensor eye = at::eye(l, y.options()).unsqueeze(0);
   at::Tensor ok = at::ones({y.size(0)}, y.options().dtype(at::kBool));
+  // The smallest normal number on the diagonal of every Gram: a zero Y then gives Q = 0, not
+  // a failed Cholesky and NaNs (and nothing else changes).
+  const double tiny = y.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                     : static_cast<double>(std::numeric_limits<float>::min());
   auto pass = [&](const at::Tensor& q_in, const at::Tensor& gram) {
-    auto [r, info] = at::linalg_cholesky_ex(gram, /*upper=*/true);
+    auto [r, info] = at::linalg_cholesky_ex(gram + tiny * eye, /*upper=*/true);
     ok = ok & (info == 0);
     const at::Tensor r_inv = at::linalg_solve_triangular(r, eye.expand_as(r), /*upper=*/true);
     return std::make_pair(at::bmm(q_in, r_inv), r);
@@ -104,13 +108,21 @@ Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
     q = q3;
     r = at::bmm(r3, r);
   }
-  // The fallback decision reads `ok` on the host: free on CPU (the only device the drivers are
-  // registered for so far); a CUDA registration must take it without a sync (see the README).
-  const at::Tensor bad = (~ok).nonzero().squeeze(1);
-  if (bad.numel() > 0) {
-    auto [qh, rh] = at::linalg_qr(y.index_select(0, bad), "reduced");
-    q = q.index_copy(0, bad, qh);
-    r = r.index_copy(0, bad, rh);
+  if (y.device().is_cpu()) {  // reading `ok` on the host is free here: QR only the failed entries
+    const at::Tensor bad = (~ok).nonzero().squeeze(1);
+    if (bad.numel() > 0) {
+      auto [qh, rh] = at::linalg_qr(y.index_select(0, bad), "reduced");
+      q = q.index_copy(0, bad, qh);
+      r = r.index_copy(0, bad, rh);
+    }
+  } else if (passes > 2) {
+    // No host synchronisation on a GPU: the final bases' Householder QR is computed for every
+    // entry and selected on the device (the two-pass bases between power iterations have no
+    // fallback there: with the shift and the floor only a non-finite Y breaks them).
+    auto [qh, rh] = at::linalg_qr(y, "reduced");
+    const at::Tensor keep = ok.view({-1, 1, 1});
+    q = at::where(keep, q, qh);
+    r = at::where(keep, r, rh);
   }
   return {q, r};
 }

@@ -5,7 +5,6 @@ from . import lora, monarch, optim, quant, sparse, svd
 # Ops whose CUDA kernels are not written yet: they have no CUDA registration (a CUDA call
 # raises the dispatcher's "no kernel for CUDA" error), and the README's op table says so.
 # tests/test_registry.py checks this set both ways.
-CPU_ONLY_OPS: frozenset[str] = frozenset(
-    {"lowrank::gaussian_sketch", "lowrank::jacobi_svd", "lowrank::rsvd", "lowrank::svd_update"})
+CPU_ONLY_OPS: frozenset[str] = frozenset()
 
 __all__ = ["CPU_ONLY_OPS", "lora", "monarch", "optim", "quant", "sparse", "svd"]

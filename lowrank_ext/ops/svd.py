@@ -8,8 +8,8 @@ svd_update}`` with their fake registrations.
 
 fp16/bf16 inputs are computed, and returned, in fp32; fp64 stays fp64. Results are
 reproducible for a seed (one thread count or many) and sign-fixed: each column of U has its
-largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU only
-so far (no CUDA registration: a CUDA tensor raises the dispatcher's error; see the README).
+largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU, and
+CUDA (unverified on a GPU so far: see the README; no host synchronisation in rsvd there).
 """
 from __future__ import annotations
 
