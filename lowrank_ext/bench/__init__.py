@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "monarch": "lowrank_ext.bench.monarch",
     "sparse": "lowrank_ext.bench.sparse",
     "svd": "lowrank_ext.bench.svd",
+    "galore": "lowrank_ext.bench.galore",
 }
 
 
