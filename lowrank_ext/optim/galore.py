@@ -12,7 +12,8 @@ the normalised update projected back, times ``scale``. What this implementation 
 - the update is applied as one in-place GEMM, ``W <- (1 - lr wd) (W - s P N)`` through
   ``addmm_``'s beta/alpha (no [m, n] temporary; the decoupled weight decay folded in);
 - ``state_bits`` 8 or 4 keeps Adam's moments block-wise quantized (the codes and block sizes
-  of ``AdamW8bit`` / ``AdamW4bit``), dequantized and re-quantized around the fp32 update.
+  of ``AdamW8bit`` / ``AdamW4bit``), updated by the fused multi-tensor quantized AdamW op
+  (one pass: dequantize, fp32 update, re-quantize) on the projected gradients.
 
 Parameters that are not 2-D, or whose smaller side is not above ``rank``, or in a param
 group with ``rank=None``, get the same Adam update on the full gradient. State (projection,
@@ -43,7 +44,8 @@ import torch
 
 from .. import quant
 from ..linalg import rsvd
-from ..ops.quant import dequantize_blockwise, quantize_blockwise
+from ..ops.optim import adamw_step_quantized_
+from ..ops.quant import quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
 
@@ -105,29 +107,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._codes[device] = (code_m().to(device), code_v().to(device))
         return self._codes[device]
 
-    def _load_moments(self, state: dict, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.state_bits == 32:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros(shape, device=device)
-                state["exp_avg_sq"] = torch.zeros(shape, device=device)
-            return state["exp_avg"], state["exp_avg_sq"]
-        if "exp_avg_q" not in state:
-            return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+    def _init_quantized(self, state: dict, numel: int, device: torch.device) -> None:
         code_m, code_v = self._codes_on(device)
         bs_m, bs_v = _STATE_FORMATS[self.state_bits][2]
-        m = dequantize_blockwise(state["exp_avg_q"], state["exp_avg_absmax"], code_m, bs_m, self.state_bits, shape)
-        v = dequantize_blockwise(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], code_v, bs_v, self.state_bits,
-                                 shape)
-        return m, v
-
-    def _store_moments(self, state: dict, m: torch.Tensor, v: torch.Tensor, seed: int) -> None:
-        if self.state_bits == 32:
-            return  # updated in place
-        code_m, code_v = self._codes_on(m.device)
-        (bs_m, bs_v), (sr_m, sr_v) = _STATE_FORMATS[self.state_bits][2:]
-        state["exp_avg_q"], state["exp_avg_absmax"] = quantize_blockwise(m, code_m, bs_m, self.state_bits, sr_m, seed)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_blockwise(v, code_v, bs_v, self.state_bits,
-                                                                               sr_v, seed, 1)
+        zeros = torch.zeros(numel, device=device)
+        state["exp_avg_q"], state["exp_avg_absmax"] = quantize_blockwise(zeros, code_m, bs_m, self.state_bits)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_blockwise(zeros, code_v, bs_v, self.state_bits)
 
     def _refresh(self, items: list[tuple[torch.Tensor, dict, dict]], step: int) -> None:
         """New projections for params of one shape and device, from their current grads."""
@@ -170,34 +155,72 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 work.append((p, state, group, galore))
         for (_, _, _, step), items in due.items():  # one batched (randomized) SVD per shape
             self._refresh(items, step)
-        for index, (p, state, group, galore) in enumerate(work):
-            self._update(p, state, group, galore, index)
+        # Project, then Adam: fp32 moments in torch ops; quantized moments in one fused
+        # multi-tensor call per (group, device, step) (dequantize -> fp32 update -> re-quantize)
+        quantized: dict[tuple, list] = defaultdict(list)
+        for group_no, (p, state, group, galore) in enumerate(work):
+            g = p.grad.float()
+            if galore:
+                proj = state["proj"]
+                g = g @ proj.t() if state["proj_right"] else proj.t() @ g
+            state["step"] = step = int(state["step"]) + 1
+            if self.state_bits == 32:
+                self._apply(p, state, group, galore, self._adam_fp32(g, state, group, step), step)
+            else:
+                if "exp_avg_q" not in state:
+                    self._init_quantized(state, g.numel(), p.device)
+                quantized[(id(group), p.device, step)].append((p, state, group, galore, g))
+        for bucket_no, ((_, device, step), items) in enumerate(quantized.items()):
+            updates = self._adam_quantized(items, device, step, bucket_no)
+            for (p, state, group, galore, _), update in zip(items, updates):
+                self._apply(p, state, group, galore, update, step)
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict, galore: bool, index: int) -> None:
-        g = p.grad.float()
-        if galore:
-            proj, right = state["proj"], bool(state["proj_right"])
-            g = g @ proj.t() if right else proj.t() @ g
-        m, v = self._load_moments(state, g.shape, p.device)
-        state["step"] = step = int(state["step"]) + 1
+    @staticmethod
+    def _adam_fp32(g: torch.Tensor, state: dict, group: dict, step: int) -> torch.Tensor:
+        """The published code's Adam direction m / (sqrt(v) + eps); bias corrections in _apply."""
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
         beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        update = m / (v.sqrt() + group["eps"])
-        self._store_moments(state, m, v, _mix(self.seed, step, index))
+        return (m / (v.sqrt() + group["eps"])) * (math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step))
+
+    def _adam_quantized(self, items: list, device: torch.device, step: int, bucket_no: int) -> list[torch.Tensor]:
+        """The fused quantized AdamW op run on zero buffers with lr = 1 and no decay leaves
+        minus the bias-corrected direction m^ / (sqrt(v^) + eps) in them (torch AdamW's eps placement;
+        the fp32 path keeps the published code's m / (sqrt(v) + eps) sqrt(bc2) / bc1: they
+        differ only where sqrt(v^) is within a few eps)."""
+        group = items[0][2]
+        beta1, beta2 = group["betas"]
+        code_m, code_v = self._codes_on(device)
+        (bs_m, bs_v), (sr_m, sr_v) = _STATE_FORMATS[self.state_bits][2:]
+        outs = [torch.zeros(g.shape, device=device) for *_, g in items]
+        states = [it[1] for it in items]
+        adamw_step_quantized_(outs, [g.contiguous() for *_, g in items],
+                              [s["exp_avg_q"] for s in states], [s["exp_avg_absmax"] for s in states],
+                              [s["exp_avg_sq_q"] for s in states], [s["exp_avg_sq_absmax"] for s in states],
+                              code_m, code_v, lr=1.0, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=0.0,
+                              step=step, bits=self.state_bits, blocksize_exp_avg=bs_m, blocksize_exp_avg_sq=bs_v,
+                              seed=_mix(self.seed, step, bucket_no), stochastic_exp_avg=sr_m,
+                              stochastic_exp_avg_sq=sr_v)
+        return [o.neg_() for o in outs]
+
+    @staticmethod
+    def _apply(p: torch.Tensor, state: dict, group: dict, galore: bool, direction: torch.Tensor, step: int) -> None:
+        """W <- (1 - lr wd) (W - lr * scale * back(direction)): one GEMM into W, no [m, n]
+        temporary (the published code's decoupled weight decay, applied after the update)."""
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
         target = p if p.dtype == torch.float32 else p.float()
-        # W <- (1 - lr wd) (W - step_size * scale * back(N)): one GEMM into W, no [m, n] temporary
         if galore:
-            alpha = -step_size * group["scale"] * decay
-            if right:
-                target.addmm_(update, proj, beta=decay, alpha=alpha)
+            alpha, proj = -lr * group["scale"] * decay, state["proj"]
+            if state["proj_right"]:
+                target.addmm_(direction, proj, beta=decay, alpha=alpha)
             else:
-                target.addmm_(proj, update, beta=decay, alpha=alpha)
+                target.addmm_(proj, direction, beta=decay, alpha=alpha)
         else:
-            target.mul_(decay).add_(update, alpha=-step_size * decay)
+            target.mul_(decay).add_(direction, alpha=-lr * decay)
         if target is not p:
             p.copy_(target)
 
