@@ -38,10 +38,10 @@ def _low_rank_grads(params, step, rank=4):
     return out
 
 
-def _run_both(opt_kwargs, steps, grads_fn=_low_rank_grads, rank=4, gap=3, scale=0.5):
+def _run_both(opt_kwargs, steps, grads_fn=_low_rank_grads, rank=4, gap=3, scale=0.5, mode="galore"):
     ours = _params()
     ref = [p.detach().clone() for p in ours]
-    opt = GaLoreAdamW(ours, rank=rank, update_proj_gap=gap, scale=scale, **HYPER, **opt_kwargs)
+    opt = GaLoreAdamW(ours, rank=rank, update_proj_gap=gap, scale=scale, mode=mode, **HYPER, **opt_kwargs)
     ref_states = [{} for _ in ref]
     history = []
     for step in range(steps):
@@ -51,7 +51,7 @@ def _run_both(opt_kwargs, steps, grads_fn=_low_rank_grads, rank=4, gap=3, scale=
         opt.step()
         for p, g, st in zip(ref, grads, ref_states):
             galore_rank = rank if (p.dim() == 2 and rank < min(p.shape)) else None
-            galore_adamw_step_ref(p, g, st, rank=galore_rank, update_proj_gap=gap, scale=scale, **HYPER)
+            galore_adamw_step_ref(p, g, st, rank=galore_rank, update_proj_gap=gap, scale=scale, mode=mode, **HYPER)
         history.append(max(float((a.detach() - b).abs().max()) for a, b in zip(ours, ref)))
     return ours, ref, opt, history
 
@@ -62,6 +62,38 @@ def test_full_svd_and_fp32_state_equal_the_published_step():
     assert opt.state[opt.param_groups[0]["params"][0]]["proj_right"] is True
     assert opt.state[opt.param_groups[0]["params"][1]]["proj_right"] is False
     assert "proj" not in opt.state[opt.param_groups[0]["params"][4]]  # rank 4 < min(6, 4) is false: plain Adam
+
+
+def _full_rank_grads(params, step):
+    g = torch.Generator().manual_seed(200 + step)
+    # growing gradients: Fira's limiter engages (norms grow ~1.5x per step)
+    return [torch.randn(p.shape, generator=g) * 1.5 ** step for p in params]
+
+
+@pytest.mark.parametrize("mode", ["fira", "frugal"])
+def test_fira_and_frugal_equal_the_reference(mode):
+    _, _, opt, history = _run_both(dict(proj_method="svd"), steps=7, grads_fn=_full_rank_grads, mode=mode)
+    assert max(history) < 1e-4, history
+    if mode == "fira":
+        assert "fira_prev_norm" in opt.state[opt.param_groups[0]["params"][0]]
+
+
+def test_fira_and_frugal_train_outside_the_subspace():
+    # a gradient orthogonal to the projection: GaLore leaves W alone (but for weight decay),
+    # Fira and FRUGAL move it
+    for mode, moves in (("galore", False), ("fira", True), ("frugal", True)):
+        p = torch.nn.Parameter(torch.zeros(30, 20))
+        opt = GaLoreAdamW([p], rank=2, mode=mode, lr=0.1, proj_method="svd")
+        g1 = torch.zeros(30, 20)
+        g1[0, 0], g1[1, 1] = 2.0, 1.0  # rank 2: the subspace is e0/e1
+        p.grad = g1
+        opt.step()
+        before = p.detach().clone()
+        g2 = torch.randn(30, 20)  # rows in and out of the (right) subspace span(e0, e1) of R^20
+        p.grad = g2
+        opt.step()
+        moved = float((p.detach() - before)[:, 5:].abs().max())  # columns 5.. are outside it
+        assert (moved > 1e-3) == moves, (mode, moved)
 
 
 def test_randomized_svd_matches_until_a_refresh_mixes_signs():
@@ -197,6 +229,7 @@ def test_bad_arguments():
     p = [torch.nn.Parameter(torch.randn(4, 4))]
     for kwargs, match in [(dict(rank=0), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
                           (dict(state_bits=16), "state_bits"), (dict(proj_method="qr"), "proj_method"),
+                          (dict(mode="lora"), "mode"),
                           (dict(lr=-1.0), "learning rate"), (dict(betas=(1.0, 0.9)), "beta")]:
         with pytest.raises(ValueError, match=match):
             GaLoreAdamW(p, **kwargs)

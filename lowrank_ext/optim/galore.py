@@ -21,8 +21,13 @@ its side, moments, step) lives in ``optimizer.state`` and round-trips through
 ``state_dict``: a resumed run continues identically (the refresh schedule is the step count
 and the randomized SVD's seed is a function of ``seed`` and the step).
 
-Not yet here (issue 6): Fira and FRUGAL modes, INT8/INT4 projections (Q-GaLore) and the
-adaptive refresh, fused project / project-back ops with CUDA kernels.
+``mode="fira"`` adds the gradient outside the subspace, G - back(R), scaled per column
+(left projection) or row (right) of R by ||Adam direction|| / ||R|| and limited to 1.01x
+norm growth per step (Fira, Chen et al. 2024); ``mode="frugal"`` adds a state-free signSGD
+step lr * sign(G - back(R)) there (FRUGAL). Both cost one [m, n] temporary per step.
+
+Not yet here (issue 6): INT8/INT4 projections (Q-GaLore) and the adaptive refresh, fused
+project / project-back ops with CUDA kernels.
 
 Example::
 
@@ -59,6 +64,9 @@ _STATE_FORMATS = {
 }
 
 
+_FIRA_GAMMA = 1.01  # Fira's norm-growth limit
+
+
 def _mix(*values: int) -> int:
     h = 0x243F6A8885A308D3
     for v in values:
@@ -71,7 +79,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
-                 n_iter: int = 2, seed: int = 0):
+                 n_iter: int = 2, seed: int = 0, mode: str = "galore"):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -87,13 +95,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
+        if mode not in ("galore", "fira", "frugal"):
+            raise ValueError(f"mode must be 'galore', 'fira' or 'frugal', got {mode!r}")
         if proj_method not in ("rsvd", "svd"):
             raise ValueError(f"proj_method must be 'rsvd' or 'svd', got {proj_method!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)
         self.state_bits, self.proj_method = state_bits, proj_method
-        self.oversample, self.n_iter, self.seed = oversample, n_iter, seed
+        self.oversample, self.n_iter, self.seed, self.mode = oversample, n_iter, seed, mode
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -165,15 +175,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 g = g @ proj.t() if state["proj_right"] else proj.t() @ g
             state["step"] = step = int(state["step"]) + 1
             if self.state_bits == 32:
-                self._apply(p, state, group, galore, self._adam_fp32(g, state, group, step), step)
+                self._apply(p, state, group, galore, self._adam_fp32(g, state, group, step), g)
             else:
                 if "exp_avg_q" not in state:
                     self._init_quantized(state, g.numel(), p.device)
                 quantized[(id(group), p.device, step)].append((p, state, group, galore, g))
         for bucket_no, ((_, device, step), items) in enumerate(quantized.items()):
             updates = self._adam_quantized(items, device, step, bucket_no)
-            for (p, state, group, galore, _), update in zip(items, updates):
-                self._apply(p, state, group, galore, update, step)
+            for (p, state, group, galore, g), update in zip(items, updates):
+                self._apply(p, state, group, galore, update, g)
         return loss
 
     @staticmethod
@@ -207,22 +217,52 @@ class GaLoreAdamW(torch.optim.Optimizer):
                               stochastic_exp_avg_sq=sr_v)
         return [o.neg_() for o in outs]
 
-    @staticmethod
-    def _apply(p: torch.Tensor, state: dict, group: dict, galore: bool, direction: torch.Tensor, step: int) -> None:
-        """W <- (1 - lr wd) (W - lr * scale * back(direction)): one GEMM into W, no [m, n]
-        temporary (the published code's decoupled weight decay, applied after the update)."""
+    def _apply(self, p: torch.Tensor, state: dict, group: dict, galore: bool, direction: torch.Tensor,
+               low: torch.Tensor) -> None:
+        """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): the
+        projected part is one GEMM into W, no [m, n] temporary (the published code's
+        decoupled weight decay, applied after the update). Fira and FRUGAL add the gradient
+        outside the subspace, G - back(R), which takes one [m, n] temporary."""
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         target = p if p.dtype == torch.float32 else p.float()
-        if galore:
-            alpha, proj = -lr * group["scale"] * decay, state["proj"]
-            if state["proj_right"]:
+        if not galore:
+            target.mul_(decay).add_(direction, alpha=-lr * decay)
+        else:
+            proj, right = state["proj"], bool(state["proj_right"])
+            resid = None
+            if self.mode != "galore":  # G - P R (left) or G - R P (right)
+                resid = p.grad.float().clone(memory_format=torch.contiguous_format)
+                resid.addmm_(low, proj, alpha=-1.0) if right else resid.addmm_(proj, low, alpha=-1.0)
+            alpha = -lr * group["scale"] * decay
+            if right:
                 target.addmm_(direction, proj, beta=decay, alpha=alpha)
             else:
                 target.addmm_(proj, direction, beta=decay, alpha=alpha)
-        else:
-            target.mul_(decay).add_(direction, alpha=-lr * decay)
+            if self.mode == "fira":
+                target.add_(self._fira_scaled(resid, low, direction, right, state), alpha=alpha)
+            elif self.mode == "frugal":  # state-free signSGD outside the subspace
+                target.add_(resid.sign_(), alpha=-lr * decay)
         if target is not p:
             p.copy_(target)
+
+    @staticmethod
+    def _fira_scaled(resid: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, right: bool,
+                     state: dict) -> torch.Tensor:
+        """Fira: the residual times ||D|| / ||R|| of its column of R (left projection) or row
+        (right), D Adam's bias-corrected direction; then the norm-growth limiter: the norm may
+        grow by at most 1.01x per step once it is nonzero (kept as a tensor: no host sync)."""
+        dim = 1 if right else 0
+        ratio = direction.norm(dim=dim) / low.norm(dim=dim).clamp_min(1e-30)
+        resid.mul_(ratio[:, None] if right else ratio[None, :])
+        norm = resid.norm()
+        prev = state.get("fira_prev_norm")
+        if prev is not None:
+            limit = _FIRA_GAMMA * prev  # no limit after a zero residual: it would pin it at zero
+            clip = (norm > limit) & (prev > 0)
+            resid.mul_(torch.where(clip, limit / norm, torch.ones_like(norm)))
+            norm = torch.where(clip, limit, norm)
+        state["fira_prev_norm"] = norm
+        return resid
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes (torch casts floating state to the

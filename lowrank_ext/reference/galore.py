@@ -28,30 +28,69 @@ def project_back_ref(side: str, proj: torch.Tensor, low: torch.Tensor) -> torch.
     return low @ proj if side == "right" else proj @ low
 
 
+FIRA_GAMMA = 1.01  # Fira's norm-growth limit
+
+
+def residual_ref(side: str, proj: torch.Tensor, grad: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The gradient outside the subspace: G - P P^T G (left) or G - G P^T P (right)."""
+    return grad.float() - project_back_ref(side, proj, low)
+
+
+def fira_scaled_residual_ref(side: str, low: torch.Tensor, update: torch.Tensor, resid: torch.Tensor,
+                             state: dict) -> torch.Tensor:
+    """Fira (Chen et al. 2024): the residual times Adam's norm ratio ||N|| / ||R|| of the
+    matching column of R (left projection, R [r, n]) or row (right, R [m, r]); then the
+    norm-growth limiter: if ||S_t|| > 1.01 ||S_{t-1}|| > 0, S_t is scaled down to 1.01 ||S_{t-1}||."""
+    dim = 0 if side == "left" else 1
+    ratio = update.norm(dim=dim) / low.norm(dim=dim).clamp_min(1e-30)
+    scaled = resid * (ratio[None, :] if side == "left" else ratio[:, None])
+    norm = float(scaled.norm())
+    prev = state.get("fira_prev_norm")
+    if prev is not None and prev > 0 and norm > FIRA_GAMMA * prev:
+        scaled = scaled * (FIRA_GAMMA * prev / norm)
+        norm = FIRA_GAMMA * prev
+    state["fira_prev_norm"] = norm
+    return scaled
+
+
 @torch.no_grad()
 def galore_adamw_step_ref(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas=(0.9, 0.999),
                           eps: float = 1e-8, weight_decay: float = 0.0, rank: int | None = None,
-                          update_proj_gap: int = 200, scale: float = 0.25) -> None:
-    """One step on one parameter, in place; `state` starts as {} (rank None: plain AdamW)."""
+                          update_proj_gap: int = 200, scale: float = 0.25, mode: str = "galore") -> None:
+    """One step on one parameter, in place; `state` starts as {} (rank None: plain AdamW).
+
+    mode "galore": W -= step_size * scale * back(N). "fira": also lr * scale * the residual
+    G - back(R), norm-scaled by Adam's bias-corrected direction and growth-limited
+    (fira_scaled_residual_ref).
+    "frugal": also lr * sign(G - back(R)), a state-free signSGD step outside the subspace."""
     step = state.get("step", 0)
     g = grad.float()
+    low = g
     if rank is not None:
         if "proj" not in state or step % update_proj_gap == 0:
             state["side"], state["proj"] = galore_projection_ref(g, rank)
-        g = project_ref(state["side"], state["proj"], g)
+        low = project_ref(state["side"], state["proj"], g)
     if "exp_avg" not in state:
-        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
     step += 1
     state["step"] = step
     beta1, beta2 = betas
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    m.mul_(beta1).add_(low, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
     update = m / (v.sqrt() + eps)
+    new = param.float()
     if rank is not None:
+        if mode != "galore":
+            resid = residual_ref(state["side"], state["proj"], g, low)
+            if mode == "fira":  # Adam's bias-corrected direction sets the ratio; the step is lr * scale * S
+                direction = update * (math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step))
+                new = new - lr * scale * fira_scaled_residual_ref(state["side"], low, direction, resid, state)
+            else:
+                new = new - lr * torch.sign(resid)
         update = project_back_ref(state["side"], state["proj"], update) * scale
-    new = param.float() - step_size * update
+    new = new - step_size * update
     if weight_decay > 0:
         new = new - lr * weight_decay * new
     param.copy_(new)
