@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch  # noqa: F401  (torch's libraries must be loaded before _C)
 
 from . import _C
-from . import init, linalg, nn, ops, optim, quant, reference, sparse  # noqa: F401  (registers fakes; user-facing helpers)
+# noqa below: importing registers the fakes; the modules are the user-facing helpers
+from . import init, linalg, nn, ops, optim, quant, reference, sparse  # noqa: F401
 
 __version__: str = _C.BUILD_INFO["version"]
 

@@ -92,7 +92,8 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
     ``model(**b)``, ``model(*b)`` or ``model(b)``) and feed the inputs of every
     :class:`LoRALinear` of the model, ``x [tokens, d_in]``, to a :class:`StreamingSVD` of
     ``x.T`` (tracking ``r + oversample`` directions); then set each layer's ``A`` to the
-    top-``r`` right singular vectors of its inputs (``r`` defaults to the layer's rank). B is left as it is (zero for a fresh adapter), so
+    top-``r`` right singular vectors of its inputs (``r`` defaults to the layer's rank).
+    B is left as it is (zero for a fresh adapter), so
     the model's function does not change. Returns the singular values per layer name.
     EVA's redistribution of ranks between layers is not done here.
     """

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes, rows_by_case, met
 
 REFERENCE, OURS, OURS8 = "reference (full SVD)", "lowrank_ext GaLoreAdamW", "lowrank_ext GaLoreAdamW 8-bit"
 GT, GT_LOWRANK, ADAMW = "galore-torch", "galore-torch + svd_lowrank", "torch AdamW"
@@ -203,10 +203,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
-    by_case: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case.key, {})[r.provider] = r
-    for key, rs in by_case.items():
+    for key, rs in rows_by_case(rows).items():
         for name in (OURS, OURS8):
             ours = rs.get(name)
             if not ours or ours.status != "ok":
@@ -220,7 +217,7 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
                 if row and row.status == "ok":
                     vs = row.median_s / ours.median_s
                     parts.append(f"{vs:.2f}x faster than {peer} ({row.note})" + (
-                        f" (target >= {target:g}x: {'met' if vs >= target else 'NOT met'})" if target else ""))
+                        f" (target >= {target:g}x: {met(vs >= target)})" if target else ""))
             lines.append("; ".join(parts))
     return lines
 

@@ -197,6 +197,19 @@ def saved_bytes(run, frozen: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def rows_by_case(rows: list[Row]) -> dict[str, dict[str, Row]]:
+    """Rows grouped by case key, then by provider name: what the families' summaries read."""
+    by_case: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case.key, {})[r.provider] = r
+    return by_case
+
+
+def met(ok: bool) -> str:
+    """How summary lines report a target."""
+    return "met" if ok else "NOT met"
+
+
 def load_shapes(family: str) -> list[dict[str, str]]:
     """Rows of ``benchmarks/shapes/<family>.csv`` ('#' lines are comments).
 

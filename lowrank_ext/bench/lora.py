@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from . import peers
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, saved_bytes
+from .harness import (Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, met, rows_by_case,
+                      saved_bytes)
 
 SEED = 1234
 REFERENCE, OURS, FROZEN, PEFT = "reference (unfused)", "lowrank_ext", "frozen nn.Linear", "PEFT LoRA"
@@ -151,10 +152,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
-    by_case: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case.key, {})[r.provider] = r
-    for key, rs in by_case.items():
+    for key, rs in rows_by_case(rows).items():
         ours, peft, frozen = rs.get(OURS), rs.get(PEFT), rs.get(FROZEN)
         if not ours or ours.status != "ok":
             continue
@@ -166,7 +164,7 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             vs = peft.median_s / ours.median_s
             target = CPU_TARGET_VS_PEFT if device.type == "cpu" else CUDA_TARGET_VS_PEFT
             parts.append(f"{vs:.2f}x faster than PEFT" + (f" (target >= {target:g}x with p > 0: "
-                                                          f"{'met' if vs >= target else 'NOT met'})"
+                                                          f"{met(vs >= target)})"
                                                           if case.params["p"] > 0 else ""))
         parts.append(f"{ours.note} vs PEFT {peft.note if peft else '?'}")
         lines.append("; ".join(parts))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Family, Provider, Row, Timed, check_close, load_shapes
+from .harness import Case, Family, Provider, Row, Timed, check_close, load_shapes, rows_by_case, met
 
 REFERENCE, OURS, DENSE, GEMMS = "reference (bmm)", "lowrank_ext", "dense nn.Linear", "same-size GEMMs"
 TARGET_VS_REFERENCE = 1.5
@@ -139,10 +139,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
-    by_case: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case.key, {})[r.provider] = r
-    for key, rs in by_case.items():
+    for key, rs in rows_by_case(rows).items():
         ours, ref, dense, gemms = (rs.get(k) for k in (OURS, REFERENCE, DENSE, GEMMS))
         if not ours or ours.status != "ok":
             continue
@@ -151,17 +148,17 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
         if ref and ref.status == "ok":
             vs = ref.median_s / ours.median_s
             parts.append(f"{vs:.2f}x faster than the bmm reference (target >= {TARGET_VS_REFERENCE:g}x: "
-                         f"{'met' if vs >= TARGET_VS_REFERENCE else 'NOT met'})")
+                         f"{met(vs >= TARGET_VS_REFERENCE)})")
         if gemms and gemms.status == "ok":
             frac = gemms.median_s / ours.median_s
             parts.append(f"{frac:.0%} of the same-size GEMMs' FLOP rate" + (
-                f" (CPU target >= {CPU_TARGET_FLOP_RATE:.0%}: {'met' if frac >= CPU_TARGET_FLOP_RATE else 'NOT met'})"
+                f" (CPU target >= {CPU_TARGET_FLOP_RATE:.0%}: {met(frac >= CPU_TARGET_FLOP_RATE)})"
                 if device.type == "cpu" else ""))
         if dense and dense.status == "ok":
             vs = dense.median_s / ours.median_s
             target = (device.type == "cuda" and p["backward"] and p["d"] == 4096 and p["nb"] == 4)
             parts.append(f"{vs:.2f}x faster than dense" + (
-                f" (target >= {CUDA_TARGET_VS_DENSE:g}x: {'met' if vs >= CUDA_TARGET_VS_DENSE else 'NOT met'})"
+                f" (target >= {CUDA_TARGET_VS_DENSE:g}x: {met(vs >= CUDA_TARGET_VS_DENSE)})"
                 if target else ""))
         lines.append("; ".join(parts))
     return lines

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import peers
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes, met
 
 OPS = ("quantize", "dequantize", "roundtrip")
 # Loose bound for peers, in units of the block's absmax: half the widest gap between
@@ -308,11 +308,11 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             continue
         in_gbs = r.extra_gbs["in GB/s"]
         msg = (f"target, CPU round trip {r.case.label}: {in_gbs:.2f} input GB/s "
-               f"(>= {CPU_TARGET_IN_GBS}: {'met' if in_gbs >= CPU_TARGET_IN_GBS else 'NOT met'})")
+               f"(>= {CPU_TARGET_IN_GBS}: {met(in_gbs >= CPU_TARGET_IN_GBS)})")
         vs = r.vs_peer.get("bitsandbytes")
         if vs is not None:
             msg += (f"; {vs:.2f}x bitsandbytes "
-                    f"(>= {CPU_TARGET_VS_BNB}x: {'met' if vs >= CPU_TARGET_VS_BNB else 'NOT met'})")
+                    f"(>= {CPU_TARGET_VS_BNB}x: {met(vs >= CPU_TARGET_VS_BNB)})")
         else:
             msg += "; bitsandbytes not measured"
         if r.case.params["numel"] < (1 << 26):

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, saved_bytes
+from .harness import (Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, met, rows_by_case,
+                      saved_bytes)
 
 REFERENCE, OURS = "reference", "lowrank_ext"
 INDEX_ADD, SCATTER_ADD, LORA = "torch index_add_", "torch scatter_add_", "LoRA fusion (W.addmm_)"
@@ -72,7 +73,8 @@ def make_inputs(case: Case, device: torch.device) -> dict:
     def support():
         return torch.randperm(d * d, generator=g)[:nnz].sort().values.to(device)
     if p["op"] == "shira fwd+bwd":
-        return {"x": torch.randn(p["n"], d, generator=g).to(device), "g": torch.randn(p["n"], d, generator=g).to(device),
+        return {"x": torch.randn(p["n"], d, generator=g).to(device),
+                "g": torch.randn(p["n"], d, generator=g).to(device),
                 "w": (torch.randn(d, d, generator=g) * d ** -0.5).to(device), "b": torch.zeros(d, device=device)}
     if p["op"] == "apply+remove":
         weights = [torch.randn(d, d, generator=g).to(device) for _ in range(p["layers"])]
@@ -237,15 +239,12 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
-    by_case: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case.key, {})[r.provider] = r
-    for key, rs in by_case.items():
+    for key, rs in rows_by_case(rows).items():
         shira, frozen, peft = rs.get(SHIRA_OURS), rs.get(FROZEN), rs.get(PEFT_SHIRA)
         if shira and shira.status == "ok" and frozen and frozen.status == "ok":
             vs = shira.median_s / frozen.median_s
             line = (f"{key}: SparseAdapterLinear {shira.median_s * 1e3:.1f} ms = {vs:.2f}x the frozen linear (target "
-                    f"<= {TARGET_VS_FROZEN:g}x: {'met' if vs <= TARGET_VS_FROZEN else 'NOT met'}), {shira.note}")
+                    f"<= {TARGET_VS_FROZEN:g}x: {met(vs <= TARGET_VS_FROZEN)}), {shira.note}")
             if peft and peft.status == "ok":
                 line += f"; PEFT SHiRA {peft.median_s * 1e3:.1f} ms, {peft.note}"
             lines.append(line)
@@ -260,7 +259,7 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             if peer and peer.status == "ok":
                 vs = peer.median_s / ours.median_s
                 parts.append(f"{vs:.2f}x faster than {name}" + (
-                    f" (target >= {target:g}x: {'met' if vs >= target else 'NOT met'})" if target else ""))
+                    f" (target >= {target:g}x: {met(vs >= target)})" if target else ""))
         lines.append("; ".join(parts))
     return lines
 

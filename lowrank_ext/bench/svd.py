@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, rows_by_case, met
 
 REFERENCE_RSVD, OURS, LINALG, OUR_LOOP = "torch.svd_lowrank", "lowrank_ext", "torch.linalg.svd", "lowrank_ext rsvd loop"
 REFERENCE_LOOP, REFERENCE_SVD, STORED, RANDN = ("torch.svd_lowrank loop", "torch.linalg.svd (reference)",
@@ -228,10 +228,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
-    by_case: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case.key, {})[r.provider] = r
-    for key, rs in by_case.items():
+    for key, rs in rows_by_case(rows).items():
         ours = rs.get(OURS)
         if not ours or ours.status != "ok":
             continue
@@ -241,20 +238,20 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
         if ref and ref.status == "ok":
             vs = ref.median_s / ours.median_s
             parts.append(f"{vs:.2f}x faster than torch.svd_lowrank ({ref.note}; target >= {TARGET_VS_SVD_LOWRANK:g}x "
-                         f"at equal or lower error: {'met' if vs >= TARGET_VS_SVD_LOWRANK else 'NOT met'})")
+                         f"at equal or lower error: {met(vs >= TARGET_VS_SVD_LOWRANK)})")
         lin = rs.get(LINALG)
         if lin and lin.status == "ok":
             vs = lin.median_s / ours.median_s
             target = device.type == "cuda" and p["m"] == p["n"] == 4096 and p["k"] == 128
             parts.append(f"{vs:.1f}x faster than torch.linalg.svd" + (
-                f" (target >= {TARGET_VS_LINALG_GPU:g}x: {'met' if vs >= TARGET_VS_LINALG_GPU else 'NOT met'})"
+                f" (target >= {TARGET_VS_LINALG_GPU:g}x: {met(vs >= TARGET_VS_LINALG_GPU)})"
                 if target else ""))
         for name in (REFERENCE_LOOP, OUR_LOOP):
             peer = rs.get(name)
             if peer and peer.status == "ok":
                 vs = peer.median_s / ours.median_s
                 parts.append(f"batched {vs:.2f}x faster than a {name}"
-                             + f" (target >= {TARGET_BATCHED_VS_LOOP:g}x: {'met' if vs >= TARGET_BATCHED_VS_LOOP else 'NOT met'})")
+                             + f" (target >= {TARGET_BATCHED_VS_LOOP:g}x: {met(vs >= TARGET_BATCHED_VS_LOOP)})")
         for name in (REFERENCE_SVD, STORED, RANDN):
             peer = rs.get(name)
             if peer and peer.status == "ok":
