@@ -120,6 +120,45 @@ def test_quantized_state_stays_close_to_fp32(bits, tol):
     assert "exp_avg_q" in opt_b.state[b[0]] and opt_b.state[b[0]]["exp_avg_q"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("bits,tol", [(8, 0.05), (4, 0.2)])
+def test_quantized_projections_stay_close_and_save_memory(bits, tol):
+    """The movement of each weight over 6 steps, relative Frobenius distance to the one with
+    fp32 projections (measured: <= 0.03 for INT8, <= 0.10 for INT4)."""
+    a, b = _params(), _params()
+    opt_a = GaLoreAdamW(a, rank=4, update_proj_gap=3, **HYPER)
+    opt_b = GaLoreAdamW(b, rank=4, update_proj_gap=3, proj_bits=bits, **HYPER)
+    start = [p.detach().clone() for p in a]
+    for step in range(6):
+        for pa, pb, g in zip(a, b, _low_rank_grads(a, step)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb, p0 in zip(a, b, start):
+        moved = float((pa.detach() - p0).norm())
+        assert float((pa.detach() - pb.detach()).norm()) <= tol * moved
+    st = opt_b.state[b[0]]
+    assert "proj" not in st and st["proj_q"].dtype == torch.uint8
+    assert st["proj_q"].numel() == 4 * 24 * bits // 8  # [r, n] = [4, 24], packed
+    assert state_bytes_per_param(opt_b) < state_bytes_per_param(opt_a)
+
+
+def test_adaptive_refresh_freezes_a_settled_subspace_only(monkeypatch):
+    calls = []
+    real = galore_mod.rsvd
+    monkeypatch.setattr(galore_mod, "rsvd", lambda a, *args, **kw: calls.append(a.shape[0]) or real(a, *args, **kw))
+    settled, moving = torch.nn.Parameter(torch.zeros(40, 24)), torch.nn.Parameter(torch.zeros(40, 24).add(1))
+    opt = GaLoreAdamW([settled, moving], rank=4, update_proj_gap=1, adaptive_refresh=0.9, refresh_patience=2,
+                      **HYPER)
+    fixed = _low_rank_grads([settled], 0)[0]
+    for step in range(6):
+        settled.grad = fixed * (1 + step)  # the same subspace every step
+        moving.grad = torch.randn(40, 24)  # a new one every step
+        opt.step()
+    assert opt.state[settled]["proj_frozen"] and not opt.state[moving]["proj_frozen"]
+    # refreshes: both at steps 0-2 (the settled one is frozen after 2 similar refreshes), then only the moving one
+    assert calls == [2, 2, 2, 1, 1, 1]
+
+
 def test_refresh_schedule_and_one_batched_svd_per_shape(monkeypatch):
     calls = []
     real = galore_mod.rsvd
@@ -145,8 +184,8 @@ def test_refresh_schedule_and_one_batched_svd_per_shape(monkeypatch):
     torch.testing.assert_close(opt.state[params[2]]["proj"], vh, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits", [32, 8, 4])
-def test_state_dict_resume_is_identical(bits):
+@pytest.mark.parametrize("bits,extra", [(32, {}), (8, {}), (4, dict(proj_bits=4, adaptive_refresh=0.5))])
+def test_state_dict_resume_is_identical(bits, extra):
     def grads(params, step):
         g = torch.Generator().manual_seed(step)
         return [torch.randn(p.shape, generator=g) for p in params]
@@ -158,14 +197,14 @@ def test_state_dict_resume_is_identical(bits):
             opt.step()
 
     a = _params()
-    opt_a = GaLoreAdamW(a, rank=4, update_proj_gap=2, state_bits=bits, **HYPER)
+    opt_a = GaLoreAdamW(a, rank=4, update_proj_gap=2, state_bits=bits, **extra, **HYPER)
     run(a, opt_a, range(7))
     b = _params()
-    opt_b = GaLoreAdamW(b, rank=4, update_proj_gap=2, state_bits=bits, **HYPER)
+    opt_b = GaLoreAdamW(b, rank=4, update_proj_gap=2, state_bits=bits, **extra, **HYPER)
     run(b, opt_b, range(3))
     saved = copy.deepcopy(opt_b.state_dict())
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
-    opt_c = GaLoreAdamW(c, rank=4, update_proj_gap=2, state_bits=bits, **HYPER)
+    opt_c = GaLoreAdamW(c, rank=4, update_proj_gap=2, state_bits=bits, **extra, **HYPER)
     opt_c.load_state_dict(saved)
     run(c, opt_c, range(3, 7))
     for pa, pc in zip(a, c):
@@ -229,7 +268,8 @@ def test_bad_arguments():
     p = [torch.nn.Parameter(torch.randn(4, 4))]
     for kwargs, match in [(dict(rank=0), "rank"), (dict(update_proj_gap=0), "update_proj_gap"),
                           (dict(state_bits=16), "state_bits"), (dict(proj_method="qr"), "proj_method"),
-                          (dict(mode="lora"), "mode"),
+                          (dict(mode="lora"), "mode"), (dict(proj_bits=2), "proj_bits"),
+                          (dict(adaptive_refresh=1.5), "adaptive_refresh"), (dict(refresh_patience=0), "patience"),
                           (dict(lr=-1.0), "learning rate"), (dict(betas=(1.0, 0.9)), "beta")]:
         with pytest.raises(ValueError, match=match):
             GaLoreAdamW(p, **kwargs)

@@ -12,6 +12,7 @@ step between refreshes (the projection made once in setup). Providers:
 * ``lowrank_ext GaLoreAdamW``       rsvd (oversample 10, n_iter 2), one batched call per
                                     shape; fp32 state
 * ``lowrank_ext GaLoreAdamW 8-bit`` the same with 8-bit moments
+* ``... 8-bit, INT4 projection``    and projections stored in 4 bits (Q-GaLore style)
 * ``galore-torch``                  galore_torch.GaLoreAdamW (full SVD per weight)
 * ``galore-torch + svd_lowrank``    the same with its SVD swapped for
                                     torch.svd_lowrank(q = r + 10, niter = 2)
@@ -33,6 +34,7 @@ import torch
 from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes, rows_by_case, met
 
 REFERENCE, OURS, OURS8 = "reference (full SVD)", "lowrank_ext GaLoreAdamW", "lowrank_ext GaLoreAdamW 8-bit"
+OURS_Q = "lowrank_ext GaLoreAdamW 8-bit, INT4 projection"
 GT, GT_LOWRANK, ADAMW = "galore-torch", "galore-torch + svd_lowrank", "torch AdamW"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 SCALE = 0.25
@@ -100,14 +102,14 @@ def _reference(case: Case, inputs: dict) -> Timed:
     return _timed(case, inputs, make, lambda: states)
 
 
-def _ours(bits):
+def _ours(bits, proj_bits=32):
     def setup(case: Case, inputs: dict) -> Timed:
         from lowrank_ext.optim import GaLoreAdamW
         holder = {}
 
         def make(params, gap):
             opt = GaLoreAdamW(params, rank=case.params["rank"], update_proj_gap=gap, scale=SCALE, state_bits=bits,
-                              **HYPER)
+                              proj_bits=proj_bits, **HYPER)
             holder["opt"] = opt
             return opt.step, None
         return _timed(case, inputs, make, lambda: list(holder["opt"].state.values()))
@@ -180,6 +182,7 @@ def providers(device: torch.device) -> list[Provider]:
         Provider(REFERENCE, "reference", _reference, slow=True),
         Provider(OURS, "ours", _ours(32)),
         Provider(OURS8, "ours", _ours(8)),
+        Provider(OURS_Q, "ours", _ours(8, proj_bits=4)),
         Provider(GT, "peer", _galore_torch(False), peer="galore_torch", slow=True),
         Provider(GT_LOWRANK, "peer", _galore_torch(True), peer="galore_torch"),
         Provider(ADAMW, "peer", _adamw),
@@ -204,7 +207,7 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
     for key, rs in rows_by_case(rows).items():
-        for name in (OURS, OURS8):
+        for name in (OURS, OURS8, OURS_Q):
             ours = rs.get(name)
             if not ours or ours.status != "ok":
                 continue

@@ -26,8 +26,15 @@ and the randomized SVD's seed is a function of ``seed`` and the step).
 norm growth per step (Fira, Chen et al. 2024); ``mode="frugal"`` adds a state-free signSGD
 step lr * sign(G - back(R)) there (FRUGAL). Both cost one [m, n] temporary per step.
 
-Not yet here (issue 6): INT8/INT4 projections (Q-GaLore) and the adaptive refresh, fused
-project / project-back ops with CUDA kernels.
+``proj_bits`` 8 or 4 stores each projection block-wise quantized with a linear (integer)
+code, dequantized each step for the two projection GEMMs (Q-GaLore's INT8/INT4
+projections). ``adaptive_refresh=t`` stops refreshing a layer once ``refresh_patience``
+consecutive refreshes found a subspace overlapping the previous one by at least t
+(||P_old^T P_new||_F^2 / r, Q-GaLore's similarity rule taken on subspaces, so SVD signs and
+rotations do not matter): its SVDs are saved from then on.
+
+Not yet here (issue 6): fused project / project-back ops with CUDA kernels (the projections
+are dequantized into a small fp32 tensor rather than inside the GEMM).
 
 Example::
 
@@ -50,7 +57,7 @@ import torch
 from .. import quant
 from ..linalg import rsvd
 from ..ops.optim import adamw_step_quantized_
-from ..ops.quant import quantize_blockwise
+from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
 
@@ -65,6 +72,7 @@ _STATE_FORMATS = {
 
 
 _FIRA_GAMMA = 1.01  # Fira's norm-growth limit
+_PROJ_BLOCKSIZE = {8: 256, 4: 128}  # proj_bits -> block size of the INT8 / INT4 (linear code) projections
 
 
 def _mix(*values: int) -> int:
@@ -79,7 +87,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
-                 n_iter: int = 2, seed: int = 0, mode: str = "galore"):
+                 n_iter: int = 2, seed: int = 0, mode: str = "galore", proj_bits: int = 32,
+                 adaptive_refresh: float | None = None, refresh_patience: int = 2):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
@@ -95,6 +104,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
+        if proj_bits not in (32, 8, 4):
+            raise ValueError(f"proj_bits must be 32, 8 or 4, got {proj_bits!r}")
+        if adaptive_refresh is not None and not 0.0 < adaptive_refresh <= 1.0:
+            raise ValueError(f"adaptive_refresh must be a threshold in (0, 1] or None, got {adaptive_refresh!r}")
+        if not (isinstance(refresh_patience, int) and refresh_patience >= 1):
+            raise ValueError(f"refresh_patience must be a positive int, got {refresh_patience!r}")
         if mode not in ("galore", "fira", "frugal"):
             raise ValueError(f"mode must be 'galore', 'fira' or 'frugal', got {mode!r}")
         if proj_method not in ("rsvd", "svd"):
@@ -104,6 +119,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_bits, self.proj_method = state_bits, proj_method
         self.oversample, self.n_iter, self.seed, self.mode = oversample, n_iter, seed, mode
+        self.proj_bits, self.adaptive_refresh, self.refresh_patience = proj_bits, adaptive_refresh, refresh_patience
+        self._proj_codes: dict[torch.device, torch.Tensor] = {}
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -124,6 +141,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["exp_avg_q"], state["exp_avg_absmax"] = quantize_blockwise(zeros, code_m, bs_m, self.state_bits)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_blockwise(zeros, code_v, bs_v, self.state_bits)
 
+    def _projection(self, state: dict, shape: tuple[int, int], rank: int) -> torch.Tensor:
+        """The fp32 projection: as stored, or dequantized from its 8/4-bit blocks."""
+        if self.proj_bits == 32:
+            return state["proj"]
+        m, n = shape
+        proj_shape = [rank, n] if state["proj_right"] else [m, rank]
+        code = self._proj_code(state["proj_q"].device)
+        return dequantize_blockwise(state["proj_q"], state["proj_absmax"], code, _PROJ_BLOCKSIZE[self.proj_bits],
+                                    self.proj_bits, proj_shape)
+
+    def _proj_code(self, device: torch.device) -> torch.Tensor:
+        if device not in self._proj_codes:
+            self._proj_codes[device] = quant.linear_code(self.proj_bits, signed=True).to(device)
+        return self._proj_codes[device]
+
     def _refresh(self, items: list[tuple[torch.Tensor, dict, dict]], step: int) -> None:
         """New projections for params of one shape and device, from their current grads."""
         rank = items[0][2]["rank"]
@@ -134,10 +166,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
             u, vh = u[..., :rank], vh[..., :rank, :]
         else:
             u, _, vh = rsvd(grads, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
+        right = m >= n
         for i, (_, state, _) in enumerate(items):
+            new = (vh[i] if right else u[i]).contiguous()
+            if self.adaptive_refresh is not None and "proj_right" in state:
+                # Q-GaLore's rule on subspaces (sign- and rotation-free): ||P_old^T P_new||_F^2 / r
+                old = self._projection(state, (m, n), rank)
+                overlap = float(((old @ new.t()) if right else (old.t() @ new)).square().sum()) / rank
+                similar = state.get("refresh_similar", 0) + 1 if overlap >= self.adaptive_refresh else 0
+                state["refresh_similar"] = similar
+                state["proj_frozen"] = similar >= self.refresh_patience
             # a bool, not "left"/"right": torch's load_state_dict would iterate a str
-            state["proj_right"] = m >= n
-            state["proj"] = (vh[i] if m >= n else u[i]).contiguous()
+            state["proj_right"] = right
+            if self.proj_bits == 32:
+                state["proj"] = new
+            else:
+                state["proj_q"], state["proj_absmax"] = quantize_blockwise(
+                    new, self._proj_code(new.device), _PROJ_BLOCKSIZE[self.proj_bits], self.proj_bits)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -160,7 +205,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 step = int(state.setdefault("step", 0))
                 galore = self._uses_galore(p, group)
-                if galore and ("proj" not in state or step % group["update_proj_gap"] == 0):
+                due_now = "proj_right" not in state or step % group["update_proj_gap"] == 0
+                if galore and due_now and not state.get("proj_frozen", False):
                     due[(tuple(p.shape), p.device, group["rank"], step)].append((p, state, group))
                 work.append((p, state, group, galore))
         for (_, _, _, step), items in due.items():  # one batched (randomized) SVD per shape
@@ -170,20 +216,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         quantized: dict[tuple, list] = defaultdict(list)
         for group_no, (p, state, group, galore) in enumerate(work):
             g = p.grad.float()
+            proj = None
             if galore:
-                proj = state["proj"]
+                proj = self._projection(state, tuple(p.shape), group["rank"])
                 g = g @ proj.t() if state["proj_right"] else proj.t() @ g
             state["step"] = step = int(state["step"]) + 1
             if self.state_bits == 32:
-                self._apply(p, state, group, galore, self._adam_fp32(g, state, group, step), g)
+                self._apply(p, state, group, proj, self._adam_fp32(g, state, group, step), g)
             else:
                 if "exp_avg_q" not in state:
                     self._init_quantized(state, g.numel(), p.device)
-                quantized[(id(group), p.device, step)].append((p, state, group, galore, g))
+                quantized[(id(group), p.device, step)].append((p, state, group, proj, g))
         for bucket_no, ((_, device, step), items) in enumerate(quantized.items()):
             updates = self._adam_quantized(items, device, step, bucket_no)
-            for (p, state, group, galore, g), update in zip(items, updates):
-                self._apply(p, state, group, galore, update, g)
+            for (p, state, group, proj, g), update in zip(items, updates):
+                self._apply(p, state, group, proj, update, g)
         return loss
 
     @staticmethod
@@ -217,7 +264,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                               stochastic_exp_avg_sq=sr_v)
         return [o.neg_() for o in outs]
 
-    def _apply(self, p: torch.Tensor, state: dict, group: dict, galore: bool, direction: torch.Tensor,
+    def _apply(self, p: torch.Tensor, state: dict, group: dict, proj: torch.Tensor | None, direction: torch.Tensor,
                low: torch.Tensor) -> None:
         """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): the
         projected part is one GEMM into W, no [m, n] temporary (the published code's
@@ -225,10 +272,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         outside the subspace, G - back(R), which takes one [m, n] temporary."""
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         target = p if p.dtype == torch.float32 else p.float()
-        if not galore:
+        if proj is None:  # not a GaLore parameter
             target.mul_(decay).add_(direction, alpha=-lr * decay)
         else:
-            proj, right = state["proj"], bool(state["proj_right"])
+            right = bool(state["proj_right"])
             resid = None
             if self.mode != "galore":  # G - P R (left) or G - R P (right)
                 resid = p.grad.float().clone(memory_format=torch.contiguous_format)
