@@ -20,8 +20,8 @@ step between refreshes (the projection made once in setup). Providers:
 
 Check (after the first step): the update W_after - W_before against the reference's:
 relative Frobenius error <= 1e-4 for galore-torch (the same algorithm); cosine >= 0.95 for
-the randomized-SVD providers (another, equally good subspace, which Adam's first ~sign(R)
-step magnifies; a wrong projection side gives ~0); torch AdamW is another algorithm (not
+the randomized-SVD providers, 0.9 with INT4 projections (another, equally good subspace,
+which Adam's first ~sign(R) step magnifies; a wrong projection side gives ~0); torch AdamW is another algorithm (not
 checked). Each row's note gives the optimizer state
 bytes per parameter. The summary tracks the issue's targets: refresh >= 20x faster than
 galore-torch and >= 1.5x faster than the svd_lowrank swap; normal step >= 1.2x faster than
@@ -201,7 +201,8 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
     # randomized SVD: another, equally good subspace; Adam's first step (~sign(R)) magnifies
     # the difference, so compare directions: a wrong side or projection gives cosine ~0
     cos = dot / max(norm_o * norm_r, 1e-30)
-    return None if cos >= 0.95 else f"update's cosine with the reference's is {cos:.3f} < 0.95"
+    floor = 0.9 if provider.name == OURS_Q else 0.95  # INT4 projections perturb the subspace further
+    return None if cos >= floor else f"update's cosine with the reference's is {cos:.3f} < {floor}"
 
 
 def summary(rows: list[Row], device: torch.device) -> list[str]:
