@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, load_shapes, rows_by_case, met
+from .harness import Case, Family, Provider, Row, SkipProvider, Timed, faster, load_shapes, rows_by_case
 
 REFERENCE, OURS, OURS8 = "reference (full SVD)", "lowrank_ext GaLoreAdamW", "lowrank_ext GaLoreAdamW 8-bit"
 OURS_Q = "lowrank_ext GaLoreAdamW 8-bit, INT4 projection"
@@ -219,10 +219,9 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
                                  (GT_LOWRANK, TARGET_REFRESH_VS_LOWRANK if op == "refresh" else None),
                                  (REFERENCE, None), (ADAMW, None)):
                 row = rs.get(peer)
-                if row and row.status == "ok":
-                    vs = row.median_s / ours.median_s
-                    parts.append(f"{vs:.2f}x faster than {peer} ({row.note})" + (
-                        f" (target >= {target:g}x: {met(vs >= target)})" if target else ""))
+                text = faster(ours, row, f"{peer} ({row.note})" if row else peer, target)
+                if text:
+                    parts.append(text)
             lines.append("; ".join(parts))
     return lines
 

@@ -210,6 +210,15 @@ def met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def faster(ours: Row, peer: Row | None, name: str, target: float | None = None) -> str | None:
+    """"{peer / ours}x faster than {name}", with the target and whether it is met; None when
+    the peer has no timing."""
+    if not peer or peer.status != "ok" or not peer.median_s or not ours.median_s:
+        return None
+    vs = peer.median_s / ours.median_s
+    return f"{vs:.2f}x faster than {name}" + (f" (target >= {target:g}x: {met(vs >= target)})" if target else "")
+
+
 def load_shapes(family: str) -> list[dict[str, str]]:
     """Rows of ``benchmarks/shapes/<family>.csv`` ('#' lines are comments).
 

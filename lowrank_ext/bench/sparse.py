@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .harness import (Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, met, rows_by_case,
-                      saved_bytes)
+from .harness import (Case, Family, Provider, Row, SkipProvider, Timed, check_close, faster, load_shapes, met,
+                      rows_by_case, saved_bytes)
 
 REFERENCE, OURS = "reference", "lowrank_ext"
 INDEX_ADD, SCATTER_ADD, LORA = "torch index_add_", "torch scatter_add_", "LoRA fusion (W.addmm_)"
@@ -255,11 +255,9 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
         targets = ((LORA, TARGET_VS_LORA), (SCATTER_ADD, TARGET_VS_SCATTER), (INDEX_ADD, None),
                    (SAMPLED, TARGET_VS_SAMPLED), (DENSE_GATHER, None))
         for name, target in targets:
-            peer = rs.get(name)
-            if peer and peer.status == "ok":
-                vs = peer.median_s / ours.median_s
-                parts.append(f"{vs:.2f}x faster than {name}" + (
-                    f" (target >= {target:g}x: {met(vs >= target)})" if target else ""))
+            text = faster(ours, rs.get(name), name, target)
+            if text:
+                parts.append(text)
         lines.append("; ".join(parts))
     return lines
 
