@@ -6,9 +6,15 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
+
 namespace lowrank {
 
 enum class FloatKind : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+// The accumulation type of a kernel on T: double for double, float for float/half/bfloat16.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 }  // namespace lowrank
 

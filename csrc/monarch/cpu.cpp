@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dtype.h"
 #include "monarch/ops.h"
 
 namespace lowrank::monarch {
@@ -86,9 +87,6 @@ void rm_gemm(bool ta, bool tb, int64_t batch, int64_t m, int64_t n, int64_t k, c
     }
   }
 }
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows [r0, r0+rows) of a row-major [*, cols] matrix as Acc: the matrix itself when it is
 // already Acc, else widened into `buf`. Returns the pointer; the row stride is `cols`.

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/dtype.h"
 #include "monarch/ops.h"
 
 namespace lowrank::monarch {
@@ -99,9 +100,6 @@ void launch_strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c)
       strides_of(c), m, n, k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // c = a b over strided views whose dtypes are each T (the inputs' dtype) or its accumulation
 // type: the combinations the family uses.

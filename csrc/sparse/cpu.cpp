@@ -20,13 +20,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dtype.h"
 #include "sparse/ops.h"
 
 namespace lowrank::sparse {
 namespace {
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 struct IndexScan {
   int64_t bad = -1;  // position of the first out-of-range index, or -1

@@ -20,15 +20,13 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/dtype.h"
 #include "sparse/ops.h"
 
 namespace lowrank::sparse {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // *addr = round(float(*addr) + delta), atomically.
 template <typename W>
