@@ -34,6 +34,17 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUANT_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
 
 
+def check_steppable(p: torch.Tensor, optimizer: str) -> None:
+    """The params and grads the fused steps take: dense, real, float32/float16/bfloat16."""
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+    if torch.is_complex(p):
+        raise RuntimeError(f"{optimizer} does not support complex parameters")
+    if p.dtype not in _PARAM_DTYPES or p.grad.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"{optimizer} steps float32/float16/bfloat16 params and grads, got {p.dtype} with a "
+                        f"{p.grad.dtype} grad")
+
+
 class _BlockwiseAdamW(torch.optim.Optimizer):
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
@@ -128,13 +139,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
-                if p.dtype not in _PARAM_DTYPES or p.grad.dtype not in _PARAM_DTYPES:
-                    raise TypeError(f"{type(self).__name__} steps float32/float16/bfloat16 params and grads, got "
-                                    f"{p.dtype} with a {p.grad.dtype} grad")
+                check_steppable(p, type(self).__name__)
                 state = self.state[p]
                 self._prepare_state(p, state)
                 state["step"] += 1

@@ -57,11 +57,11 @@ import torch
 from .. import quant
 from ..linalg import rsvd
 from ..ops.optim import adamw_step_quantized_
+from .adamw import check_steppable
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
 
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # bits -> (first-moment code, second-moment code, block sizes, stochastic rounding (m, v)): AdamW8bit's / AdamW4bit's
 _STATE_FORMATS = {
     8: (lambda: quant.dynamic_code(8, signed=True), lambda: quant.log_code(8, decades=8.0), (256, 2048),
@@ -197,11 +197,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or torch.is_complex(p):
-                    raise RuntimeError("GaLoreAdamW steps dense real parameters")
-                if p.dtype not in _PARAM_DTYPES or p.grad.dtype not in _PARAM_DTYPES:
-                    raise TypeError(f"GaLoreAdamW steps float32/float16/bfloat16 params and grads, got {p.dtype} "
-                                    f"with a {p.grad.dtype} grad")
+                check_steppable(p, "GaLoreAdamW")
                 state = self.state[p]
                 step = int(state.setdefault("step", 0))
                 galore = self._uses_galore(p, group)
