@@ -42,6 +42,24 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("lora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, Tensor? core, Tensor? rank_scale, "
         "float scale) -> ()");
 
+  // ---- multilora: many adapters in one batch (S-LoRA / Punica): token n uses adapter ids[n], -1 none ----
+  // Stacks padded to the largest rank R: a_stack [S, R, d_in], b_stack [S, d_out, R]; ranks [S] int (None:
+  // every adapter has rank R; rows / columns past an adapter's rank are never read); scales [S] float
+  // (None: 1); token_adapter_ids int32/int64 [N] in any order. No host synchronisation on CUDA.
+  // xa [N, R] fp32 (fp64 for fp64 x): xa[n, :rank] = scale * x[n] A[ids[n], :rank]^T, zero elsewhere
+  m.def("lora_shrink(Tensor x, Tensor a_stack, Tensor token_adapter_ids, Tensor? ranks=None, "
+        "Tensor? scales=None) -> Tensor");
+  // y[n] += scale * xa[n, :rank] B[ids[n], :, :rank]^T in place, y [N, d_out]; rows with id -1 untouched
+  m.def("lora_expand_(Tensor(a!) y, Tensor xa, Tensor b_stack, Tensor token_adapter_ids, Tensor? ranks=None, "
+        "Tensor? scales=None) -> ()");
+  // the same out of place (the differentiable form): returns a new y + the products
+  m.def("lora_expand(Tensor y, Tensor xa, Tensor b_stack, Tensor token_adapter_ids, Tensor? ranks=None, "
+        "Tensor? scales=None) -> Tensor");
+  // per-adapter sums of outer products (the stacks' gradients): out[a] = scale[a] * sum over the
+  // tokens n of adapter a of left[n]^T right[n]; left [N, P], right [N, Q] -> out [S, P, Q] fp32 (fp64)
+  m.def("lora_grouped_outer(Tensor left, Tensor right, Tensor token_adapter_ids, int num_adapters, "
+        "Tensor? scales=None) -> Tensor");
+
   // ---- monarch: block-diagonal products, y = P L P R x (R = blockdiag(w1), L = blockdiag(w2)) ----
   // x [N, nblocks*in_bs], w1 [nblocks, mid, in_bs], w2 [nblocks, out_bs, mid] -> y [N, nblocks*out_bs];
   // stage 2 reads h[r*nblocks + l] and writes y[s*nblocks + l] (the permutation P, applied by
@@ -81,6 +99,8 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("quantize_blockwise", torch::CppFunction::makeFallthrough());
   m.impl("dequantize_blockwise", torch::CppFunction::makeFallthrough());
   m.impl("lora_merge_", torch::CppFunction::makeFallthrough());
+  m.impl("lora_expand_", torch::CppFunction::makeFallthrough());  // in place: lora_expand is the differentiable form
+  m.impl("lora_grouped_outer", torch::CppFunction::makeFallthrough());
   m.impl("sparse_scatter_add_", torch::CppFunction::makeFallthrough());
   m.impl("sddmm", torch::CppFunction::makeFallthrough());
   m.impl("gaussian_sketch", torch::CppFunction::makeFallthrough());

@@ -126,6 +126,71 @@ def lora_merge_samples(device: str) -> Iterator[Sample]:
                      name=f"{dtype}-fp32-adapter")
 
 
+# multilora: (N, S, R, d_in, d_out); ids mix every adapter, -1 and an empty slot; rank 1
+MULTILORA_SHAPES = ((1, 1, 1, 5, 3), (37, 3, 4, 9, 7), (70, 5, 8, 33, 17), (0, 2, 2, 4, 4))
+
+
+def _multilora_ids(n: int, s: int, device) -> torch.Tensor:
+    """Unsorted ids over -1 .. s-1, slot s-1 left empty when s > 2."""
+    hi = s - 1 if s > 2 else s
+    return torch.randint(-1, hi, (n,), device=device)
+
+
+def _multilora_ranks(s: int, r: int, device) -> torch.Tensor:
+    return torch.tensor([max(r - i, 0) if i % 3 else r for i in range(s)], device=device)
+
+
+def lora_shrink_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for i, (n, s, r, d_in, _) in enumerate(MULTILORA_SHAPES):
+            x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
+            a = torch.randn(s, r, d_in, device=device, dtype=dtype, requires_grad=True)
+            ids = _multilora_ids(n, s, device)
+            ranks = _multilora_ranks(s, r, device) if i % 2 else None
+            scales = torch.rand(s, device=device) if i >= 1 else None
+            yield Sample((x, a, ids, ranks, scales), name=f"{dtype}-{n}x{d_in}-S{s}-R{r}")
+    yield Sample((torch.randn(9, 6, device=device).t(), torch.randn(2, 9, 3, device=device).transpose(1, 2),
+                  torch.tensor([0, 1, -1, 1, 0, 0], device=device, dtype=torch.int32)), name="noncontiguous-int32")
+
+
+def _expand_args(device, dtype, n, s, r, d_out, i, xa_dtype=None):
+    y = torch.randn(n, d_out, device=device, dtype=dtype, requires_grad=True)
+    xa = torch.randn(n, r, device=device, dtype=xa_dtype or dtype, requires_grad=True)
+    b = torch.randn(s, d_out, r, device=device, dtype=dtype, requires_grad=True)
+    ids = _multilora_ids(n, s, device)
+    ranks = _multilora_ranks(s, r, device) if i % 2 else None
+    scales = torch.rand(s, device=device) if i >= 1 else None
+    return y, xa, b, ids, ranks, scales
+
+
+def lora_expand_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for i, (n, s, r, _, d_out) in enumerate(MULTILORA_SHAPES):
+            yield Sample(_expand_args(device, dtype, n, s, r, d_out, i), name=f"{dtype}-{n}x{d_out}-S{s}-R{r}")
+        yield Sample(_expand_args(device, dtype, 20, 3, 4, 6, 1, torch.float32), name=f"{dtype}-fp32-xa")
+    y = torch.randn(6, 9, device=device).t()  # non-contiguous y and stack
+    yield Sample((y, torch.randn(9, 2, device=device), torch.randn(2, 2, 6, device=device).transpose(1, 2),
+                  torch.tensor([1, -1, 0, 0, 1, 1, 1, 0, -1], device=device)), name="noncontiguous")
+
+
+def lora_expand_inplace_samples(device: str) -> Iterator[Sample]:
+    for s in lora_expand_samples(device):
+        yield Sample(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in s.args), name=s.name)
+
+
+def lora_grouped_outer_samples(device: str) -> Iterator[Sample]:
+    for dtype in FLOAT_DTYPES + (torch.float64,):
+        for i, (n, s, r, d_in, _) in enumerate(MULTILORA_SHAPES):
+            left = torch.randn(n, r, device=device)  # fp32, as the gradients of xa are
+            right = torch.randn(n, d_in, device=device, dtype=dtype)
+            scales = torch.rand(s, device=device) if i >= 1 else None
+            yield Sample((left, right, _multilora_ids(n, s, device), s, scales), name=f"{dtype}-{n}-S{s}")
+    yield Sample((torch.randn(5, 3, device=device), torch.randn(7, 5, device=device).t(),
+                  torch.full((5,), -1, device=device), 2), name="all-minus-one-noncontiguous")
+    yield Sample((torch.randn(4, 3, device=device), torch.randn(4, 2, device=device),
+                  torch.full((4,), -1, device=device), 0), name="no-adapters")
+
+
 # (N, nblocks, in_bs, mid, out_bs): N = 1 and a tile-crossing N, nblocks = 1, rectangular
 # blocks, mid smaller than nblocks (pairs of blocks share no intermediate), mid > in_bs
 MONARCH_SHAPES = ((1, 4, 3, 2, 5), (37, 1, 7, 7, 3), (70, 3, 8, 6, 4), (600, 4, 6, 8, 8), (0, 2, 4, 4, 4))
@@ -250,6 +315,10 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::lora_forward": lora_forward_samples,
     "lowrank::lora_backward": lora_backward_samples,
     "lowrank::lora_merge_": lora_merge_samples,
+    "lowrank::lora_shrink": lora_shrink_samples,
+    "lowrank::lora_expand_": lora_expand_inplace_samples,
+    "lowrank::lora_expand": lora_expand_samples,
+    "lowrank::lora_grouped_outer": lora_grouped_outer_samples,
     "lowrank::monarch_forward": monarch_forward_samples,
     "lowrank::monarch_backward": monarch_backward_samples,
     "lowrank::blockdiag_forward": blockdiag_forward_samples,

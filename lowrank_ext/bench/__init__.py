@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {
     "quant": "lowrank_ext.bench.quant",
     "optim": "lowrank_ext.bench.optim",
     "lora": "lowrank_ext.bench.lora",
+    "multilora": "lowrank_ext.bench.multilora",
     "monarch": "lowrank_ext.bench.monarch",
     "sparse": "lowrank_ext.bench.sparse",
     "svd": "lowrank_ext.bench.svd",

@@ -10,6 +10,8 @@ from typing import Callable
 from .lora import lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref, lora_merge_ref
 from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_ref, monarch_backward_ref,
                       monarch_dense_ref, monarch_forward_ref, monarch_ref)
+from .multilora import (lora_expand_inplace_ref, lora_expand_ref, lora_grouped_outer_ref, lora_shrink_ref,
+                        multi_lora_linear_ref)
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .sparse import sddmm_ref, sparse_scatter_add_ref
 from .svd import gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
@@ -23,6 +25,10 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::lora_forward": lora_forward_ref,
     "lowrank::lora_backward": lora_backward_ref,
     "lowrank::lora_merge_": lora_merge_ref,
+    "lowrank::lora_shrink": lora_shrink_ref,
+    "lowrank::lora_expand_": lora_expand_inplace_ref,
+    "lowrank::lora_expand": lora_expand_ref,
+    "lowrank::lora_grouped_outer": lora_grouped_outer_ref,
     "lowrank::monarch_forward": monarch_forward_ref,
     "lowrank::monarch_backward": monarch_backward_ref,
     "lowrank::blockdiag_forward": blockdiag_forward_ref,
@@ -37,6 +43,8 @@ REFERENCES: dict[str, Callable] = {
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
            "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
+           "lora_shrink_ref", "lora_expand_ref", "lora_expand_inplace_ref", "lora_grouped_outer_ref",
+           "multi_lora_linear_ref",
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
            "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref",
            "gaussian_sketch_ref", "sketch_matrix_ref", "jacobi_svd_ref", "rsvd_ref", "svd_update_ref"]

@@ -1,0 +1,149 @@
+"""MultiLoRALinear: one frozen ``nn.Linear`` serving (or training) many LoRA adapters in one batch."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..ops.multilora import multi_lora_linear
+
+__all__ = ["MultiLoRALinear"]
+
+
+class MultiLoRALinear(nn.Module):
+    """``y[n] = base(x[n]) + scale_a B_a A_a x[n]`` where ``a`` is token n's adapter, for up to
+    ``max_adapters`` adapters of rank up to ``max_rank`` held in two preallocated stacks
+    (``lora_a [S, R, d_in]``, ``lora_b [S, d_out, R]``, with ``ranks`` and ``scales`` buffers).
+    Adapters are loaded, replaced and unloaded by name by copying into their slot: the
+    stacks are never reallocated (a captured CUDA graph or compiled model stays valid).
+
+    ``forward(x, adapter_ids)`` takes one id per token (``x.shape[:-1]``) or, for ``x [B, T, d]``,
+    one per sequence (``[B]``): slot indices from :meth:`adapter_ids` (``-1``: base layer
+    only), or a list of adapter names (``None``: base only). Both stacks are parameters, so
+    several adapters train at once (each slot's gradient comes from its own tokens only);
+    the base layer is frozen. No dropout on the adapter branch.
+
+    Example::
+
+        layer = MultiLoRALinear(nn.Linear(64, 32), max_adapters=4, max_rank=16)
+        layer.load_adapter("fr", torch.randn(8, 64), torch.randn(32, 8), alpha=16)
+        layer.load_adapter("de", torch.randn(16, 64), torch.randn(32, 16), scale=0.5)
+        y = layer(torch.randn(3, 10, 64), ["fr", None, "de"])   # one adapter per sequence
+    """
+
+    def __init__(self, base_layer: nn.Linear, max_adapters: int, max_rank: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MultiLoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        d_in, d_out, device = base_layer.in_features, base_layer.out_features, base_layer.weight.device
+        kw = dict(device=device, dtype=dtype or base_layer.weight.dtype)
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.lora_a = nn.Parameter(torch.zeros(max_adapters, max_rank, d_in, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(max_adapters, d_out, max_rank, **kw))
+        self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int64, device=device))
+        self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=device))
+        self._slots: dict[str, int] = {}
+
+    # ---- adapters ----
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._slots)
+
+    @torch.no_grad()
+    def load_adapter(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, *, scale: float | None = None,
+                     alpha: float | None = None) -> int:
+        """Copy ``lora_a [r, d_in]`` and ``lora_b [d_out, r]`` into ``name``'s slot (a free one for
+        a new name); returns the slot. ``scale`` defaults to ``alpha / r`` (PEFT's), and to 1
+        without alpha."""
+        r = lora_a.shape[0]
+        d_out, d_in = self.lora_b.shape[1], self.lora_a.shape[2]
+        if lora_a.dim() != 2 or lora_a.shape[1] != d_in or not 1 <= r <= self.max_rank:
+            raise ValueError(f"lora_a must be [r, {d_in}] with 1 <= r <= max_rank = {self.max_rank}, "
+                             f"got {tuple(lora_a.shape)}")
+        if tuple(lora_b.shape) != (d_out, r):
+            raise ValueError(f"lora_b must be [{d_out}, {r}] to match lora_a, got {tuple(lora_b.shape)}")
+        if scale is not None and alpha is not None:
+            raise ValueError("give scale or alpha, not both")
+        scale = float(scale) if scale is not None else (float(alpha) / r if alpha is not None else 1.0)
+        slot = self._slots.get(name)
+        if slot is None:
+            free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
+            if not free:
+                raise RuntimeError(f"all {self.max_adapters} adapter slots are taken ({', '.join(self._slots)}); "
+                                   f"unload one first")
+            slot = free[0]
+        self.lora_a[slot].zero_()
+        self.lora_a[slot, :r].copy_(lora_a)
+        self.lora_b[slot].zero_()
+        self.lora_b[slot, :, :r].copy_(lora_b)
+        self.ranks[slot] = r
+        self.scales[slot] = scale
+        self._slots[name] = slot
+        return slot
+
+    def load_lora_linear(self, name: str, layer: nn.Module) -> int:
+        """Load the adapter of a :class:`lowrank_ext.nn.LoRALinear` (its core and rank scale, if
+        any, folded into B: the same forward)."""
+        a, b, core, rank_scale = layer._lora_tensors()
+        b = b.detach().float()
+        if core is not None:
+            b = b @ core.detach().float()
+        if rank_scale is not None:
+            b = b * rank_scale.detach().float()
+        return self.load_adapter(name, a.detach(), b, scale=layer.scaling)
+
+    def load_peft_state_dict(self, name: str, state_dict: Mapping[str, torch.Tensor], *, scale: float | None = None,
+                             alpha: float | None = None) -> int:
+        """Load one layer's adapter from a PEFT state_dict (keys ending in ``lora_A[.<adapter>].weight``
+        and ``lora_B[.<adapter>].weight``; exactly one of each). PEFT keeps ``lora_alpha`` in its
+        config, not in the state_dict: pass ``alpha`` (scale = alpha / r) or ``scale``."""
+        def one(kind):
+            keys = [k for k in state_dict if k.endswith(".weight") and f"lora_{kind}" in k.split(".")]
+            if len(keys) != 1:
+                raise KeyError(f"expected exactly one lora_{kind} weight in the state_dict, found {keys}")
+            return state_dict[keys[0]]
+        return self.load_adapter(name, one("A"), one("B"), scale=scale, alpha=alpha)
+
+    @torch.no_grad()
+    def unload_adapter(self, name: str) -> None:
+        """Free ``name``'s slot (zeroed; ids still pointing at it then add nothing)."""
+        if name not in self._slots:
+            raise KeyError(f"no adapter named {name!r} (loaded: {', '.join(self._slots) or 'none'})")
+        slot = self._slots.pop(name)
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ranks[slot] = 0
+        self.scales[slot] = 0.0
+
+    def adapter_ids(self, names: Sequence[str | None], device: torch.device | None = None) -> torch.Tensor:
+        """Slot indices (int64) of adapter names; ``None`` gives -1 (base layer only)."""
+        try:
+            ids = [-1 if n is None else self._slots[n] for n in names]
+        except KeyError as e:
+            raise KeyError(f"no adapter named {e.args[0]!r} (loaded: {', '.join(self._slots) or 'none'})") from None
+        return torch.tensor(ids, dtype=torch.int64, device=device or self.lora_a.device)
+
+    # ---- forward ----
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | Sequence[str | None]) -> torch.Tensor:
+        ids = adapter_ids if isinstance(adapter_ids, torch.Tensor) else self.adapter_ids(adapter_ids, x.device)
+        lead = tuple(x.shape[:-1])
+        if tuple(ids.shape) != lead:
+            if x.dim() >= 3 and tuple(ids.shape) == lead[:1]:  # one id per sequence
+                ids = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+            else:
+                raise ValueError(f"adapter_ids must have one id per token {lead} or, for x [B, T, d], one per "
+                                 f"sequence ({lead[:1]}), got {tuple(ids.shape)}")
+        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_a, self.lora_b, ids,
+                                 self.ranks, self.scales)
+
+    def extra_repr(self) -> str:
+        return (f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, "
+                f"adapters={dict(self._slots)}")

@@ -1,0 +1,306 @@
+"""The multilora family: every op against its fp64 reference on its samples; the layer
+against a loop of single-adapter LoRA over the token groups (the fused single-adapter op
+and an fp64 loop), mixed ranks, ids -1, empty groups, one adapter for all tokens, many
+small groups; gradients of every adapter against fp64 autograd and gradcheck; bad ids and
+ranks; MultiLoRALinear's slots (no reallocation), PEFT state_dict loading and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_ext.nn import LoRALinear, MultiLoRALinear
+from lowrank_ext.ops.lora import lora_linear
+from lowrank_ext.ops.multilora import (lora_expand, lora_expand_, lora_grouped_outer, lora_shrink,
+                                       multi_lora_linear)
+from lowrank_ext.reference import REFERENCES
+from lowrank_ext.reference.multilora import multi_lora_linear_ref
+from samples import SAMPLES
+from tolerances import tol
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+OPS = ["lowrank::lora_shrink", "lowrank::lora_expand", "lowrank::lora_expand_", "lowrank::lora_grouped_outer"]
+
+
+def _detached(args):
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _close(got, want, dtype, scale=1.0):
+    atol, rtol = tol(dtype).values()
+    torch.testing.assert_close(got, want, atol=atol * max(scale, 1.0), rtol=rtol)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_samples_match_reference(device, op):
+    fn = getattr(torch.ops.lowrank, op.split("::")[1])
+    for s in SAMPLES[op](device):
+        args, ref_args = _detached(s.args), _detached(s.args)
+        got = fn(*args)
+        want = REFERENCES[op](*ref_args)
+        if op.endswith("_"):  # in place: compare the mutated y
+            got, want = args[0], ref_args[0]
+        low = [a.dtype for a in s.args[:2] if isinstance(a, torch.Tensor) and a.dtype != torch.float32]
+        dtype = low[0] if low else torch.float32
+        _close(got, want, dtype, scale=float(want.abs().max()) if want.numel() else 1.0)
+
+
+def _stack(device, dtype, s, r, d_in, d_out, ranks, scale_b=1.0):
+    a = torch.randn(s, r, d_in, device=device, dtype=torch.float64)
+    b = torch.randn(s, d_out, r, device=device, dtype=torch.float64) * scale_b
+    for i, rk in enumerate(ranks):  # padding is garbage: the ops must never read it
+        a[i, rk:] = float("nan")
+        b[i, :, rk:] = float("nan")
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_equals_loop_of_single_adapter_lora(device, dtype):
+    n, s, r, d_in, d_out = 300, 6, 16, 40, 24
+    ranks = torch.tensor([16, 1, 8, 5, 16, 3], device=device)
+    scales = torch.tensor([0.5, 2.0, 1.0, 0.25, 1.5, 3.0], device=device)
+    a, b = _stack(device, dtype, s, r, d_in, d_out, ranks.tolist())
+    ids = torch.randint(-1, 5, (n,), device=device)  # unsorted, with -1; slot 5 stays empty
+    x = torch.randn(n, d_in, device=device, dtype=dtype)
+    w = torch.randn(d_out, d_in, device=device, dtype=dtype) * 0.2
+    bias = torch.randn(d_out, device=device, dtype=dtype)
+    got = multi_lora_linear(x, w, bias, a, b, ids, ranks, scales)
+
+    loop = torch.nn.functional.linear(x, w, bias)  # the fused single-adapter op, once per group
+    for i in range(s):
+        rows = ids == i
+        rk = int(ranks[i])
+        if rows.any():
+            loop[rows] = lora_linear(x[rows], w, bias, a[i, :rk].contiguous(), b[i, :, :rk].contiguous(),
+                                     scale=float(scales[i]))
+    want = multi_lora_linear_ref(x, w, bias, a, b, ids, ranks, scales)
+    scale = float(want.abs().max())
+    _close(got, want, dtype, scale)
+    _close(got, loop, dtype, scale)
+    assert torch.isfinite(got).all()
+
+
+def test_one_adapter_for_all_tokens_equals_lora_linear(device):
+    base = nn.Linear(33, 17).to(device)
+    single = LoRALinear(base, r=4, alpha=8).to(device)
+    nn.init.normal_(single.lora_B["default"].weight)
+    multi = MultiLoRALinear(base, max_adapters=3, max_rank=8)
+    multi.load_lora_linear("only", single)
+    x = torch.randn(2, 50, 33, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x, ["only", "only"]), single(x), **tol(torch.float32))
+
+
+def test_many_small_groups_and_int32_ids(device):
+    # 512 adapters over 4096 tokens: ~8 tokens each, gathered rows, the parallel path on CPU
+    n, s, r, d = 4096, 512, 8, 64
+    ranks = torch.randint(1, r + 1, (s,), device=device)
+    a, b = _stack(device, torch.float32, s, r, d, d, ranks.tolist())
+    ids = torch.randint(-1, s, (n,), device=device, dtype=torch.int32)
+    x = torch.randn(n, d, device=device)
+    w = torch.randn(d, d, device=device) * 0.1
+    got = multi_lora_linear(x, w, None, a, b, ids, ranks)
+    want = multi_lora_linear_ref(x, w, None, a, b, ids.long(), ranks)
+    _close(got, want, torch.float32, float(want.abs().max()))
+
+
+def test_contiguous_segments_and_all_minus_one(device):
+    # per-sequence ids: every group a contiguous range (the view path), plus a batch with no adapter
+    x = torch.randn(4, 25, 12, device=device)
+    ids = torch.tensor([2, 0, -1, 2], device=device).repeat_interleave(25)
+    a, b = torch.randn(3, 5, 12, device=device), torch.randn(3, 7, 5, device=device)
+    w = torch.randn(7, 12, device=device)
+    got = multi_lora_linear(x.reshape(100, 12), w, None, a, b, ids)
+    want = multi_lora_linear_ref(x.reshape(100, 12), w, None, a, b, ids)
+    _close(got, want, torch.float32, float(want.abs().max()))
+    none = torch.full((100,), -1, device=device)
+    torch.testing.assert_close(multi_lora_linear(x.reshape(100, 12), w, None, a, b, none),
+                               x.reshape(100, 12) @ w.t())
+    xa = lora_shrink(x.reshape(100, 12), a, none)
+    assert torch.equal(xa, torch.zeros_like(xa))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_of_every_adapter_match_fp64_autograd(device, dtype):
+    n, s, r, d_in, d_out = 200, 5, 8, 24, 20
+    ranks = torch.tensor([8, 3, 0, 8, 5], device=device)
+    scales = torch.tensor([1.0, 0.5, 2.0, 1.5, 0.75], device=device)
+    ids = torch.randint(-1, 4, (n,), device=device)  # slot 4: no tokens
+    x0 = torch.randn(n, d_in, device=device, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, device=device, dtype=torch.float64)
+    a0 = torch.randn(s, r, d_in, device=device, dtype=torch.float64)
+    b0 = torch.randn(s, d_out, r, device=device, dtype=torch.float64)
+    g = torch.randn(n, d_out, device=device, dtype=torch.float64)
+
+    x, a, b = (t.to(dtype).requires_grad_() for t in (x0, a0, b0))
+    multi_lora_linear(x, w.to(dtype), None, a, b, ids, ranks, scales).backward(g.to(dtype))
+
+    xr, ar, br = (t.to(dtype).double().requires_grad_() for t in (x0, a0, b0))
+    multi_lora_linear_ref(xr, w.to(dtype).double(), None, ar, br, ids, ranks, scales).backward(g)
+    for name, got, want in (("x", x.grad, xr.grad), ("a", a.grad, ar.grad), ("b", b.grad, br.grad)):
+        want = want.clone()
+        for i, rk in enumerate(ranks.tolist()):  # the reference never touches padding: zero grads there
+            if name == "a":
+                want[i, rk:] = 0
+            if name == "b":
+                want[i, :, rk:] = 0
+        assert got.dtype == dtype, name
+        _close(got.double(), want, dtype, float(want.abs().max()))
+    assert torch.equal(a.grad[2], torch.zeros_like(a.grad[2])) and torch.equal(a.grad[4], torch.zeros_like(a.grad[4]))
+
+
+def test_gradcheck_float64():
+    ids = torch.tensor([1, -1, 0, 1, 1, 2, 0])
+    ranks = torch.tensor([2, 3, 1])
+    scales = torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    xa = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a: lora_shrink(x, a, ids, ranks, scales), (x, a))
+    assert torch.autograd.gradcheck(lambda y, xa, b: lora_expand(y, xa, b, ids, ranks, scales), (y, xa, b))
+
+
+def test_grouped_outer_is_the_stacks_gradient(device):
+    left, right = torch.randn(50, 3, device=device), torch.randn(50, 6, device=device)
+    ids = torch.randint(-1, 4, (50,), device=device)
+    got = lora_grouped_outer(left, right, ids, 5)
+    for a in range(5):
+        rows = ids == a
+        torch.testing.assert_close(got[a], left[rows].t() @ right[rows], **tol(torch.float32))
+
+
+def test_inplace_expand_writes_y_and_leaves_unadapted_rows_bitwise(device):
+    y = torch.randn(40, 8, device=device, dtype=torch.bfloat16)
+    before = y.clone()
+    ids = torch.randint(-1, 2, (40,), device=device)
+    lora_expand_(y, torch.randn(40, 4, device=device), torch.randn(2, 8, 4, device=device, dtype=torch.bfloat16),
+                 ids)
+    assert torch.equal(y[ids < 0], before[ids < 0])
+    assert not torch.equal(y[ids >= 0], before[ids >= 0])
+
+
+# ---- bad inputs ----
+
+@pytest.mark.parametrize("bad", [3, -2, 100])
+def test_out_of_range_ids_raise_before_writing(bad):
+    x, a, b = torch.randn(6, 4), torch.randn(3, 2, 4), torch.randn(3, 5, 2)
+    ids = torch.tensor([0, 1, 2, bad, 0, 1])
+    with pytest.raises(IndexError, match="out of range"):
+        lora_shrink(x, a, ids)
+    y = torch.randn(6, 5)
+    before = y.clone()
+    with pytest.raises(IndexError, match="out of range"):
+        lora_expand_(y, torch.randn(6, 2), b, ids)
+    assert torch.equal(y, before)
+    with pytest.raises(IndexError, match="out of range"):
+        lora_grouped_outer(torch.randn(6, 2), x, ids, 3)
+
+
+def test_bad_arguments_raise():
+    x, a, ids = torch.randn(6, 4), torch.randn(3, 2, 4), torch.zeros(6, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="ranks"):
+        lora_shrink(x, a, ids, torch.tensor([1, 3, 0]))  # rank 3 > R = 2
+    with pytest.raises(RuntimeError, match="ranks must have shape"):
+        lora_shrink(x, a, ids, torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="a_stack must have shape"):
+        lora_shrink(x, torch.randn(3, 2, 5), ids)
+    with pytest.raises(RuntimeError, match="token_adapter_ids must have shape"):
+        lora_shrink(x, a, ids[:5])
+    with pytest.raises(TypeError, match="int64 or int32"):
+        lora_shrink(x, a, ids.float())
+    with pytest.raises(TypeError, match="a_stack is"):
+        lora_shrink(x, a.double(), ids)
+    with pytest.raises(RuntimeError, match="xa must have shape"):
+        lora_expand(torch.randn(6, 5), torch.randn(6, 3), torch.randn(3, 5, 2), ids)
+    with pytest.raises(RuntimeError, match="scales must have shape"):
+        lora_expand(torch.randn(6, 5), torch.randn(6, 2), torch.randn(3, 5, 2), ids, None, torch.ones(2))
+    with pytest.raises(ValueError, match="one id per token"):
+        multi_lora_linear(torch.randn(2, 3, 4), torch.randn(5, 4), None, a, torch.randn(3, 5, 2), ids)
+
+
+# ---- MultiLoRALinear ----
+
+def test_layer_load_replace_unload_without_reallocation():
+    layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=2, max_rank=4)
+    ptrs = (layer.lora_a.data_ptr(), layer.lora_b.data_ptr())
+    x = torch.randn(5, 16)
+    a1, b1 = torch.randn(4, 16), torch.randn(8, 4)
+    a2, b2 = torch.randn(2, 16), torch.randn(8, 2)
+    assert layer.load_adapter("one", a1, b1, alpha=8) == 0
+    assert layer.load_adapter("two", a2, b2, scale=0.5) == 1
+    with pytest.raises(RuntimeError, match="slots are taken"):
+        layer.load_adapter("three", a2, b2)
+    base = layer.base_layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, ["one"] * 5), base + 2.0 * x @ a1.t() @ b1.t())
+        layer.load_adapter("one", a2, b2)  # replace: rank 4 -> 2, scale 1, same slot
+        torch.testing.assert_close(layer(x, ["one", "two", None, "one", "two"]),
+                                   base + torch.tensor([1.0, 0.5, 0.0, 1.0, 0.5]).unsqueeze(1) * (x @ a2.t() @ b2.t()))
+        layer.unload_adapter("two")
+        torch.testing.assert_close(layer(x, torch.tensor([1, 1, 1, 1, 1])), base)  # a freed slot adds nothing
+    assert layer.load_adapter("three", a1, b1) == 1
+    assert (layer.lora_a.data_ptr(), layer.lora_b.data_ptr()) == ptrs
+    with pytest.raises(KeyError, match="no adapter named"):
+        layer(x, ["nope"] * 5)
+    with pytest.raises(KeyError):
+        layer.unload_adapter("two")
+    with pytest.raises(ValueError, match="lora_a must be"):
+        layer.load_adapter("big", torch.randn(5, 16), torch.randn(8, 5))
+
+
+def test_layer_per_sequence_ids_and_training_several_adapters():
+    torch.manual_seed(1)
+    layer = MultiLoRALinear(nn.Linear(12, 6), max_adapters=3, max_rank=4)
+    for i, name in enumerate(("p", "q", "r")):
+        layer.load_adapter(name, torch.randn(4 - i, 12), torch.randn(6, 4 - i) * 0.1, alpha=2.0)
+    x = torch.randn(3, 7, 12)
+    per_seq = layer(x, ["q", None, "p"])
+    per_tok = layer(x, layer.adapter_ids(["q", None, "p"]).repeat_interleave(7).reshape(3, 7))
+    torch.testing.assert_close(per_seq, per_tok)
+    per_seq.square().sum().backward()
+    assert layer.base_layer.weight.grad is None
+    ga, gb = layer.lora_a.grad, layer.lora_b.grad
+    assert ga[0, :4].abs().sum() > 0 and ga[1, :3].abs().sum() > 0
+    assert torch.equal(ga[2], torch.zeros_like(ga[2]))  # "r" had no tokens
+    assert torch.equal(ga[1, 3:], torch.zeros_like(ga[1, 3:])) and torch.equal(gb[1, :, 3:],
+                                                                               torch.zeros_like(gb[1, :, 3:]))
+
+
+peft = pytest.importorskip("peft")  # a test dependency (requirements-dev.txt)
+
+
+def test_layer_loads_a_peft_adapter_state_dict():
+    torch.manual_seed(2)
+    base = nn.Linear(20, 10)
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    lora = model.base_model.model[0]
+    nn.init.normal_(lora.lora_B["default"].weight)
+    state = peft.get_peft_model_state_dict(model)  # the keys of a saved adapter file
+    multi = MultiLoRALinear(nn.Linear(20, 10), max_adapters=2, max_rank=8)
+    multi.base_layer.load_state_dict(lora.base_layer.state_dict())
+    multi.load_peft_state_dict("peft", state, alpha=8)
+    x = torch.randn(9, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x, ["peft"] * 9), model(x), **tol(torch.float32))
+
+
+def test_layer_compiles_fullgraph():
+    layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=3, max_rank=4)
+    layer.load_adapter("a", torch.randn(4, 16), torch.randn(8, 4))
+    layer.load_adapter("b", torch.randn(2, 16), torch.randn(8, 2))
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+    x = torch.randn(6, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, ids)
+    y.sum().backward()
+    want = multi_lora_linear_ref(x.detach(), layer.base_layer.weight, layer.base_layer.bias, layer.lora_a.detach(),
+                                 layer.lora_b.detach(), ids, layer.ranks, layer.scales)
+    torch.testing.assert_close(y.detach(), want, **tol(torch.float32))
+    grad_a = layer.lora_a.grad.clone()
+    layer.zero_grad()
+    layer(x, ids).sum().backward()
+    torch.testing.assert_close(grad_a, layer.lora_a.grad)
+    with torch.no_grad():  # the in-place serving path
+        torch.testing.assert_close(compiled(x, ids), want)
