@@ -181,6 +181,19 @@ def test_inplace_expand_writes_y_and_leaves_unadapted_rows_bitwise(device):
     assert not torch.equal(y[ids >= 0], before[ids >= 0])
 
 
+def test_autocast_casts_like_nn_linear():
+    layer = MultiLoRALinear(nn.Linear(32, 16), max_adapters=2, max_rank=4)
+    layer.load_adapter("a", torch.randn(4, 32), torch.randn(16, 4))
+    x, ids = torch.randn(10, 32), torch.tensor([0, -1] * 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, ids)
+        plain = layer.base_layer(x)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    bf = [t.to(torch.bfloat16) for t in (x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_a, layer.lora_b)]
+    want = multi_lora_linear_ref(*bf, ids, layer.ranks, layer.scales)
+    torch.testing.assert_close(y, want, **tol(torch.bfloat16))
+
+
 # ---- bad inputs ----
 
 @pytest.mark.parametrize("bad", [3, -2, 100])
@@ -304,3 +317,30 @@ def test_layer_compiles_fullgraph():
     torch.testing.assert_close(grad_a, layer.lora_a.grad)
     with torch.no_grad():  # the in-place serving path
         torch.testing.assert_close(compiled(x, ids), want)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    # no host sync and size-only launch shapes: the serving forward can be captured once and
+    # replayed with new ids and activations written into the static inputs
+    layer = MultiLoRALinear(nn.Linear(64, 48), max_adapters=8, max_rank=16).cuda()
+    for i in range(6):
+        layer.load_adapter(f"a{i}", torch.randn(16 - 2 * i, 64), torch.randn(48, 16 - 2 * i), alpha=8)
+    x = torch.randn(300, 64, device="cuda")
+    ids = torch.randint(-1, 6, (300,), device="cuda")
+    with torch.no_grad():
+        layer(x, ids)  # warm-up outside the capture (allocator, lazy init)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x, ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x, ids)
+        x.copy_(torch.randn_like(x))
+        ids.copy_(torch.randint(-1, 6, (300,), device="cuda"))
+        graph.replay()
+        want = multi_lora_linear_ref(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_a, layer.lora_b,
+                                     ids, layer.ranks, layer.scales)
+        torch.testing.assert_close(y, want, **tol(torch.float32))
