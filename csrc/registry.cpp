@@ -90,6 +90,20 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("rsvd(Tensor A, int k, int oversample=10, int n_iter=2, int seed=0) -> (Tensor U, Tensor S, Tensor Vh)");
   // incremental SVD: the top k of [U diag(S), X] for new columns X [m, c]
   m.def("svd_update(Tensor U, Tensor S, Tensor X, int k) -> (Tensor U_new, Tensor S_new)");
+
+  // ---- galore: the projections of the GaLore-family optimizers (GaLoreAdamW) ----
+  // P is proj [m, rank] (left: R = P^T G [rank, n]) or [rank, n] (right: R = G P^T [m, rank]), in fp32 or
+  // in quantize_blockwise form (uint8 q, absmax, a code of 256 / 16 entries, blocksize): dequantized as
+  // the kernels load it. grad [m, n] fp32/fp16/bf16; R fp32
+  m.def("galore_project(Tensor grad, Tensor proj, Tensor? proj_absmax, Tensor? proj_code, int rank, int blocksize, "
+        "bool right) -> Tensor");
+  // param <- (1 - lr wd) (param - lr scale back(direction) - the residual step), in place, computed in fp32;
+  // back(X) = P X (left) or X P (right). residual_mode 0 galore: no residual; 1 fira: lr scale (G - back(low))
+  // times ||direction|| / ||low|| per column (left) or row (right), its norm limited to residual_growth x
+  // residual_prev_norm (updated in place; 0: no limit); 2 frugal: lr sign(G - back(low))
+  m.def("galore_apply_(Tensor(a!) param, Tensor direction, Tensor proj, Tensor? proj_absmax, Tensor? proj_code, "
+        "int rank, int blocksize, bool right, float lr, float scale, float weight_decay, int residual_mode=0, "
+        "Tensor? grad=None, Tensor? low=None, Tensor(b!)? residual_prev_norm=None, float residual_growth=1.01) -> ()");
 }
 
 // Non-differentiable ops (integer outputs, in-place optimizer updates): autograd passes
@@ -107,4 +121,6 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("jacobi_svd", torch::CppFunction::makeFallthrough());
   m.impl("rsvd", torch::CppFunction::makeFallthrough());
   m.impl("svd_update", torch::CppFunction::makeFallthrough());
+  m.impl("galore_project", torch::CppFunction::makeFallthrough());
+  m.impl("galore_apply_", torch::CppFunction::makeFallthrough());
 }

@@ -307,6 +307,51 @@ def svd_update_samples(device: str) -> Iterator[Sample]:
                   torch.randn(8, 200, device=device, dtype=torch.bfloat16), 8), name="blocks-bf16-k=m")
 
 
+# galore: (m, n, rank); left when m < n, right otherwise (the optimizer's rule), plus the other side
+GALORE_SHAPES = ((20, 37, 4), (37, 20, 4), (9, 9, 1), (130, 70, 8))
+
+
+def _galore_projection(m, n, rank, right, bits, device):
+    """(proj, absmax, code, blocksize): an orthonormal P, in fp32 or quantized (linear code, as GaLoreAdamW)."""
+    rows, cols = (rank, n) if right else (m, rank)
+    p = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols))).Q
+    p = (p.t() if rows < cols else p).contiguous().to(device)
+    if bits == 32:
+        return p, None, None, 0
+    code = quant.linear_code(bits, signed=True).to(device)
+    blocksize = 64 if bits == 4 else 128
+    q, absmax = quantize_blockwise_ref(p.cpu(), code.cpu(), blocksize, bits)
+    return q.to(device), absmax.to(device), code, blocksize
+
+
+def galore_project_samples(device: str) -> Iterator[Sample]:
+    for m, n, rank in GALORE_SHAPES:
+        for right in (m >= n, m < n):
+            for bits, dtype in ((32, torch.float32), (8, torch.bfloat16), (4, torch.float16)):
+                proj, absmax, code, bs = _galore_projection(m, n, rank, right, bits, device)
+                g = torch.randn(m, n, device=device, dtype=dtype)
+                yield Sample((g, proj, absmax, code, rank, bs, right), name=f"{m}x{n}-r{rank}-right{right}-{bits}b")
+    yield Sample((torch.randn(40, 12, device=device).t(), *_galore_projection(12, 40, 3, False, 32, device)[:3], 3, 0,
+                  False), name="noncontiguous-grad")
+
+
+def galore_apply_samples(device: str) -> Iterator[Sample]:
+    for i, (m, n, rank) in enumerate(GALORE_SHAPES):
+        right = m >= n
+        low_shape = (m, rank) if right else (rank, n)
+        for mode, bits, dtype in ((0, 32, torch.float32), (1, 8, torch.float32), (2, 4, torch.bfloat16),
+                                  (1, 32, torch.float16)):
+            proj, absmax, code, bs = _galore_projection(m, n, rank, right, bits, device)
+            param = torch.randn(m, n, device=device, dtype=dtype)
+            d = torch.randn(low_shape, device=device)
+            extra = ()
+            if mode:
+                prev = torch.tensor([0.0 if i % 2 else 1e-3], device=device)  # no limit / a binding one
+                extra = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(low_shape, device=device), prev)
+            yield Sample((param, d, proj, absmax, code, rank, bs, right, 0.01, 0.25, 0.1, mode, *extra),
+                         name=f"{m}x{n}-r{rank}-mode{mode}-{bits}b-{dtype}")
+
+
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
@@ -329,4 +374,6 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::jacobi_svd": jacobi_svd_samples,
     "lowrank::rsvd": rsvd_samples,
     "lowrank::svd_update": svd_update_samples,
+    "lowrank::galore_project": galore_project_samples,
+    "lowrank::galore_apply_": galore_apply_samples,
 }

@@ -75,6 +75,18 @@ LOWRANK_HD float dequantize_value(const float* code, int index, float absmax) {
   return code[index] * absmax;
 }
 
+// The code index of element e of a q buffer: one byte each (8-bit), or two per byte with
+// the even element in the low nibble (4-bit).
+LOWRANK_HD int code_index(const uint8_t* q, int64_t e, int bits) {
+  return bits == 8 ? q[e] : (q[e >> 1] >> ((e & 1) * 4)) & 0xF;
+}
+
+// Element e of a block-wise quantized tensor, for kernels that dequantize as they load.
+LOWRANK_HD float dequantize_element(const uint8_t* q, const float* absmax, const float* code, int bits,
+                                    int64_t blocksize, int64_t e) {
+  return dequantize_value(code, code_index(q, e, bits), absmax[e / blocksize]);
+}
+
 // Order-preserving map from finite floats to uint32 (used by the CPU search table):
 // negative floats have all bits flipped, positive ones only the sign bit. Branch-free,
 // since signs are random in the data it runs over.

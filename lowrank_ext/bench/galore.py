@@ -18,6 +18,15 @@ step between refreshes (the projection made once in setup). Providers:
                                     torch.svd_lowrank(q = r + 10, niter = 2)
 * ``torch AdamW``                   torch.optim.AdamW (foreach), the full-rank baseline
 
+Op-level cases (``project+apply``): for each of `layers` weights, R = P^T G then the update
+with a stand-in direction D = R / 2 (Adam's part is the optim family's), in mode
+``galore`` / ``fira`` / ``frugal``, P fp32 or INT4 (``proj_bits``). Providers: ours
+(``galore_project`` + ``galore_apply_``), ``torch composition`` (what GaLoreAdamW ran before
+these ops: ``dequantize_blockwise`` of P, matmul, ``addmm_`` into W, and for the residual
+modes a G clone, ``addmm_``, scaling, norm and add), and the fp64 reference. Check: W's
+update against the reference's within 1e-4 of its max. GB/s counts G's read and W's read and
+write (G twice for the residual modes).
+
 Check (after the first step): the update W_after - W_before against the reference's:
 relative Frobenius error <= 1e-4 for galore-torch (the same algorithm); cosine >= 0.95 for
 the randomized-SVD providers, 0.8 with INT4 projections (another, equally good subspace,
@@ -31,11 +40,14 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Family, Provider, Row, SkipProvider, Timed, faster, load_shapes, rows_by_case
+from .. import quant
+from .harness import (Case, Family, Provider, Row, SkipProvider, Timed, check_close, faster, load_shapes,
+                      rows_by_case)
 
 REFERENCE, OURS, OURS8 = "reference (full SVD)", "lowrank_ext GaLoreAdamW", "lowrank_ext GaLoreAdamW 8-bit"
 OURS_Q = "lowrank_ext GaLoreAdamW 8-bit, INT4 projection"
 GT, GT_LOWRANK, ADAMW = "galore-torch", "galore-torch + svd_lowrank", "torch AdamW"
+OPS_CASE, OPS_OURS, OPS_TORCH = "project+apply", "lowrank_ext galore ops", "torch composition"
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 SCALE = 0.25
 TARGET_REFRESH_VS_GT, TARGET_REFRESH_VS_LOWRANK, TARGET_STEP_VS_GT = 20.0, 1.5, 1.2
@@ -48,8 +60,14 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[
         if r["mode"] != mode or device.type not in r["devices"].split("|"):
             continue
         layers, m, n, rank = (int(r[k]) for k in ("layers", "m", "n", "rank"))
-        out.append(Case(family="galore", op=r["op"], label=f"{layers} x {m}x{n} r={rank}",
-                        params={"op": r["op"], "layers": layers, "m": m, "n": n, "rank": rank}))
+        params = {"op": r["op"], "layers": layers, "m": m, "n": n, "rank": rank}
+        if r["op"] == OPS_CASE:
+            params.update(proj_bits=int(r["proj_bits"]), galore_mode=r["galore_mode"])
+            g_reads = 1 if r["galore_mode"] == "galore" else 2
+            out.append(Case(family="galore", op=r["op"], params=params, bytes=layers * m * n * 4.0 * (2 + g_reads),
+                            label=f"{layers} x {m}x{n} r={rank} {r['galore_mode']} P {r['proj_bits']}-bit"))
+            continue
+        out.append(Case(family="galore", op=r["op"], label=f"{layers} x {m}x{n} r={rank}", params=params))
     return out
 
 
@@ -177,21 +195,121 @@ def _adamw(case: Case, inputs: dict) -> Timed:
     return _timed(case, inputs, make, lambda: list(holder["opt"].state.values()))
 
 
+def _ops_inputs(case: Case, inputs: dict) -> list[dict]:
+    """Per layer: the weight (a copy), its projection in the case's format, R and D."""
+    from lowrank_ext.reference.quant import quantize_blockwise_ref
+    p = case.params
+    right, rank, bits = p["m"] >= p["n"], p["rank"], p["proj_bits"]
+    layers = []
+    for w, g in zip(inputs["params"], inputs["grads"]):
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        proj = (vh[:rank] if right else u[:, :rank]).contiguous()
+        args = (proj, None, None, 0)
+        if bits != 32:
+            code = quant.linear_code(bits, signed=True).to(g.device)
+            q, absmax = quantize_blockwise_ref(proj.cpu(), code.cpu(), 128, bits)
+            args = (q.to(g.device), absmax.to(g.device), code, 128)
+        low = g @ proj.t() if right else proj.t() @ g
+        layers.append({"w": w.clone(), "g": g, "proj": args, "right": right, "d": low * 0.5,
+                       "prev": torch.zeros(1, device=g.device)})
+    return layers
+
+
+def _ops_timed(case: Case, inputs: dict, run_layer) -> Timed:
+    layers = _ops_inputs(case, inputs)
+    before = layers[0]["w"].clone()
+    run_layer(layers[0])
+    out = (layers[0]["w"] - before,)
+
+    def run():
+        for layer in layers:
+            run_layer(layer)
+    return Timed(fn=run, output=out)
+
+
+def _ops_ours(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext.ops.galore import galore_apply_, galore_project
+    rank, mode = case.params["rank"], case.params["galore_mode"]
+
+    def run_layer(ly):
+        low = galore_project(ly["g"], *ly["proj"][:3], rank=rank, blocksize=ly["proj"][3], right=ly["right"])
+        galore_apply_(ly["w"], ly["d"], *ly["proj"][:3], rank=rank, blocksize=ly["proj"][3], right=ly["right"],
+                      lr=1e-3, scale=SCALE, weight_decay=0.01, mode=mode, grad=ly["g"], low=low,
+                      residual_prev_norm=ly["prev"])
+    return _ops_timed(case, inputs, run_layer)
+
+
+def _ops_torch(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext.ops.quant import dequantize_blockwise
+    rank, mode = case.params["rank"], case.params["galore_mode"]
+    lr, decay = 1e-3, 1.0 - 1e-3 * 0.01
+
+    def run_layer(ly):
+        proj, absmax, code, bs = ly["proj"]
+        right, g, w = ly["right"], ly["g"], ly["w"]
+        if absmax is not None:
+            shape = [rank, g.shape[1]] if right else [g.shape[0], rank]
+            proj = dequantize_blockwise(proj, absmax, code, bs, case.params["proj_bits"], shape)
+        low = g @ proj.t() if right else proj.t() @ g
+        d, alpha = ly["d"], -lr * SCALE * decay
+        if mode != "galore":
+            resid = g.clone()
+            resid.addmm_(low, proj, alpha=-1.0) if right else resid.addmm_(proj, low, alpha=-1.0)
+        w.addmm_(d, proj, beta=decay, alpha=alpha) if right else w.addmm_(proj, d, beta=decay, alpha=alpha)
+        if mode == "fira":
+            dim = 1 if right else 0
+            ratio = d.norm(dim=dim) / low.norm(dim=dim).clamp_min(1e-30)
+            resid.mul_(ratio[:, None] if right else ratio[None, :])
+            norm, prev = resid.norm(), ly["prev"]
+            clip = (norm > 1.01 * prev) & (prev > 0)
+            resid.mul_(torch.where(clip, 1.01 * prev / norm, torch.ones_like(norm)))
+            prev.copy_(torch.where(clip, 1.01 * prev, norm))
+            w.add_(resid, alpha=alpha)
+        elif mode == "frugal":
+            w.add_(resid.sign_(), alpha=-lr * decay)
+    return _ops_timed(case, inputs, run_layer)
+
+
+def _ops_reference(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext.reference.galore import galore_apply_ref, galore_project_ref
+    from lowrank_ext.ops.galore import MODES
+    rank, mode = case.params["rank"], MODES[case.params["galore_mode"]]
+
+    def run_layer(ly):
+        low = galore_project_ref(ly["g"], *ly["proj"][:3], rank, ly["proj"][3], ly["right"])
+        galore_apply_ref(ly["w"], ly["d"], *ly["proj"][:3], rank, ly["proj"][3], ly["right"], 1e-3, SCALE, 0.01,
+                         mode, ly["g"], low, ly["prev"])
+    return _ops_timed(case, inputs, run_layer)
+
+
+def _is_ops(case: Case) -> bool:
+    return case.params["op"] == OPS_CASE
+
+
+def _not_ops(case: Case) -> bool:
+    return case.params["op"] != OPS_CASE
+
+
 def providers(device: torch.device) -> list[Provider]:
     return [
-        Provider(REFERENCE, "reference", _reference, slow=True),
-        Provider(OURS, "ours", _ours(32)),
-        Provider(OURS8, "ours", _ours(8)),
-        Provider(OURS_Q, "ours", _ours(8, proj_bits=4)),
-        Provider(GT, "peer", _galore_torch(False), peer="galore_torch", slow=True),
-        Provider(GT_LOWRANK, "peer", _galore_torch(True), peer="galore_torch"),
-        Provider(ADAMW, "peer", _adamw),
+        Provider(REFERENCE, "reference", _reference, slow=True, applies=_not_ops),
+        Provider(OURS, "ours", _ours(32), applies=_not_ops),
+        Provider(OURS8, "ours", _ours(8), applies=_not_ops),
+        Provider(OURS_Q, "ours", _ours(8, proj_bits=4), applies=_not_ops),
+        Provider(GT, "peer", _galore_torch(False), peer="galore_torch", slow=True, applies=_not_ops),
+        Provider(GT_LOWRANK, "peer", _galore_torch(True), peer="galore_torch", applies=_not_ops),
+        Provider(ADAMW, "peer", _adamw, applies=_not_ops),
+        Provider(REFERENCE, "reference", _ops_reference, slow=True, applies=_is_ops),
+        Provider(OPS_OURS, "ours", _ops_ours, applies=_is_ops),
+        Provider(OPS_TORCH, "peer", _ops_torch, applies=_is_ops),
     ]
 
 
 def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | None:
     if provider.name == ADAMW:
         return None
+    if _is_ops(case):
+        return check_close(["update"], out, ref_out, 1e-4)
     dot = sum(float((o.double() * r.double()).sum()) for o, r in zip(out, ref_out))
     norm_o = sum(float(o.double().square().sum()) for o in out) ** 0.5
     norm_r = sum(float(r.double().square().sum()) for r in ref_out) ** 0.5
@@ -209,6 +327,11 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     lines = []
     for key, rs in rows_by_case(rows).items():
+        ops = rs.get(OPS_OURS)
+        if ops and ops.status == "ok":
+            text = faster(ops, rs.get(OPS_TORCH), OPS_TORCH)
+            gbs = f", {ops.gbs:.1f} GB/s" if ops.gbs else ""
+            lines.append(f"{key}: galore ops {ops.median_s * 1e3:.1f} ms{gbs}" + (f"; {text}" if text else ""))
         for name in (OURS, OURS8, OURS_Q):
             ours = rs.get(name)
             if not ours or ours.status != "ok":
@@ -236,5 +359,5 @@ FAMILY = Family(
     check=check,
     plot_metric="speedup",
     summary=summary,
-    ops=(),
+    ops=("lowrank::galore_project", "lowrank::galore_apply_"),
 )

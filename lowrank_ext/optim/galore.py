@@ -9,8 +9,9 @@ the normalised update projected back, times ``scale``. What this implementation 
 - every parameter due for a refresh in a step is refreshed in **one batched randomized SVD
   per shape** (``lowrank_ext.linalg.rsvd`` on the stacked gradients; ``proj_method="svd"``
   takes the full LAPACK SVD, as the published code does);
-- the update is applied as one in-place GEMM, ``W <- (1 - lr wd) (W - s P N)`` through
-  ``addmm_``'s beta/alpha (no [m, n] temporary; the decoupled weight decay folded in);
+- the update ``W <- (1 - lr wd) (W - s P N)`` is one in-place op (``galore_apply_``: the
+  product computed tile by tile and added as W is read and written, the decoupled weight
+  decay folded in; no [m, n] temporary);
 - ``state_bits`` 8 or 4 keeps Adam's moments block-wise quantized (the codes and block sizes
   of ``AdamW8bit`` / ``AdamW4bit``), updated by the fused multi-tensor quantized AdamW op
   (one pass: dequantize, fp32 update, re-quantize) on the projected gradients.
@@ -24,7 +25,9 @@ and the randomized SVD's seed is a function of ``seed`` and the step).
 ``mode="fira"`` adds the gradient outside the subspace, G - back(R), scaled per column
 (left projection) or row (right) of R by ||Adam direction|| / ||R|| and limited to 1.01x
 norm growth per step (Fira, Chen et al. 2024); ``mode="frugal"`` adds a state-free signSGD
-step lr * sign(G - back(R)) there (FRUGAL). Both cost one [m, n] temporary per step.
+step lr * sign(G - back(R)) there (FRUGAL), both inside the same op: G is read once
+(Fira: twice on CUDA, or once plus an [m, n] temporary on the CPU, since the limiter needs
+the scaled residual's norm before anything is written).
 
 ``proj_bits`` 8 or 4 stores each projection block-wise quantized with a linear (integer)
 code, dequantized each step for the two projection GEMMs (Q-GaLore's INT8/INT4
@@ -33,8 +36,9 @@ consecutive refreshes found a subspace overlapping the previous one by at least 
 (||P_old^T P_new||_F^2 / r, Q-GaLore's similarity rule taken on subspaces, so SVD signs and
 rotations do not matter): its SVDs are saved from then on.
 
-Not yet here (issue 6): fused project / project-back ops with CUDA kernels (the projections
-are dequantized into a small fp32 tensor rather than inside the GEMM).
+The projection and the update are the galore ops (``lowrank_ext.ops.galore``): a quantized
+projection is dequantized inside them as it is loaded, and the update, Fira's or FRUGAL's
+residual included, is one in-place call per parameter.
 
 Example::
 
@@ -56,6 +60,7 @@ import torch
 
 from .. import quant
 from ..linalg import rsvd
+from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
 from .adamw import check_steppable
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
@@ -151,6 +156,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return dequantize_blockwise(state["proj_q"], state["proj_absmax"], code, _PROJ_BLOCKSIZE[self.proj_bits],
                                     self.proj_bits, proj_shape)
 
+    def _projection_args(self, state: dict, rank: int) -> tuple:
+        """(proj, absmax, code, blocksize) as the galore ops take the stored projection."""
+        if self.proj_bits == 32:
+            return state["proj"], None, None, 0
+        return (state["proj_q"], state["proj_absmax"], self._proj_code(state["proj_q"].device),
+                _PROJ_BLOCKSIZE[self.proj_bits])
+
     def _proj_code(self, device: torch.device) -> torch.Tensor:
         if device not in self._proj_codes:
             self._proj_codes[device] = quant.linear_code(self.proj_bits, signed=True).to(device)
@@ -211,11 +223,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # multi-tensor call per (group, device, step) (dequantize -> fp32 update -> re-quantize)
         quantized: dict[tuple, list] = defaultdict(list)
         for group_no, (p, state, group, galore) in enumerate(work):
-            g = p.grad.float()
+            g = p.grad.float() if not galore else None
             proj = None
             if galore:
-                proj = self._projection(state, tuple(p.shape), group["rank"])
-                g = g @ proj.t() if state["proj_right"] else proj.t() @ g
+                proj = self._projection_args(state, group["rank"])
+                g = galore_project(p.grad, *proj[:3], rank=group["rank"], blocksize=proj[3],
+                                   right=bool(state["proj_right"]))
             state["step"] = step = int(state["step"]) + 1
             if self.state_bits == 32:
                 self._apply(p, state, group, proj, self._adam_fp32(g, state, group, step), g)
@@ -260,52 +273,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
                               stochastic_exp_avg_sq=sr_v)
         return [o.neg_() for o in outs]
 
-    def _apply(self, p: torch.Tensor, state: dict, group: dict, proj: torch.Tensor | None, direction: torch.Tensor,
+    def _apply(self, p: torch.Tensor, state: dict, group: dict, proj: tuple | None, direction: torch.Tensor,
                low: torch.Tensor) -> None:
-        """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): the
-        projected part is one GEMM into W, no [m, n] temporary (the published code's
-        decoupled weight decay, applied after the update). Fira and FRUGAL add the gradient
-        outside the subspace, G - back(R), which takes one [m, n] temporary."""
+        """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): for GaLore
+        params one ``galore_apply_`` call, which reads W, the projection (dequantized as it
+        loads) and, for Fira / FRUGAL, G once, with no [m, n] temporary on CUDA (the published
+        code's decoupled weight decay, applied after the update)."""
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        target = p if p.dtype == torch.float32 else p.float()
-        if proj is None:  # not a GaLore parameter
+        if proj is None:  # not a GaLore parameter: Adam on the full gradient
+            target = p if p.dtype == torch.float32 else p.float()
             target.mul_(decay).add_(direction, alpha=-lr * decay)
-        else:
-            right = bool(state["proj_right"])
-            resid = None
-            if self.mode != "galore":  # G - P R (left) or G - R P (right)
-                resid = p.grad.float().clone(memory_format=torch.contiguous_format)
-                resid.addmm_(low, proj, alpha=-1.0) if right else resid.addmm_(proj, low, alpha=-1.0)
-            alpha = -lr * group["scale"] * decay
-            if right:
-                target.addmm_(direction, proj, beta=decay, alpha=alpha)
-            else:
-                target.addmm_(proj, direction, beta=decay, alpha=alpha)
-            if self.mode == "fira":
-                target.add_(self._fira_scaled(resid, low, direction, right, state), alpha=alpha)
-            elif self.mode == "frugal":  # state-free signSGD outside the subspace
-                target.add_(resid.sign_(), alpha=-lr * decay)
-        if target is not p:
-            p.copy_(target)
-
-    @staticmethod
-    def _fira_scaled(resid: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, right: bool,
-                     state: dict) -> torch.Tensor:
-        """Fira: the residual times ||D|| / ||R|| of its column of R (left projection) or row
-        (right), D Adam's bias-corrected direction; then the norm-growth limiter: the norm may
-        grow by at most 1.01x per step once it is nonzero (kept as a tensor: no host sync)."""
-        dim = 1 if right else 0
-        ratio = direction.norm(dim=dim) / low.norm(dim=dim).clamp_min(1e-30)
-        resid.mul_(ratio[:, None] if right else ratio[None, :])
-        norm = resid.norm()
-        prev = state.get("fira_prev_norm")
-        if prev is not None:
-            limit = _FIRA_GAMMA * prev  # no limit after a zero residual: it would pin it at zero
-            clip = (norm > limit) & (prev > 0)
-            resid.mul_(torch.where(clip, limit / norm, torch.ones_like(norm)))
-            norm = torch.where(clip, limit, norm)
-        state["fira_prev_norm"] = norm
-        return resid
+            if target is not p:
+                p.copy_(target)
+            return
+        prev = None
+        if self.mode == "fira":  # 0: no limit before the first residual
+            prev = state.setdefault("fira_prev_norm", torch.zeros(1, device=p.device))
+        galore_apply_(p, direction, *proj[:3], rank=group["rank"], blocksize=proj[3], right=bool(state["proj_right"]),
+                      lr=lr, scale=group["scale"], weight_decay=group["weight_decay"], mode=self.mode,
+                      grad=p.grad if self.mode != "galore" else None, low=low if self.mode != "galore" else None,
+                      residual_prev_norm=prev, residual_growth=_FIRA_GAMMA)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes (torch casts floating state to the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .galore import galore_apply_ref, galore_project_ref
 from .lora import lora_backward_ref, lora_dropout_mask_ref, lora_forward_ref, lora_merge_ref
 from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_ref, monarch_backward_ref,
                       monarch_dense_ref, monarch_forward_ref, monarch_ref)
@@ -39,6 +40,8 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::jacobi_svd": jacobi_svd_ref,
     "lowrank::rsvd": rsvd_ref,
     "lowrank::svd_update": svd_update_ref,
+    "lowrank::galore_project": galore_project_ref,
+    "lowrank::galore_apply_": galore_apply_ref,
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
@@ -47,4 +50,5 @@ __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "
            "multi_lora_linear_ref",
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
            "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref",
-           "gaussian_sketch_ref", "sketch_matrix_ref", "jacobi_svd_ref", "rsvd_ref", "svd_update_ref"]
+           "gaussian_sketch_ref", "galore_project_ref", "galore_apply_ref", "sketch_matrix_ref", "jacobi_svd_ref",
+           "rsvd_ref", "svd_update_ref"]

@@ -2,8 +2,8 @@
 release), in plain torch: full SVD (torch.linalg.svd) of the gradient every
 ``update_proj_gap`` steps, fp32 Adam on the projected gradient, the normalised update
 projected back, scaled, applied, then decoupled weight decay. The reference the optimizer
-in lowrank_ext.optim.galore is tested against; it is not an op reference (GaLore has no
-op of its own yet)."""
+in lowrank_ext.optim.galore is tested against; and the references of the two galore ops
+(`galore_project_ref`, `galore_apply_ref`), in fp64."""
 from __future__ import annotations
 
 import math
@@ -94,3 +94,53 @@ def galore_adamw_step_ref(param: torch.Tensor, grad: torch.Tensor, state: dict, 
     if weight_decay > 0:
         new = new - lr * weight_decay * new
     param.copy_(new)
+
+
+# ---- op references ----
+
+def _projection_ref(proj, proj_absmax, proj_code, rank, blocksize, right, m, n) -> torch.Tensor:
+    """P in fp64: as given, or dequantized from its block-wise form."""
+    if proj.dtype != torch.uint8:
+        return proj.double()
+    from .quant import dequantize_blockwise_ref
+    bits = 8 if proj_code.numel() == 256 else 4
+    shape = [rank, n] if right else [m, rank]
+    return dequantize_blockwise_ref(proj, proj_absmax, proj_code, blocksize, bits, shape).double()
+
+
+def galore_project_ref(grad, proj, proj_absmax, proj_code, rank, blocksize, right):
+    m, n = grad.shape
+    p = _projection_ref(proj, proj_absmax, proj_code, rank, blocksize, right, m, n)
+    g = grad.double()
+    return (g @ p.t() if right else p.t() @ g).float()
+
+
+_MODES = {0: "galore", 1: "fira", 2: "frugal"}
+
+
+def galore_apply_ref(param, direction, proj, proj_absmax, proj_code, rank, blocksize, right, lr, scale,
+                     weight_decay, residual_mode=0, grad=None, low=None, residual_prev_norm=None,
+                     residual_growth=1.01):
+    """In place, like the op: param <- (1 - lr wd)(param - lr scale back(D) - residual step), fp64."""
+    m, n = param.shape
+    side = "right" if right else "left"
+    p = _projection_ref(proj, proj_absmax, proj_code, rank, blocksize, right, m, n)
+    decay = 1.0 - lr * weight_decay
+    step = -lr * scale * project_back_ref(side, p, direction.double())
+    mode = _MODES[residual_mode]
+    if mode != "galore":
+        resid = grad.double() - project_back_ref(side, p, low.double())
+        if mode == "fira":
+            dim = 0 if side == "left" else 1
+            ratio = direction.double().norm(dim=dim) / low.double().norm(dim=dim).clamp_min(1e-30)
+            scaled = resid * (ratio[None, :] if side == "left" else ratio[:, None])
+            norm = float(scaled.norm())
+            prev = float(residual_prev_norm)
+            if prev > 0 and norm > residual_growth * prev:
+                scaled = scaled * (residual_growth * prev / norm)
+                norm = residual_growth * prev
+            residual_prev_norm.fill_(norm)
+            step = step - lr * scale * scaled
+        else:
+            step = step - lr * torch.sign(resid)
+    param.copy_((decay * (param.double() + step)).to(param.dtype))
