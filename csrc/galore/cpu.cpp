@@ -1,6 +1,8 @@
 // CPU kernels of the galore family. P is small ([m, rank] or [rank, n]): a quantized P is
 // dequantized once per call into an fp32 buffer (with the shared quant math) and the
-// products go to BLAS. galore_apply_ walks param in panels of kPanel rows, in parallel:
+// products go to BLAS. An fp32 param in plain GaLore mode is one addmm_ (BLAS applies the
+// weight decay and the step inside its kernel). Otherwise galore_apply_ walks param in panels
+// of kPanel rows, in parallel:
 // each panel's back(direction) (and back(low) for the residual modes) is one BLAS product
 // into a per-thread buffer, and the update is one pass over the panel while it is in cache:
 // no [m, n] temporary except Fira's residual, whose norm must be known before any write.
@@ -23,7 +25,7 @@
 namespace lowrank::galore {
 namespace {
 
-constexpr int64_t kPanel = 64;  // param rows per panel: 64 x 4096 fp32 = 1 MiB per buffer
+constexpr int64_t kPanel = 16;  // param rows per panel: 16 x 4096 fp32 = 256 KiB per buffer (stays in L2)
 
 // P as an fp32 [rows, cols] tensor.
 at::Tensor dense_projection(const Projection& p) {
@@ -77,6 +79,13 @@ void galore_apply_cpu(at::Tensor& param, const at::Tensor& direction, const at::
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float alpha = static_cast<float>(-lr * scale) * decay;  // on back(direction) and Fira's residual
   const float sign_step = static_cast<float>(-lr) * decay;      // on FRUGAL's sign(residual)
+  if (mode == Mode::Galore && param.scalar_type() == at::kFloat) {
+    // fp32 and nothing but the product: BLAS applies beta and alpha inside its own kernel,
+    // which the panel pass below cannot beat on a CPU
+    if (right) param.addmm_(d, pm, decay, alpha);
+    else param.addmm_(pm, d, decay, alpha);
+    return;
+  }
   at::Tensor work = param.is_contiguous() ? param : param.contiguous();
   const int64_t panels = (m + kPanel - 1) / kPanel;
 
