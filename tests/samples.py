@@ -340,7 +340,7 @@ def galore_apply_samples(device: str) -> Iterator[Sample]:
         right = m >= n
         low_shape = (m, rank) if right else (rank, n)
         for mode, bits, dtype in ((0, 32, torch.float32), (1, 8, torch.float32), (2, 4, torch.bfloat16),
-                                  (1, 32, torch.float16)):
+                                  (1, 32, torch.float16), (0, 4, torch.bfloat16), (2, 32, torch.float32)):
             proj, absmax, code, bs = _galore_projection(m, n, rank, right, bits, device)
             param = torch.randn(m, n, device=device, dtype=dtype)
             d = torch.randn(low_shape, device=device)
@@ -350,6 +350,13 @@ def galore_apply_samples(device: str) -> Iterator[Sample]:
                 extra = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(low_shape, device=device), prev)
             yield Sample((param, d, proj, absmax, code, rank, bs, right, 0.01, 0.25, 0.1, mode, *extra),
                          name=f"{m}x{n}-r{rank}-mode{mode}-{bits}b-{dtype}")
+    for dtype in (torch.float32, torch.bfloat16):  # a non-contiguous param (and grad), Fira
+        proj, absmax, code, bs = _galore_projection(12, 30, 3, False, 32, device)
+        param = torch.randn(30, 12, device=device, dtype=dtype).t()
+        grad = torch.randn(30, 12, device=device, dtype=dtype).t()
+        yield Sample((param, torch.randn(3, 30, device=device), proj, absmax, code, 3, bs, False, 0.1, 0.5, 0.0, 1,
+                      grad, torch.randn(3, 30, device=device), torch.tensor([0.5], device=device)),
+                     name=f"noncontiguous-fira-{dtype}")
 
 
 SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {

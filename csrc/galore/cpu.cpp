@@ -1,11 +1,11 @@
 // CPU kernels of the galore family. P is small ([m, rank] or [rank, n]): a quantized P is
 // dequantized once per call into an fp32 buffer (with the shared quant math) and the
-// products go to BLAS. An fp32 param in plain GaLore mode is one addmm_ (BLAS applies the
-// weight decay and the step inside its kernel). Otherwise galore_apply_ walks param in panels
-// of kPanel rows, in parallel:
-// each panel's back(direction) (and back(low) for the residual modes) is one BLAS product
-// into a per-thread buffer, and the update is one pass over the panel while it is in cache:
-// no [m, n] temporary except Fira's residual, whose norm must be known before any write.
+// products go to BLAS. galore_apply_ on an fp32 param is one addmm_ into it (BLAS applies the
+// weight decay inside its kernel) plus, for the residual modes, one pass over param and G;
+// Fira first reads G once for the scaled residual's norm (the limiter), then folds the
+// residual's product part into the same addmm_ (back(low) * s = back(low * s)). fp16 / bf16
+// params go panel by panel (kPanel rows, in parallel): the panel's products into a per-thread
+// buffer, then one fp32 pass and one rounding. No [m, n] temporary anywhere.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 
 #include <cmath>
 #include <vector>
@@ -25,7 +26,7 @@
 namespace lowrank::galore {
 namespace {
 
-constexpr int64_t kPanel = 16;  // param rows per panel: 16 x 4096 fp32 = 256 KiB per buffer (stays in L2)
+constexpr int64_t kPanel = 256;  // param rows per panel: few enough BLAS calls that re-packing the [rank, n] operand is cheap
 
 // P as an fp32 [rows, cols] tensor.
 at::Tensor dense_projection(const Projection& p) {
@@ -59,6 +60,47 @@ void back_panel(const at::Tensor& pm, const at::Tensor& x, bool right, int64_t r
   else at::mm_out(out, pm.narrow(0, r0, rows), x);
 }
 
+// sum over j of ((g[j] - back[j]) * scale_j)^2, scale_j = s[j] (s given) or s_row, in 8
+// independent fp64 lanes: vectorizes, and no long serial chain of dependent adds.
+template <typename G>
+double residual_sumsq(const G* g, const float* back, int64_t n, const float* s, float s_row) {
+  double lanes[8] = {};
+  int64_t j = 0;
+  if (s != nullptr) {
+    for (; j + 8 <= n; j += 8)
+      for (int k = 0; k < 8; ++k) {
+        const float v = (static_cast<float>(g[j + k]) - back[j + k]) * s[j + k];
+        lanes[k] += static_cast<double>(v) * v;
+      }
+  } else {
+    for (; j + 8 <= n; j += 8)
+      for (int k = 0; k < 8; ++k) {
+        const float v = (static_cast<float>(g[j + k]) - back[j + k]) * s_row;
+        lanes[k] += static_cast<double>(v) * v;
+      }
+  }
+  for (; j < n; ++j) {
+    const float v = (static_cast<float>(g[j]) - back[j]) * (s != nullptr ? s[j] : s_row);
+    lanes[0] += static_cast<double>(v) * v;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// Runs fn(r0, rows, buf) over param's row panels in parallel, buf = back(x) of the panel.
+template <typename Fn>
+void for_each_panel(const at::Tensor& pm, const at::Tensor& x, bool right, int64_t m, int64_t n, Fn&& fn) {
+  at::parallel_for(0, (m + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
+    const at::NoGradGuard ng;  // worker threads do not inherit the caller's grad mode
+    std::vector<float> buf(static_cast<size_t>(kPanel * n));
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r0 = t * kPanel, rows = std::min(kPanel, m - r0);
+      at::Tensor out = wrap(buf.data(), rows, n);
+      back_panel(pm, x, right, r0, rows, out);
+      fn(r0, rows, buf.data());
+    }
+  });
+}
+
 void galore_apply_cpu(at::Tensor& param, const at::Tensor& direction, const at::Tensor& proj,
                       const std::optional<at::Tensor>& absmax, const std::optional<at::Tensor>& code, int64_t rank,
                       int64_t blocksize, bool right, double lr, double scale, double weight_decay,
@@ -72,6 +114,7 @@ void galore_apply_cpu(at::Tensor& param, const at::Tensor& direction, const at::
   const Projection p = check_projection(proj, absmax, code, rank, blocksize, right, m, n, param, op);
   const Mode mode = check_apply_args(param, direction, p, right, lr, scale, weight_decay, residual_mode, grad,
                                      low, residual_prev_norm, residual_growth);
+  if (param.numel() == 0) return;
   const at::Tensor pm = dense_projection(p), d = direction.contiguous();
   const bool residual = mode != Mode::Galore;
   const at::Tensor lo = residual ? low->contiguous() : at::Tensor();
@@ -79,88 +122,90 @@ void galore_apply_cpu(at::Tensor& param, const at::Tensor& direction, const at::
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float alpha = static_cast<float>(-lr * scale) * decay;  // on back(direction) and Fira's residual
   const float sign_step = static_cast<float>(-lr) * decay;      // on FRUGAL's sign(residual)
-  if (mode == Mode::Galore && param.scalar_type() == at::kFloat) {
-    // fp32 and nothing but the product: BLAS applies beta and alpha inside its own kernel,
-    // which the panel pass below cannot beat on a CPU
-    if (right) param.addmm_(d, pm, decay, alpha);
-    else param.addmm_(pm, d, decay, alpha);
-    return;
-  }
-  at::Tensor work = param.is_contiguous() ? param : param.contiguous();
-  const int64_t panels = (m + kPanel - 1) / kPanel;
 
-  // Fira: the scaled residual first (its norm sets the limiter), kept for the update pass
-  at::Tensor fira_resid;
-  float fira_factor = 1.f;
+  // What multiplies P: alpha D, or for Fira alpha D - fa (low scaled), since the scaled
+  // residual's product part, fa back(low) * s, is back(low * s) (s per column of R on the
+  // left, per row on the right): Fira's update is then one product plus fa * s * G.
+  at::Tensor x = d.mul(alpha);
+  at::Tensor s;
+  float fa = 0.f;
   if (mode == Mode::Fira) {
-    const at::Tensor s = fira_residual_scale(d, lo, right);
+    s = fira_residual_scale(d, lo, right);
+    const at::Tensor s_b = right ? s.unsqueeze(1) : s.unsqueeze(0);
+    // the limiter needs the scaled residual's norm before anything is written: one read of G
+    std::vector<double> sumsq((m + kPanel - 1) / kPanel, 0.0);
     const float* sp = s.const_data_ptr<float>();
-    fira_resid = at::empty({m, n}, param.options().dtype(at::kFloat));
-    std::vector<double> sumsq(panels, 0.0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "galore_fira_residual", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "galore_fira_norm", [&] {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-        const at::NoGradGuard ng;
-        for (int64_t t = b; t < e; ++t) {
-          const int64_t r0 = t * kPanel, rows = std::min(kPanel, m - r0);
-          at::Tensor out = fira_resid.narrow(0, r0, rows);
-          back_panel(pm, lo, right, r0, rows, out);
-          float* rp = out.mutable_data_ptr<float>();
-          double acc = 0.0;
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < n; ++j) {
-              const float v = (static_cast<float>(gp[(r0 + i) * n + j]) - rp[i * n + j]) * sp[right ? r0 + i : j];
-              rp[i * n + j] = v;
-              acc += static_cast<double>(v) * v;
-            }
-          sumsq[t] = acc;
-        }
+      for_each_panel(pm, lo, right, m, n, [&](int64_t r0, int64_t rows, const float* back_low) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < rows; ++i)
+          acc += right ? residual_sumsq(gp + (r0 + i) * n, back_low + i * n, n, nullptr, sp[r0 + i])
+                       : residual_sumsq(gp + (r0 + i) * n, back_low + i * n, n, sp, 0.f);
+        sumsq[r0 / kPanel] = acc;
       });
     });
     double total = 0.0;
     for (double v : sumsq) total += v;  // panel order: the same result for any thread count
-    float norm = static_cast<float>(std::sqrt(total));
+    float norm = static_cast<float>(std::sqrt(total)), factor = 1.f;
     float* prev = residual_prev_norm->mutable_data_ptr<float>();
     const float limit = static_cast<float>(residual_growth) * *prev;
     if (*prev > 0.f && norm > limit) {  // no limit after a zero residual: it would pin it at zero
-      fira_factor = limit / norm;
+      factor = limit / norm;
       norm = limit;
     }
     *prev = norm;
+    fa = alpha * factor;
+    x.sub_(at::mul(lo, s_b), fa);
   }
 
+  if (param.scalar_type() == at::kFloat) {
+    // fp32: the product goes straight into param through BLAS (beta = decay, inside its
+    // kernel), then the residual term in one more pass
+    if (right) param.addmm_(x, pm, decay, 1.0);
+    else param.addmm_(pm, x, decay, 1.0);
+    if (mode == Mode::Fira) param.addcmul_(g, right ? s.unsqueeze(1) : s.unsqueeze(0), fa);
+    if (mode == Mode::Frugal) {
+      at::Tensor work = param.is_contiguous() ? param : param.contiguous();
+      float* wp = work.mutable_data_ptr<float>();
+      const float* gp = g.const_data_ptr<float>();
+      for_each_panel(pm, lo, right, m, n, [&](int64_t r0, int64_t rows, const float* back_low) {
+        for (int64_t i = 0; i < rows * n; ++i) {
+          const float res = gp[r0 * n + i] - back_low[i];
+          wp[r0 * n + i] += sign_step * static_cast<float>((res > 0.f) - (res < 0.f));
+        }
+      });
+      if (!work.is_same(param)) param.copy_(work);
+    }
+    return;
+  }
+
+  // fp16 / bf16 param: everything in fp32 per panel, one rounding into param
+  at::Tensor work = param.is_contiguous() ? param : param.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "galore_apply", [&] {
     using W = scalar_t;
     W* wp = work.mutable_data_ptr<W>();
-    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-      const at::NoGradGuard ng;
-      std::vector<float> buf_d(static_cast<size_t>(kPanel * n)), buf_r(residual ? kPanel * n : 0);
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t r0 = t * kPanel, rows = std::min(kPanel, m - r0);
-        at::Tensor bd = wrap(buf_d.data(), rows, n);
-        back_panel(pm, d, right, r0, rows, bd);
-        const float* bdp = buf_d.data();
-        W* wrow = wp + r0 * n;
-        if (mode == Mode::Galore) {
-          for (int64_t i = 0; i < rows * n; ++i)
-            wrow[i] = static_cast<W>(decay * static_cast<float>(wrow[i]) + alpha * bdp[i]);
-        } else if (mode == Mode::Fira) {
-          const float* fr = fira_resid.const_data_ptr<float>() + r0 * n;
-          const float fa = alpha * fira_factor;
-          for (int64_t i = 0; i < rows * n; ++i)
-            wrow[i] = static_cast<W>(decay * static_cast<float>(wrow[i]) + alpha * bdp[i] + fa * fr[i]);
-        } else {  // FRUGAL: signSGD on the residual
-          at::Tensor br = wrap(buf_r.data(), rows, n);
-          back_panel(pm, lo, right, r0, rows, br);
-          const float* brp = buf_r.data();
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "galore_frugal", [&] {
-            const scalar_t* gp = g.const_data_ptr<scalar_t>() + r0 * n;
-            for (int64_t i = 0; i < rows * n; ++i) {
-              const float res = static_cast<float>(gp[i]) - brp[i];
-              const float sgn = static_cast<float>((res > 0.f) - (res < 0.f));
-              wrow[i] = static_cast<W>(decay * static_cast<float>(wrow[i]) + alpha * bdp[i] + sign_step * sgn);
-            }
-          });
+    const W* gp = residual ? g.const_data_ptr<W>() : nullptr;  // grad has param's dtype (checked)
+    const float* sp = mode == Mode::Fira ? s.const_data_ptr<float>() : nullptr;
+    for_each_panel(pm, x, right, m, n, [&](int64_t r0, int64_t rows, const float* prod) {
+      W* w = wp + r0 * n;
+      if (mode == Mode::Galore) {
+        for (int64_t i = 0; i < rows * n; ++i) w[i] = static_cast<W>(decay * static_cast<float>(w[i]) + prod[i]);
+      } else if (mode == Mode::Fira) {
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t e = i * n + j;
+            const float gs = static_cast<float>(gp[r0 * n + e]) * sp[right ? r0 + i : j];
+            w[e] = static_cast<W>(decay * static_cast<float>(w[e]) + prod[e] + fa * gs);
+          }
+      } else {  // FRUGAL: the residual needs back(low) too
+        std::vector<float> back_low(static_cast<size_t>(rows * n));
+        at::Tensor bl = wrap(back_low.data(), rows, n);
+        back_panel(pm, lo, right, r0, rows, bl);
+        for (int64_t i = 0; i < rows * n; ++i) {
+          const float res = static_cast<float>(gp[r0 * n + i]) - back_low[i];
+          const float sgn = static_cast<float>((res > 0.f) - (res < 0.f));
+          w[i] = static_cast<W>(decay * static_cast<float>(w[i]) + prod[i] + sign_step * sgn);
         }
       }
     });
