@@ -120,6 +120,28 @@ def test_contiguous_segments_and_all_minus_one(device):
     assert torch.equal(xa, torch.zeros_like(xa))
 
 
+def test_a_non_finite_adapter_does_not_leak_into_other_tokens(device):
+    # tokens of several adapters share kernel tiles: an inf in one adapter's weights must only
+    # reach that adapter's own tokens (and exact zeros stay exact)
+    n, s, r, d = 64, 3, 4, 16
+    a, b = torch.randn(s, r, d, device=device), torch.randn(s, d, r, device=device)
+    a[1, 0, 3] = float("inf")
+    b[1, 5, 0] = float("nan")
+    ids = torch.arange(n, device=device) % s
+    ids[::7] = -1
+    x = torch.randn(n, d, device=device)
+    xa = lora_shrink(x, a, ids, torch.tensor([4, 4, 2], device=device))
+    y = torch.zeros(n, d, device=device)
+    lora_expand_(y, xa, b, ids, torch.tensor([4, 4, 2], device=device))
+    clean = (ids != 1)
+    assert torch.isfinite(xa[clean]).all() and torch.isfinite(y[clean]).all()
+    assert torch.equal(xa[ids == 2][:, 2:], torch.zeros_like(xa[ids == 2][:, 2:]))
+    assert torch.equal(y[ids < 0], torch.zeros_like(y[ids < 0]))
+    out = lora_grouped_outer(torch.randn(n, 2, device=device), x, ids, 4, torch.full((4,), float("inf"),
+                                                                                       device=device))
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # no tokens: exact zeros, whatever the scale
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_of_every_adapter_match_fp64_autograd(device, dtype):
     n, s, r, d_in, d_out = 200, 5, 8, 24, 20

@@ -26,7 +26,8 @@
 namespace lowrank::galore {
 namespace {
 
-constexpr int64_t kPanel = 256;  // param rows per panel: few enough BLAS calls that re-packing the [rank, n] operand is cheap
+// param rows per panel: few BLAS calls, so re-packing the [rank, n] operand for each stays cheap
+constexpr int64_t kPanel = 256;
 
 // P as an fp32 [rows, cols] tensor.
 at::Tensor dense_projection(const Projection& p) {

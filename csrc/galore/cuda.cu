@@ -249,8 +249,11 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
   const at::Tensor lo = residual ? low->contiguous() : at::Tensor();
   const at::Tensor g = residual ? grad->contiguous() : at::Tensor();
   const at::Tensor s = mode == Mode::Fira ? fira_residual_scale(d, lo, right) : at::Tensor();
-  at::Tensor scratch;  // Fira: sumsq (fp64) and the factor (fp32) on the device
-  if (mode == Mode::Fira) scratch = at::zeros({2}, param.options().dtype(at::kDouble));
+  at::Tensor sumsq, factor;  // Fira, on the device: the scaled residual's sum of squares, the limiter's factor
+  if (mode == Mode::Fira) {
+    sumsq = at::zeros({1}, param.options().dtype(at::kDouble));
+    factor = at::empty({1}, param.options().dtype(at::kFloat));
+  }
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "galore_apply_cuda", [&] {
@@ -265,9 +268,8 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
       ap.b_low = right ? operand(p, false) : operand(lo);
     }
     ap.residual_scale = mode == Mode::Fira ? s.const_data_ptr<float>() : nullptr;
-    ap.sumsq = mode == Mode::Fira ? scratch.mutable_data_ptr<double>() : nullptr;
-    ap.fira_factor = mode == Mode::Fira ? reinterpret_cast<const float*>(scratch.const_data_ptr<double>() + 1)
-                                        : nullptr;
+    ap.sumsq = mode == Mode::Fira ? sumsq.mutable_data_ptr<double>() : nullptr;
+    ap.fira_factor = mode == Mode::Fira ? factor.const_data_ptr<float>() : nullptr;
     ap.m = m, ap.n = n, ap.rank = rank;
     ap.decay = decay;
     ap.alpha = static_cast<float>(-lr * scale) * decay;
@@ -278,10 +280,9 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
     if (mode == Mode::Fira) {
       apply_kernel<<<grid, kThreads, 0, stream>>>(ap, kFiraNorm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      fira_limit_kernel<<<1, 1, 0, stream>>>(scratch.const_data_ptr<double>(),
+      fira_limit_kernel<<<1, 1, 0, stream>>>(sumsq.const_data_ptr<double>(),
                                              residual_prev_norm->mutable_data_ptr<float>(),
-                                             reinterpret_cast<float*>(scratch.mutable_data_ptr<double>() + 1),
-                                             static_cast<float>(residual_growth));
+                                             factor.mutable_data_ptr<float>(), static_cast<float>(residual_growth));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     apply_kernel<<<grid, kThreads, 0, stream>>>(ap, kUpdate);

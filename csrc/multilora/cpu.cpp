@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
@@ -165,6 +166,7 @@ void expand_into(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack,
 
 void lora_expand_inplace_cpu(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                              const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
+  at::assert_no_internal_overlap(y);  // rows of a broadcast y would alias
   expand_into(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
 }
 

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -59,7 +60,7 @@ template <typename TIn, typename TW, typename TOut, typename Acc>
 __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW, TOut, Acc> p) {
   __shared__ Acc s_in[kTileK][kTileRows + 1];  // +1: the transposing stores hit distinct banks
   __shared__ Acc s_w[kTileK][kTileCols + 1];
-  __shared__ int64_t s_row[kTileRows], s_id[kTileRows];
+  __shared__ int64_t s_row[kTileRows], s_id[kTileRows], s_rank[kTileRows];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t i0 = int64_t{blockIdx.x} * kTileRows, c0 = int64_t{blockIdx.y} * kTileCols;
   if (tid == 0) {  // the sorted ids' first and last entries bound them all
@@ -68,8 +69,15 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
   }
   if (tid < kTileRows) {
     const int64_t i = i0 + tid;
+    const int64_t a = i < p.n ? p.sorted_ids[i] : -1;
     s_row[tid] = i < p.n ? p.perm[i] : -1;
-    s_id[tid] = i < p.n ? p.sorted_ids[i] : -1;
+    s_id[tid] = a;
+    int64_t rank = 0;
+    if (a >= 0) {
+      rank = p.ranks != nullptr ? p.ranks[a] : p.max_rank;
+      CUDA_KERNEL_ASSERT(rank >= 0 && rank <= p.max_rank && "ranks out of [0, R]");
+    }
+    s_rank[tid] = rank;
   }
   __syncthreads();
 
@@ -78,12 +86,16 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
     const int64_t a = s_id[r0];
     int r1 = r0 + 1;
     while (r1 < kTileRows && s_id[r1] == a) ++r1;
+    // this thread's rows in the run: only they accumulate (0 * a non-finite weight of this
+    // adapter must not reach another adapter's rows)
+    bool live[kRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = ty * kRowsPerThread + i;
+      live[i] = r >= r0 && r < r1;
+    }
     if (a >= 0) {
-      int64_t rank = p.max_rank;
-      if (p.ranks != nullptr) {
-        rank = p.ranks[a];
-        CUDA_KERNEL_ASSERT(rank >= 0 && rank <= p.max_rank && "ranks out of [0, R]");
-      }
+      const int64_t rank = s_rank[r0];
       const int64_t k_end = p.rank_limits_cols ? p.k : rank, c_end = p.rank_limits_cols ? rank : p.c;
       const TW* wa = p.w + a * p.w_stride_s;
       for (int64_t k0 = 0; c0 < c_end && k0 < k_end; k0 += kTileK) {
@@ -110,8 +122,10 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
           for (int j = 0; j < kColsPerThread; ++j) w_frag[j] = s_w[kk][tx + 16 * j];
 #pragma unroll
           for (int i = 0; i < kRowsPerThread; ++i)
+            if (live[i]) {
 #pragma unroll
-            for (int j = 0; j < kColsPerThread; ++j) acc[i][j] += in_frag[i] * w_frag[j];
+              for (int j = 0; j < kColsPerThread; ++j) acc[i][j] += in_frag[i] * w_frag[j];
+            }
         }
         __syncthreads();
       }
@@ -122,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int r = ty * kRowsPerThread + i;
-    const int64_t row = s_row[r], a = s_id[r];
+    const int64_t row = s_row[r], a = s_id[r], rank = s_rank[r];
     if (row < 0) continue;
     const Acc scale = (a >= 0 && p.scales != nullptr) ? p.scales[a] : Acc(1);
 #pragma unroll
@@ -130,11 +144,11 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
       const int64_t col = c0 + tx + 16 * j;
       if (col >= p.c) continue;
       if (p.base == nullptr) {  // shrink: the product, zero for id -1 and past the rank
-        p.out[row * p.ld_out + col] = static_cast<TOut>(a >= 0 ? scale * acc[i][j] : Acc(0));
-      } else if (a >= 0) {
+        p.out[row * p.ld_out + col] = static_cast<TOut>(col < rank ? scale * acc[i][j] : Acc(0));
+      } else if (rank > 0) {
         const Acc v = static_cast<Acc>(p.base[row * p.ld_base + col]) + scale * acc[i][j];
         p.out[row * p.ld_out + col] = static_cast<TOut>(v);
-      } else if (p.out != p.base) {  // out of place: rows without an adapter are y's
+      } else if (p.out != p.base) {  // out of place: rows without an adapter (or of rank 0) are y's
         p.out[row * p.ld_out + col] = p.base[row * p.ld_base + col];
       }
     }
@@ -241,6 +255,7 @@ void expand_cuda(const at::Tensor& base, at::Tensor& out, const at::Tensor& xa, 
 void lora_expand_inplace_cuda(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
   const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
+  at::assert_no_internal_overlap(y);  // a broadcast y would race
   const c10::cuda::OptionalCUDAGuard guard(y.device());
   if (y.stride(1) == 1 || y.size(1) <= 1) {
     expand_cuda(y, y, xa, b_stack, ids, ranks, scales, s);
@@ -306,7 +321,8 @@ __global__ void __launch_bounds__(kThreads) grouped_outer_kernel(
 #pragma unroll
     for (int v = 0; v < kOuterPerThread; ++v) {
       const int64_t qq = q0 + tx + 16 * v;
-      if (pp < rows_p && qq < cols_q) out[(a * rows_p + pp) * cols_q + qq] = scale * acc[u][v];
+      // an adapter without tokens gets exact zeros (not scale * 0, NaN for an infinite scale)
+      if (pp < rows_p && qq < cols_q) out[(a * rows_p + pp) * cols_q + qq] = end > begin ? scale * acc[u][v] : Acc(0);
     }
   }
 }
