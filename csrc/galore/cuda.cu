@@ -8,11 +8,14 @@
 // (and back(low) for the residual modes) tile by tile and updates param in the epilogue:
 // param is read and written once, grad read once (twice for Fira: the first pass only sums
 // the scaled residual's squares, a one-thread kernel turns that into the limiter's factor
-// and the new norm on the device, the second pass applies; no host synchronisation).
+// and the new norm on the device, the second pass applies with the residual's product part
+// folded into the direction, so it is one tile product too; no host synchronisation).
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 
 #include "common/cuda_utils.cuh"
@@ -180,11 +183,13 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyParams<W> p, int p
   __shared__ Smem s;
   const int64_t i0 = int64_t{blockIdx.y} * kTile, j0 = int64_t{blockIdx.x} * kTile;
   const bool residual = p.mode != static_cast<int>(Mode::Galore);
+  const bool is_fira = p.mode == static_cast<int>(Mode::Fira);
   float acc_d[kPerThread][kPerThread] = {}, acc_r[kPerThread][kPerThread] = {};
   if (pass == kUpdate) tile_product(p.a_dir, p.b_dir, p.m, p.n, p.rank, i0, j0, acc_d, s);
-  if (residual) tile_product(p.a_low, p.b_low, p.m, p.n, p.rank, i0, j0, acc_r, s);
+  // Fira's update pass has back(low) folded into the direction (see galore_apply_cuda): acc_r stays 0
+  if (residual && !(is_fira && pass == kUpdate)) tile_product(p.a_low, p.b_low, p.m, p.n, p.rank, i0, j0, acc_r, s);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const float fira = (p.mode == static_cast<int>(Mode::Fira) && pass == kUpdate) ? p.alpha * *p.fira_factor : 0.f;
+  const float fira = (is_fira && pass == kUpdate) ? p.alpha * *p.fira_factor : 0.f;
   double local = 0.0;
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
@@ -197,14 +202,14 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyParams<W> p, int p
       float res = 0.f;
       if (residual) {
         res = static_cast<float>(p.grad[e]) - acc_r[u][v];
-        if (p.mode == static_cast<int>(Mode::Fira)) res *= p.residual_scale[p.right ? i : j];
+        if (is_fira) res *= p.residual_scale[p.right ? i : j];
       }
       if (pass == kFiraNorm) {
         local += static_cast<double>(res) * res;
         continue;
       }
       float w = p.decay * static_cast<float>(p.param[e]) + p.alpha * acc_d[u][v];
-      if (p.mode == static_cast<int>(Mode::Fira)) w += fira * res;
+      if (is_fira) w += fira * res;
       if (p.mode == static_cast<int>(Mode::Frugal)) w += p.sign_step * static_cast<float>((res > 0.f) - (res < 0.f));
       p.param[e] = static_cast<W>(w);
     }
@@ -250,6 +255,7 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
   const at::Tensor g = residual ? grad->contiguous() : at::Tensor();
   const at::Tensor s = mode == Mode::Fira ? fira_residual_scale(d, lo, right) : at::Tensor();
   at::Tensor sumsq, factor;  // Fira, on the device: the scaled residual's sum of squares, the limiter's factor
+  at::Tensor fira_direction;
   if (mode == Mode::Fira) {
     sumsq = at::zeros({1}, param.options().dtype(at::kDouble));
     factor = at::empty({1}, param.options().dtype(at::kFloat));
@@ -284,6 +290,12 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
                                              residual_prev_norm->mutable_data_ptr<float>(),
                                              factor.mutable_data_ptr<float>(), static_cast<float>(residual_growth));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // fold the scaled residual's product part into the direction, on the device (after the
+      // limiter, in stream order): back(d) - f back(low) * s = back(d - f low * s), so the update
+      // pass is one tile product plus f * s * G in its epilogue
+      fira_direction = at::sub(d, at::mul(at::mul(lo, right ? s.unsqueeze(1) : s.unsqueeze(0)), factor));
+      ap.a_dir = right ? operand(fira_direction) : operand(p, false);
+      ap.b_dir = right ? operand(p, false) : operand(fira_direction);
     }
     apply_kernel<<<grid, kThreads, 0, stream>>>(ap, kUpdate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
