@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/philox_cpu.h"
 #include "lora/ops.h"
 
 namespace lowrank::lora {
@@ -21,26 +22,20 @@ namespace {
 
 constexpr int64_t kRows = 32;  // rows per tile: a 32 x 4096 fp32 tile is 512 KiB
 
-// The mask factors of the 8 elements of Philox group g (one call, unrolled).
-inline void group_factors(const Dropout& d, int64_t g, float (&f)[kPhiloxGroup]) {
-  const Philox4 r = philox_group(d.seed, kDropoutOffset, static_cast<uint64_t>(g));
-  for (int k = 0; k < kPhiloxGroup; ++k)
-    f[k] = dropout_factor(d, r, static_cast<uint64_t>(g * kPhiloxGroup + k));
-}
-
-// Calls op(e, factor) for every element e in [e0, e1), one Philox call per 8 elements.
+// Calls op(e, factor) for every element e in [e0, e1): the 16-bit draws of up to 256 Philox
+// groups at a time (common/philox_cpu.h: AVX2 lanes where the CPU has them, the same bits),
+// then one compare per element against the dropout threshold.
 template <typename Op>
 inline void for_each_factor(const Dropout& d, int64_t e0, int64_t e1, Op&& op) {
-  float f[kPhiloxGroup];
-  for (int64_t g = e0 / kPhiloxGroup; g * kPhiloxGroup < e1; ++g) {
-    group_factors(d, g, f);
-    const int64_t base = g * kPhiloxGroup;
-    const int64_t lo = std::max(base, e0), hi = std::min(base + kPhiloxGroup, e1);
-    if (lo == base && hi == base + kPhiloxGroup) {
-      for (int k = 0; k < kPhiloxGroup; ++k) op(base + k, f[k]);  // full group: a fixed-trip loop
-    } else {
-      for (int64_t e = lo; e < hi; ++e) op(e, f[e - base]);
-    }
+  constexpr int kGroups = 256;
+  uint16_t r16[kGroups * kPhiloxGroup];
+  const int64_t g_end = (e1 + kPhiloxGroup - 1) / kPhiloxGroup;
+  for (int64_t g0 = e0 / kPhiloxGroup; g0 < g_end; g0 += kGroups) {
+    const int groups = static_cast<int>(std::min<int64_t>(kGroups, g_end - g0));
+    philox_random16(d.seed, kDropoutOffset, static_cast<uint64_t>(g0), groups, r16);
+    const int64_t first = g0 * kPhiloxGroup;
+    const int64_t lo = std::max(e0, first), hi = std::min(e1, first + int64_t{groups} * kPhiloxGroup);
+    for (int64_t e = lo; e < hi; ++e) op(e, dropout_factor16(d, r16[e - first]));
   }
 }
 

@@ -22,9 +22,12 @@ inline Dropout make_dropout(double p, int64_t seed) {
   return Dropout{static_cast<uint64_t>(seed), threshold, 65536.0f / static_cast<float>(65536u - threshold)};
 }
 
-// The mask value (0 or keep_scale) of element e, given its group's draws.
+// The mask value (0 or keep_scale) of an element with 16 random bits r16.
+LOWRANK_HD float dropout_factor16(const Dropout& d, uint32_t r16) { return r16 >= d.threshold ? d.keep_scale : 0.f; }
+
+// The mask value of element e, given its group's draws.
 LOWRANK_HD float dropout_factor(const Dropout& d, const Philox4& r, uint64_t e) {
-  return random16(r, e) >= d.threshold ? d.keep_scale : 0.f;
+  return dropout_factor16(d, random16(r, e));
 }
 
 }  // namespace lowrank::lora

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/philox_cpu.h"
 #include "quant/quant_math.h"
 
 namespace lowrank::quant {
@@ -34,101 +35,6 @@ static LOWRANK_CPU_CLONES void normalize_span(const float* x, int n, float absma
   } else {  // all-zero or non-finite block
     for (int i = 0; i < n; ++i) v[i] = 0.f;
   }
-}
-
-// u[8g + k] = the uniform draw of element 8 * (first_group + g) + k, for g < groups.
-inline void philox_uniforms_scalar(uint64_t seed, uint64_t offset, uint64_t first_group, int groups,
-                                   float* __restrict u) {
-  for (int g = 0; g < groups; ++g) {
-    const Philox4 r = philox_group(seed, offset, first_group + g);
-    for (int k = 0; k < kPhiloxGroup; ++k) u[kPhiloxGroup * g + k] = uniform_from_bits16(random16(r, k));
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// Philox state of eight consecutive groups, one group per 32-bit AVX2 lane.
-struct PhiloxLanes {
-  __m256i c0, c1, c2, c3;
-};
-
-__attribute__((target("avx2"))) inline PhiloxLanes philox_lanes_init(uint64_t g0, uint64_t offset) {
-  // counters {group (64 bit), offset (64 bit)}; the low word of 8 consecutive groups may wrap
-  const __m256i lo0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0)));
-  const __m256i c0 = _mm256_add_epi32(lo0, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256i flip = _mm256_set1_epi32(INT32_MIN);  // unsigned compare through a signed one
-  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(lo0, flip), _mm256_xor_si256(c0, flip));
-  return {c0, _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0 >> 32))), wrapped),
-          _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset))),
-          _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)))};
-}
-
-// One Philox round on eight lanes: mul_epu32 forms the 64-bit products of the even lanes,
-// the odd lanes go through a 32-bit shift. Integer arithmetic: the scalar round's bits.
-__attribute__((target("avx2"))) inline void philox_lanes_round(PhiloxLanes& s, __m256i k0, __m256i k1) {
-  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i e0 = _mm256_mul_epu32(s.c0, mul0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(s.c0, 32), mul0);
-  const __m256i e1 = _mm256_mul_epu32(s.c2, mul1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(s.c2, 32), mul1);
-  const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
-  const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
-  const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
-  const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
-  s.c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, s.c1), k0);
-  s.c1 = lo1;
-  s.c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, s.c3), k1);
-  s.c3 = lo0;
-}
-
-// u[0 .. 64) of the eight groups: transposed to one group per 128 bits, a group's four words
-// are its eight 16-bit draws in element order (element 2j: word j's low half, 2j + 1: high).
-__attribute__((target("avx2"))) inline void philox_lanes_uniforms(const PhiloxLanes& s, float* __restrict out) {
-  const __m256i t0 = _mm256_unpacklo_epi32(s.c0, s.c1), t1 = _mm256_unpackhi_epi32(s.c0, s.c1);
-  const __m256i t2 = _mm256_unpacklo_epi32(s.c2, s.c3), t3 = _mm256_unpackhi_epi32(s.c2, s.c3);
-  const __m256i pairs[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                            _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};  // groups i, i + 4
-  const __m256 scale = _mm256_set1_ps(1.0f / 65536.0f);  // uniform_from_bits16, exact
-  for (int i = 0; i < 4; ++i) {
-    const __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(pairs[i]));
-    const __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(pairs[i], 1));
-    _mm256_storeu_ps(out + kPhiloxGroup * i, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), scale));
-    _mm256_storeu_ps(out + kPhiloxGroup * (i + 4), _mm256_mul_ps(_mm256_cvtepi32_ps(hi), scale));
-  }
-}
-
-// The same as philox_uniforms_scalar, sixteen groups per step (two independent sets of
-// eight lanes, so the multiplies of one hide the latency of the other's).
-__attribute__((target("avx2"))) inline void philox_uniforms_avx2(uint64_t seed, uint64_t offset,
-                                                                 uint64_t first_group, int groups,
-                                                                 float* __restrict u) {
-  int g = 0;
-  for (; g + 16 <= groups; g += 16) {
-    const uint64_t g0 = first_group + static_cast<uint64_t>(g);
-    PhiloxLanes a = philox_lanes_init(g0, offset), b = philox_lanes_init(g0 + 8, offset);
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0)), vk1 = _mm256_set1_epi32(static_cast<int>(k1));
-      philox_lanes_round(a, vk0, vk1);
-      philox_lanes_round(b, vk0, vk1);
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    philox_lanes_uniforms(a, u + kPhiloxGroup * g);
-    philox_lanes_uniforms(b, u + kPhiloxGroup * (g + 8));
-  }
-  philox_uniforms_scalar(seed, offset, first_group + static_cast<uint64_t>(g), groups - g, u + kPhiloxGroup * g);
-}
-#endif
-
-// Dispatches to the AVX2 version where the CPU has it (same bits either way).
-inline void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first_group, int groups, float* __restrict u) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) {
-    philox_uniforms_avx2(seed, offset, first_group, groups, u);
-    return;
-  }
-#endif
-  philox_uniforms_scalar(seed, offset, first_group, groups, u);
 }
 
 // key[i] = ordered_key(normalize(x[i], absmax)): the nearest search works on these keys.
@@ -326,8 +232,7 @@ template <typename T>
 float block_absmax(const T* x, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   if constexpr (std::is_same_v<T, float>) {
-    static const bool has_avx2 = __builtin_cpu_supports("avx2");
-    if (has_avx2) return block_absmax_f32_avx2(x, n);
+    if (cpu_has_avx2()) return block_absmax_f32_avx2(x, n);
   }
 #endif
   constexpr int kLanes = 8;
