@@ -25,6 +25,15 @@ inline void philox_random16_scalar(uint64_t seed, uint64_t offset, uint64_t firs
   }
 }
 
+// u[8 g + k] = uniform_from_bits16 of the same draws.
+inline void philox_uniforms_scalar(uint64_t seed, uint64_t offset, uint64_t first_group, int groups,
+                                   float* __restrict u) {
+  for (int g = 0; g < groups; ++g) {
+    const Philox4 r = philox_group(seed, offset, first_group + g);
+    for (int k = 0; k < kPhiloxGroup; ++k) u[kPhiloxGroup * g + k] = uniform_from_bits16(random16(r, k));
+  }
+}
+
 #ifdef LOWRANK_PHILOX_AVX2
 // Philox state of eight consecutive groups, one group per 32-bit AVX2 lane.
 struct PhiloxLanes {
@@ -123,10 +132,7 @@ __attribute__((target("avx2"))) inline void philox_uniforms_avx2(uint64_t seed, 
       _mm256_storeu_ps(out + 4 * kPhiloxGroup, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), scale));
     }
   }
-  for (; g < groups; ++g) {
-    const Philox4 r = philox_group(seed, offset, first_group + g);
-    for (int k = 0; k < kPhiloxGroup; ++k) u[kPhiloxGroup * g + k] = uniform_from_bits16(random16(r, k));
-  }
+  philox_uniforms_scalar(seed, offset, first_group + static_cast<uint64_t>(g), groups - g, u + kPhiloxGroup * g);
 }
 
 inline bool cpu_has_avx2() {
@@ -149,10 +155,7 @@ inline void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first_group
 #ifdef LOWRANK_PHILOX_AVX2
   if (cpu_has_avx2()) return philox_uniforms_avx2(seed, offset, first_group, groups, u);
 #endif
-  for (int g = 0; g < groups; ++g) {
-    const Philox4 r = philox_group(seed, offset, first_group + g);
-    for (int k = 0; k < kPhiloxGroup; ++k) u[kPhiloxGroup * g + k] = uniform_from_bits16(random16(r, k));
-  }
+  philox_uniforms_scalar(seed, offset, first_group, groups, u);
 }
 
 }  // namespace lowrank

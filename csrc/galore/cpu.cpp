@@ -21,7 +21,7 @@
 
 #include "common/dtype.h"
 #include "galore/ops.h"
-#include "quant/quant_math.h"
+#include "quant/quant.h"
 
 namespace lowrank::galore {
 namespace {
@@ -29,16 +29,20 @@ namespace {
 // param rows per panel: few BLAS calls, so re-packing the [rank, n] operand for each stays cheap
 constexpr int64_t kPanel = 256;
 
-// P as an fp32 [rows, cols] tensor.
+// P as an fp32 [rows, cols] tensor (a quantized P through the quant family's CPU launcher).
 at::Tensor dense_projection(const Projection& p) {
   if (!p.quantized()) return p.dense;
   at::Tensor out = at::empty({p.rows, p.cols}, p.q.options().dtype(at::kFloat));
-  const uint8_t* q = p.q.const_data_ptr<uint8_t>();
-  const float *absmax = p.absmax.const_data_ptr<float>(), *code = p.code.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
-  at::parallel_for(0, p.rows * p.cols, 16384, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) o[i] = quant::dequantize_element(q, absmax, code, p.bits, p.blocksize, i);
-  });
+  quant::DequantizeParams dp{};
+  dp.q = p.q.const_data_ptr<uint8_t>();
+  dp.absmax = p.absmax.const_data_ptr<float>();
+  dp.code = p.code.const_data_ptr<float>();
+  dp.bits = p.bits;
+  dp.blocksize = p.blocksize;
+  dp.numel = p.rows * p.cols;
+  dp.out = out.mutable_data_ptr<float>();
+  dp.out_kind = FloatKind::F32;
+  quant::dequantize_blockwise_cpu(dp);
   return out;
 }
 

@@ -32,10 +32,6 @@ P store_param(float value, const AdamWStepParams& p, int64_t tensor_index, int64
   return static_cast<P>(value);
 }
 
-inline int code_index(const uint8_t* q, int bits, int64_t e) {
-  return bits == 8 ? q[e] : (q[e >> 1] >> ((e & 1) * 4)) & 0xF;
-}
-
 struct Scratch {
   std::vector<float> param, grad, exp_avg, exp_avg_sq;
   std::vector<uint8_t> idx;
@@ -119,8 +115,8 @@ void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const
     const int len = static_cast<int>(c1 - c0);
     for (int i = 0; i < len; ++i) {  // gather: dequantize, widen
       const int64_t e = base + c0 + i;
-      mf[i] = quant::dequantize_value(p.code_exp_avg, code_index(s.exp_avg_q, p.bits, e), absmax_m);
-      vf[i] = quant::dequantize_value(p.code_exp_avg_sq, code_index(s.exp_avg_sq_q, p.bits, e), absmax_v);
+      mf[i] = quant::dequantize_value(p.code_exp_avg, quant::code_index(s.exp_avg_q, e, p.bits), absmax_m);
+      vf[i] = quant::dequantize_value(p.code_exp_avg_sq, quant::code_index(s.exp_avg_sq_q, e, p.bits), absmax_v);
       pf[i] = static_cast<float>(param[c0 + i]);
       gf[i] = static_cast<float>(grad[c0 + i]);
     }
