@@ -251,7 +251,7 @@ float block_absmax(const T* x, int64_t n) {
 
 // Quantizes vals[0..n) (already in fp32) of one block with the nearest code entry:
 // absmax first, then keys, then the search. Writes the absmax and n indices.
-inline float quantize_span_nearest(const float* vals, int64_t n, const NearestSearch& nearest, uint8_t* idx) {
+static LOWRANK_CPU_CLONES float quantize_span_nearest(const float* vals, int64_t n, const NearestSearch& nearest, uint8_t* idx) {
   const float absmax = block_absmax(vals, n);
   uint32_t key[NearestSearch::kChunk];
   for (int64_t c = 0; c < n; c += NearestSearch::kChunk) {
@@ -264,7 +264,7 @@ inline float quantize_span_nearest(const float* vals, int64_t n, const NearestSe
 
 // The same with stochastic rounding: element i of the span is global element base + i of
 // its tensor, drawing from the Philox stream (seed, offset).
-inline float quantize_span_stochastic(const float* vals, int64_t n, const FloorSearch& floor, uint64_t seed,
+static LOWRANK_CPU_CLONES float quantize_span_stochastic(const float* vals, int64_t n, const FloorSearch& floor, uint64_t seed,
                                       uint64_t offset, int64_t base, uint8_t* idx) {
   const float absmax = block_absmax(vals, n);
   constexpr int kChunk = FloorSearch::kChunk;
