@@ -141,7 +141,10 @@ def test_scatter_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3, 5, 4), (300, 17, 9, 50), (513, 64, 40, 2000), (0, 4, 4, 3)],
+# 260 x 700 x 600: several of the CPU kernel's column blocks, a token chunk and a feature tail
+# outside its 16 x 16 transpose tiles
+@pytest.mark.parametrize("shape", [(1, 3, 5, 4), (300, 17, 9, 50), (513, 64, 40, 2000), (0, 4, 4, 3),
+                                   (260, 700, 600, 5000)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_sddmm_matches_reference_and_dense_gradient(device, dtype, shape):
     n, d_out, d_in, nnz = shape

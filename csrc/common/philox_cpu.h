@@ -7,6 +7,7 @@
 // reference tests run the AVX2 path on the dev machines).
 #include <cstdint>
 
+#include "common/cpu_clones.h"
 #include "common/philox.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -135,10 +136,6 @@ __attribute__((target("avx2"))) inline void philox_uniforms_avx2(uint64_t seed, 
   philox_uniforms_scalar(seed, offset, first_group + static_cast<uint64_t>(g), groups - g, u + kPhiloxGroup * g);
 }
 
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 // r16[8 g + k] = the 16 random bits of element 8 (first_group + g) + k.

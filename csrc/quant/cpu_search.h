@@ -12,20 +12,15 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_clones.h"
 #include "common/philox_cpu.h"
 #include "quant/quant_math.h"
 
 namespace lowrank::quant {
 
-// The division loops are compiled twice on x86-64 (target_clones: AVX2 and the baseline,
-// picked at load time) so they run 8-wide where they can; the arithmetic is the same in
-// both (IEEE division, integer ops), so results do not depend on the CPU. The table search
-// stays scalar: AVX2 gathers measured slower than it on the AMD EPYC dev machines.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LOWRANK_CPU_CLONES
-#endif
+// The division loops are LOWRANK_CPU_CLONES (AVX2 and baseline; same arithmetic in both:
+// IEEE division, integer ops). The table search stays scalar: AVX2 gathers measured slower
+// than it on the AMD EPYC dev machines.
 
 
 // v[i] = normalize(x[i], absmax), with the block-constant branch hoisted.

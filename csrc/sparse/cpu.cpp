@@ -8,8 +8,11 @@
 // thread binary-search its slice; unsorted ones are scanned by every thread.
 //
 // sddmm: dv_i = sum_n g[n, rows_i] x[n, cols_i]. Per chunk of tokens, g and x are transposed
-// into feature-major buffers (in cache), so each entry is a contiguous dot product; entries
-// accumulate chunk by chunk in fp32 (fp64 for fp64). The dense d_out x d_in gradient is never formed.
+// into feature-major buffers (in L3), so each entry is a contiguous dot product; entries
+// accumulate chunk by chunk in fp32 (fp64 for fp64). The dense d_out x d_in gradient is never
+// formed. The entries are visited in (column block, row) order: a thread owns a block of
+// x's columns small enough to stay in its L2, and the entries of one row in that block reuse
+// g's row from L1, so each entry streams ~one row from L2 instead of two from L3.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -18,9 +21,15 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "common/cpu_clones.h"
 #include "common/dtype.h"
+
+#ifdef LOWRANK_X86_AVX2_PATHS
+#include <immintrin.h>
+#endif
 #include "sparse/ops.h"
 
 namespace lowrank::sparse {
@@ -105,15 +114,21 @@ void sparse_scatter_add_cpu(const at::Tensor& weight, at::TensorList indices, at
   });
 }
 
-// Dot product of two contiguous spans with 8 independent partial sums (vectorizable).
+// acc[j] += <g_buf + g_off[j], x_buf + x_off[j]> over len elements, for j in [j0, j1): each
+// dot product with 8 independent partial sums (vectorizable; AVX2 where the CPU has it).
 template <typename Acc>
-Acc dot(const Acc* a, const Acc* b, int64_t n) {
-  Acc s[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int u = 0; u < 8; ++u) s[u] += a[k + u] * b[k + u];
-  for (; k < n; ++k) s[0] += a[k] * b[k];
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+LOWRANK_CPU_CLONES void accumulate_dots(const Acc* g_buf, const Acc* x_buf, const int64_t* g_off,
+                                        const int64_t* x_off, int64_t j0, int64_t j1, int64_t len, Acc* acc) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const Acc* a = g_buf + g_off[j];
+    const Acc* b = x_buf + x_off[j];
+    Acc s[8] = {};
+    int64_t k = 0;
+    for (; k + 8 <= len; k += 8)
+      for (int u = 0; u < 8; ++u) s[u] += a[k + u] * b[k + u];
+    for (; k < len; ++k) s[0] += a[k] * b[k];
+    acc[j] += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  }
 }
 
 constexpr int64_t kTokens = 256;  // tokens per chunk: the feature-major buffers stay in L2/L3
@@ -121,15 +136,66 @@ constexpr int64_t kTokens = 256;  // tokens per chunk: the feature-major buffers
 // all map to the same few L1 sets (a power-of-two stride of 1 KiB would).
 constexpr int64_t kLd = kTokens + 16;
 
-// dst[f * kLd + t] = src[(n0 + t) * cols + f] for the chunk's tokens: 32 x 32 blocks, reading
-// src along its rows (its row stride is often a multiple of 4 KiB: striding it would hit one
-// L1 set), in parallel over feature blocks.
+#ifdef LOWRANK_X86_AVX2_PATHS
+// dst rows 0..7 (stride ldd) = the columns of the 8 x 8 block at src (stride lds).
+__attribute__((target("avx2"))) inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// The fp32 chunk transpose in 16 x 16 tiles of four 8 x 8 register transposes: every source
+// and destination line a tile touches is used whole at once. (A scalar loop over src's
+// power-of-two row stride keeps evicting its own lines: they all map to a few cache sets.)
+// Returns the number of features done (a multiple of 16, when rows is one too).
+__attribute__((target("avx2"))) inline int64_t transpose_chunk_avx2(const float* src, int64_t n0, int64_t rows,
+                                                                      int64_t cols, float* dst) {
+  if (rows % 16 != 0) return 0;
+  const int64_t tiles = cols / 16;
+  at::parallel_for(0, tiles, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = 0; t0 < rows; t0 += 16) {
+      for (int64_t fb = b0; fb < b1; ++fb) {
+        const float* s = src + (n0 + t0) * cols + fb * 16;
+        float* d = dst + fb * 16 * kLd + t0;
+        transpose8x8(s, cols, d, kLd);
+        transpose8x8(s + 8 * cols, cols, d + 8, kLd);
+        transpose8x8(s + 8, cols, d + 8 * kLd, kLd);
+        transpose8x8(s + 8 * cols + 8, cols, d + 8 * kLd + 8, kLd);
+      }
+    }
+  });
+  return tiles * 16;
+}
+#endif
+
+// dst[f * kLd + t] = src[(n0 + t) * cols + f] for the chunk's tokens: fp32 in AVX2 tiles where
+// it can, the rest in 32 x 32 blocks, reading src along its rows (its row stride is often a
+// multiple of 4 KiB: striding it would hit one L1 set), in parallel over feature blocks.
 template <typename T, typename Acc>
 void transpose_chunk(const T* src, int64_t n0, int64_t rows, int64_t cols, Acc* dst) {
+  int64_t done = 0;
+#ifdef LOWRANK_X86_AVX2_PATHS
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
+    if (cpu_has_avx2()) done = transpose_chunk_avx2(src, n0, rows, cols, dst);
+  }
+#endif
   constexpr int64_t kB = 32;
-  at::parallel_for(0, (cols + kB - 1) / kB, 4, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(done / kB, (cols + kB - 1) / kB, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t fb = b0; fb < b1; ++fb) {
-      const int64_t f0 = fb * kB, f1 = std::min(f0 + kB, cols);
+      const int64_t f0 = std::max(fb * kB, done), f1 = std::min(fb * kB + kB, cols);
       for (int64_t t0 = 0; t0 < rows; t0 += kB) {
         const int64_t t1 = std::min(t0 + kB, rows);
         for (int64_t t = t0; t < t1; ++t) {
@@ -139,6 +205,34 @@ void transpose_chunk(const T* src, int64_t n0, int64_t rows, int64_t cols, Acc* 
       }
     }
   });
+}
+
+// The entries in visiting order: sorted by (column block, row) with a stable counting sort,
+// and where each column block's entries start.
+struct EntryOrder {
+  std::vector<int64_t> perm;        // perm[j] = entry visited j-th
+  std::vector<int64_t> block_start;  // entries of column block b: [block_start[b], block_start[b + 1])
+};
+
+// Two stable counting sorts (by row, then by column block): memory O(nnz + d_out + blocks).
+EntryOrder order_entries(const int64_t* rows, const int64_t* cols, int64_t nnz, int64_t d_out, int64_t d_in,
+                         int64_t col_block) {
+  const int64_t nblocks = (d_in + col_block - 1) / col_block;
+  std::vector<int64_t> by_row(static_cast<size_t>(nnz));
+  {
+    std::vector<int64_t> next(static_cast<size_t>(d_out + 1), 0);
+    for (int64_t i = 0; i < nnz; ++i) ++next[rows[i] + 1];
+    for (int64_t r = 0; r < d_out; ++r) next[r + 1] += next[r];
+    for (int64_t i = 0; i < nnz; ++i) by_row[next[rows[i]]++] = i;
+  }
+  EntryOrder o;
+  o.block_start.assign(static_cast<size_t>(nblocks + 1), 0);
+  for (int64_t i = 0; i < nnz; ++i) ++o.block_start[cols[i] / col_block + 1];
+  for (int64_t b = 0; b < nblocks; ++b) o.block_start[b + 1] += o.block_start[b];
+  std::vector<int64_t> next(o.block_start.begin(), o.block_start.end() - 1);
+  o.perm.resize(static_cast<size_t>(nnz));
+  for (int64_t i : by_row) o.perm[next[cols[i] / col_block]++] = i;
+  return o;
 }
 
 at::Tensor sddmm_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& rows_in,
@@ -155,9 +249,27 @@ at::Tensor sddmm_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, cons
   TORCH_CHECK(sc.bad < 0, "sddmm: cols[", sc.bad, "] = ", sc.bad >= 0 ? cp[sc.bad] : 0,
               " is out of range for x's ", d_in, " columns");
   at::Tensor out = at::empty({nnz}, x.options());
+  if (nnz == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm", [&] {
     using Acc = acc_t<scalar_t>;
-    std::vector<Acc> acc(static_cast<size_t>(nnz), Acc(0));
+    // a column block's rows of the x buffer take ~256 KiB: half of a core's L2 on the dev
+    // machines (Zen 3), the other half for g's rows and the accumulators
+    const int64_t col_block = std::max<int64_t>(1, (int64_t{256} << 10) / (kLd * static_cast<int64_t>(sizeof(Acc))));
+    const EntryOrder order = order_entries(rp, cp, nnz, d_out, d_in, col_block);
+    const int64_t nblocks = static_cast<int64_t>(order.block_start.size()) - 1;
+    std::vector<int64_t> g_off(static_cast<size_t>(nnz)), x_off(static_cast<size_t>(nnz));  // in visiting order
+    for (int64_t j = 0; j < nnz; ++j) {
+      g_off[j] = rp[order.perm[j]] * kLd;
+      x_off[j] = cp[order.perm[j]] * kLd;
+    }
+    // tasks: column blocks, a block with many entries split in consecutive pieces (so that a
+    // small d_in still keeps every thread busy)
+    const int64_t piece = std::max<int64_t>(256, nnz / (4 * at::get_num_threads()) + 1);
+    std::vector<std::pair<int64_t, int64_t>> tasks;
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t j0 = order.block_start[b]; j0 < order.block_start[b + 1]; j0 += piece)
+        tasks.emplace_back(j0, std::min(order.block_start[b + 1], j0 + piece));
+    std::vector<Acc> acc(static_cast<size_t>(nnz), Acc(0));  // in visiting order
     std::vector<Acc> gt(static_cast<size_t>(d_out * kLd)), xt(static_cast<size_t>(d_in * kLd));
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -165,12 +277,14 @@ at::Tensor sddmm_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, cons
       const int64_t rows_in_chunk = std::min(kTokens, n - n0);
       transpose_chunk(gp, n0, rows_in_chunk, d_out, gt.data());
       transpose_chunk(xp, n0, rows_in_chunk, d_in, xt.data());
-      at::parallel_for(0, nnz, 1024, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) acc[i] += dot(gt.data() + rp[i] * kLd, xt.data() + cp[i] * kLd, rows_in_chunk);
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          accumulate_dots(gt.data(), xt.data(), g_off.data(), x_off.data(), tasks[t].first, tasks[t].second,
+                          rows_in_chunk, acc.data());
       });
     }
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < nnz; ++i) op[i] = static_cast<scalar_t>(acc[i]);
+    for (int64_t j = 0; j < nnz; ++j) op[order.perm[j]] = static_cast<scalar_t>(acc[j]);
   });
   return out;
 }

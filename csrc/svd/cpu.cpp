@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/cpu_clones.h"
 #include "svd/ops.h"
 #include "svd/svd_math.h"
 
@@ -57,19 +58,13 @@ at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) 
   return y;
 }
 
-// The two inner loops of Jacobi, compiled for AVX2 too where GCC can pick at load time
-// (ifunc): the build targets baseline x86-64. With -ffp-contract=off and the fixed
+// The two inner loops of Jacobi are LOWRANK_CPU_CLONES (common/cpu_clones.h): with the fixed
 // accumulator lanes below, both versions round identically.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOWRANK_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define LOWRANK_MULTIVERSION
-#endif
 
 // Dot product with eight independent double accumulators: exact enough for the rotation
 // angles of fp32 columns and free of the serial dependency of one running sum.
 template <typename T>
-LOWRANK_MULTIVERSION double dot(const T* x, const T* y, int64_t m) {
+LOWRANK_CPU_CLONES double dot(const T* x, const T* y, int64_t m) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= m; i += 8)
@@ -80,7 +75,7 @@ LOWRANK_MULTIVERSION double dot(const T* x, const T* y, int64_t m) {
 
 // [x, y] <- [c x - s y, s x + c y]
 template <typename T>
-LOWRANK_MULTIVERSION void rotate(T* x, T* y, int64_t m, T c, T s) {
+LOWRANK_CPU_CLONES void rotate(T* x, T* y, int64_t m, T c, T s) {
   for (int64_t i = 0; i < m; ++i) {
     const T xi = x[i], yi = y[i];
     x[i] = c * xi - s * yi;
