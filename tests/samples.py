@@ -308,7 +308,8 @@ def svd_update_samples(device: str) -> Iterator[Sample]:
 
 
 # galore: (m, n, rank); left when m < n, right otherwise (the optimizer's rule), plus the other side
-GALORE_SHAPES = ((20, 37, 4), (37, 20, 4), (9, 9, 1), (130, 70, 8))
+# ranks 20 and 33: several K steps of the CUDA tile products; 150 x 200: edges of its 64-wide tiles
+GALORE_SHAPES = ((20, 37, 4), (37, 20, 4), (9, 9, 1), (130, 70, 8), (130, 70, 20), (150, 200, 33))
 
 
 def _galore_projection(m, n, rank, right, bits, device):

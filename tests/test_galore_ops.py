@@ -133,3 +133,18 @@ def test_bad_arguments_raise():
         galore_apply_(w, d, p, rank=3, right=False, lr=0.1, scale=1.0, mode="adam")
     with pytest.raises(RuntimeError, match="residual_mode must be 0"):
         torch.ops.lowrank.galore_apply_(w, d, p, None, None, 3, 0, False, 0.1, 1.0, 0.0, 5)
+
+
+def test_apply_updates_a_leaf_param_that_requires_grad(device):
+    # called directly with grad mode on (as a user might, outside the optimizer's no_grad):
+    # the op's own ATen calls must stay off the autograd tape on every device
+    m, n, r = 30, 12, 3
+    p = torch.linalg.qr(torch.randn(n, r)).Q.t().contiguous()  # right side: P [r, n]
+    base = torch.randn(n, m).t()  # non-contiguous
+    d = torch.randn(m, r)
+    want = base.clone()
+    REFERENCES["lowrank::galore_apply_"](want, d, p, None, None, r, 0, True, 0.1, 0.5, 0.01)
+    param = torch.nn.Parameter(base.to(device))
+    galore_apply_(param, d.to(device), p.to(device), rank=r, right=True, lr=0.1, scale=0.5, weight_decay=0.01)
+    assert param.grad_fn is None
+    torch.testing.assert_close(param.detach().cpu(), want, **tol(torch.float32))

@@ -115,7 +115,7 @@ template <typename LA, typename LB>
 __global__ void __launch_bounds__(kThreads) project_kernel(LA A, LB B, float* __restrict__ out, int64_t M,
                                                            int64_t N, int64_t K) {
   __shared__ Smem s;
-  const int64_t a0 = int64_t{blockIdx.y} * kTile, b0 = int64_t{blockIdx.x} * kTile;
+  const int64_t a0 = int64_t{blockIdx.x} * kTile, b0 = int64_t{blockIdx.y} * kTile;
   float acc[kPerThread][kPerThread] = {};
   tile_product(A, B, M, N, K, a0, b0, acc, s);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -128,15 +128,18 @@ __global__ void __launch_bounds__(kThreads) project_kernel(LA A, LB B, float* __
     }
 }
 
+// Row tiles on grid.x (up to 2^31 - 1: an embedding's millions of rows fit), column tiles on
+// grid.y (at most 65535, i.e. 4.19M columns).
 dim3 grid_for(int64_t rows, int64_t cols) {
-  const int64_t gy = ceil_div<int64_t>(rows, kTile), gx = ceil_div<int64_t>(cols, kTile);
-  TORCH_CHECK(gy <= 65535, "galore: too many rows for one launch (", rows, ")");
+  const int64_t gx = ceil_div<int64_t>(rows, kTile), gy = ceil_div<int64_t>(cols, kTile);
+  TORCH_CHECK(gy <= 65535, "galore: too many columns for one launch (", cols, ")");
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
 at::Tensor galore_project_cuda(const at::Tensor& grad, const at::Tensor& proj, const std::optional<at::Tensor>& absmax,
                                const std::optional<at::Tensor>& code, int64_t rank, int64_t blocksize, bool right) {
   constexpr const char* op = "galore_project";
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: keep the ATen calls below off the tape
   check_grad(grad, op, "grad");
   const int64_t m = grad.size(0), n = grad.size(1);
   const Projection p = check_projection(proj, absmax, code, rank, blocksize, right, m, n, grad, op);
@@ -181,7 +184,7 @@ struct ApplyParams {
 template <typename W>
 __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyParams<W> p, int pass) {
   __shared__ Smem s;
-  const int64_t i0 = int64_t{blockIdx.y} * kTile, j0 = int64_t{blockIdx.x} * kTile;
+  const int64_t i0 = int64_t{blockIdx.x} * kTile, j0 = int64_t{blockIdx.y} * kTile;
   const bool residual = p.mode != static_cast<int>(Mode::Galore);
   const bool is_fira = p.mode == static_cast<int>(Mode::Fira);
   float acc_d[kPerThread][kPerThread] = {}, acc_r[kPerThread][kPerThread] = {};
@@ -241,6 +244,7 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
                        const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& low,
                        const std::optional<at::Tensor>& residual_prev_norm, double residual_growth) {
   constexpr const char* op = "galore_apply_";
+  const at::NoGradGuard no_grad;  // as on CPU: a leaf param that requires grad is updated in place
   check_grad(param, op, "param");
   const int64_t m = param.size(0), n = param.size(1);
   const Projection p = check_projection(proj, absmax, code, rank, blocksize, right, m, n, param, op);

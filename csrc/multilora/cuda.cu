@@ -17,11 +17,12 @@
 // checking them on the host would synchronise.
 #include <torch/library.h>
 
+#include <limits>
+
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <c10/macros/Macros.h>
@@ -67,6 +68,10 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
     CUDA_KERNEL_ASSERT(p.sorted_ids[0] >= -1 && p.sorted_ids[p.n - 1] < p.num_adapters &&
                        "token_adapter_ids out of range");
   }
+  if (p.ranks != nullptr && blockIdx.x == 0 && blockIdx.y == 0) {  // every rank, used or not (as the CPU checks)
+    for (int64_t a = tid; a < p.num_adapters; a += kThreads)
+      CUDA_KERNEL_ASSERT(p.ranks[a] >= 0 && p.ranks[a] <= p.max_rank && "ranks out of [0, R]");
+  }
   if (tid < kTileRows) {
     const int64_t i = i0 + tid;
     const int64_t a = i < p.n ? p.sorted_ids[i] : -1;
@@ -74,6 +79,8 @@ __global__ void __launch_bounds__(kThreads) rows_gemm_kernel(RowsParams<TIn, TW,
     s_id[tid] = a;
     int64_t rank = 0;
     if (a >= 0) {
+      // this row's own check: thread 0's may not have fired yet when ranks[a] is read
+      CUDA_KERNEL_ASSERT(a < p.num_adapters && "token_adapter_ids out of range");
       rank = p.ranks != nullptr ? p.ranks[a] : p.max_rank;
       CUDA_KERNEL_ASSERT(rank >= 0 && rank <= p.max_rank && "ranks out of [0, R]");
     }
@@ -272,7 +279,7 @@ at::Tensor lora_expand_cuda(const at::Tensor& y, const at::Tensor& xa, const at:
   const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, "lora_expand");
   const c10::cuda::OptionalCUDAGuard guard(y.device());
   const at::Tensor base = y.contiguous();
-  at::Tensor out = at::empty_like(base);
+  at::Tensor out = at::empty(base.sizes(), base.options());  // standard strides, as the CPU and fake kernels
   if (s.n == 0) return out;
   expand_cuda(base, out, xa, b_stack, ids, ranks, scales, s);  // writes every row of out
   return out;
@@ -342,9 +349,10 @@ at::Tensor lora_grouped_outer_cuda(const at::Tensor& left, const at::Tensor& rig
   const at::Tensor offsets =
       at::searchsorted(st.ids, at::arange(num_adapters + 1, st.ids.options()), /*out_int32=*/false);
   const at::Tensor sc = scales ? scales->to(acc).contiguous() : at::Tensor();
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(cols_q, kOuterTile)),
-                  static_cast<unsigned>(ceil_div<int64_t>(rows_p, kOuterTile)), static_cast<unsigned>(num_adapters));
-  TORCH_CHECK(grid.y <= 65535u && grid.z <= 65535u, "lora_grouped_outer: too many adapters or rows for one launch");
+  const int64_t tiles_q = ceil_div<int64_t>(cols_q, kOuterTile), tiles_p = ceil_div<int64_t>(rows_p, kOuterTile);
+  TORCH_CHECK(tiles_q <= std::numeric_limits<int32_t>::max() && tiles_p <= 65535 && num_adapters <= 65535,
+              "lora_grouped_outer: too many adapters (", num_adapters, ") or rows (", rows_p, ") for one launch");
+  const dim3 grid(static_cast<unsigned>(tiles_q), static_cast<unsigned>(tiles_p), static_cast<unsigned>(num_adapters));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lc.scalar_type(), "lora_grouped_outer_l", [&] {
     using TL = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rc.scalar_type(), "lora_grouped_outer_r", [&] {

@@ -62,7 +62,12 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
     for (int i = 0; i < n; ++i) out[i] = code[qb[i]] * absmax;
   } else {
     const uint8_t* qb = q + first / 2;
-    for (int i = 0; i < n; ++i) out[i] = code[(qb[i >> 1] >> ((i & 1) * 4)) & 0xF] * absmax;
+    const int pairs = n / 2;
+    for (int j = 0; j < pairs; ++j) {  // a byte at a time: both nibbles
+      out[2 * j] = code[qb[j] & 0xF] * absmax;
+      out[2 * j + 1] = code[qb[j] >> 4] * absmax;
+    }
+    if (n & 1) out[n - 1] = code[qb[pairs] & 0xF] * absmax;
   }
 }
 
