@@ -13,6 +13,7 @@
 #include <ATen/ops/linalg_qr.h>
 #include <ATen/ops/linalg_solve_triangular.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/ones.h>
@@ -46,6 +47,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_jacobi_svd(const at::Tensor&
                        .findSchemaOrThrow("lowrank::jacobi_svd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>();
   return op.call(a);
+}
+
+// Batched matrix product. On CPU at::bmm hands each thread whole matrices of the batch
+// (single-threaded GEMMs); one multi-threaded BLAS call per matrix measured ~15% faster for
+// the drivers' shapes (12 x 2048^2 times 2048 x 138) on the 2-core dev machines.
+at::Tensor batched_mm(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.device().is_cpu() || a.size(0) <= 1) return at::bmm(a, b);
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  for (int64_t i = 0; i < a.size(0); ++i) {
+    at::Tensor out_i = out.select(0, i);
+    at::mm_out(out_i, a.select(0, i), b.select(0, i));
+  }
+  return out;
 }
 
 double unit_roundoff(at::ScalarType t) {
@@ -94,19 +108,20 @@ Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
     auto [r, info] = at::linalg_cholesky_ex(gram + tiny * eye, /*upper=*/true);
     ok = ok & (info == 0);
     const at::Tensor r_inv = at::linalg_solve_triangular(r, eye.expand_as(r), /*upper=*/true);
-    return std::make_pair(at::bmm(q_in, r_inv), r);
+    return std::make_pair(batched_mm(q_in, r_inv), r);
   };
-  const at::Tensor shift = y.square().sum({1, 2}, /*keepdim=*/true) * (100.0 * u);
-  auto [q, r] = pass(y, at::bmm(y.transpose(1, 2), y) + shift * eye);
-  auto [q2, r2] = pass(q, at::bmm(q.transpose(1, 2), q));
+  const at::Tensor gram = batched_mm(y.transpose(1, 2), y);
+  const at::Tensor shift = gram.diagonal(0, 1, 2).sum(1).view({-1, 1, 1}) * (100.0 * u);  // ||Y||_F^2 = trace
+  auto [q, r] = pass(y, gram + shift * eye);
+  auto [q2, r2] = pass(q, batched_mm(q.transpose(1, 2), q));
   q = q2;
-  r = at::bmm(r2, r);
+  r = batched_mm(r2, r);
   if (passes > 2) {
-    const at::Tensor gram3 = at::bmm(q2.transpose(1, 2), q2);
+    const at::Tensor gram3 = batched_mm(q2.transpose(1, 2), q2);
     ok = ok & ((gram3 - eye).abs().amax({1, 2}) <= 0.1);  // false for NaN too
     auto [q3, r3] = pass(q2, gram3);
     q = q3;
-    r = at::bmm(r3, r);
+    r = batched_mm(r3, r);
   }
   if (y.device().is_cpu()) {  // reading `ok` on the host is free here: QR only the failed entries
     const at::Tensor bad = (~ok).nonzero().squeeze(1);
@@ -190,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
       sign = at::where(sign == 0, at::ones_like(sign), sign);
       u = qc * sign.unsqueeze(1);
     }
-    if (q_tall.defined()) u = at::bmm(q_tall, u);
+    if (q_tall.defined()) u = batched_mm(q_tall, u);
   }
   if (wide) {  // A^T = U S Vh  =>  A = Vh^T S U^T
     std::swap(u, vh);
@@ -219,17 +234,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
   // directions to rounding. Only the final basis needs to be orthonormal.
   at::Tensor q = call_gaussian_sketch(a, l, seed);
   for (int64_t i = 0; i < n_iter; ++i) {
-    const at::Tensor z = orthonormalize(at::bmm(at_, orthonormalize(q, 2).q), 2).q;
-    q = at::bmm(a, z);
+    const at::Tensor z = orthonormalize(batched_mm(at_, orthonormalize(q, 2).q), 2).q;
+    q = batched_mm(a, z);
   }
   q = orthonormalize(q).q;
   // A ~ Q Q^T A = Q Z^T with Z = A^T Q = Q2 R, so A ~ Q R^T Q2^T: only the l x l R^T needs an
   // SVD (the Jacobi kernel), and both factors come out of GEMMs.
-  const Orthonormal z = orthonormalize(at::bmm(at_, q));
+  const Orthonormal z = orthonormalize(batched_mm(at_, q));
   auto [ur, sr, vhr] = call_jacobi_svd(z.r.transpose(1, 2));
-  at::Tensor u = at::bmm(q, ur.narrow(2, 0, k));
+  at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
   at::Tensor s = sr.narrow(1, 0, k).contiguous();
-  at::Tensor vh = at::bmm(vhr.narrow(1, 0, k), z.q.transpose(1, 2));
+  at::Tensor vh = batched_mm(vhr.narrow(1, 0, k), z.q.transpose(1, 2));
   fix_signs(u, &vh);
   return finish(a_in.dim() == 2, u, s, vh);
 }

@@ -168,17 +168,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._proj_codes[device] = quant.linear_code(self.proj_bits, signed=True).to(device)
         return self._proj_codes[device]
 
-    def _refresh(self, items: list[tuple[torch.Tensor, dict, dict]], step: int) -> None:
-        """New projections for params of one shape and device, from their current grads."""
+    def _refresh(self, items: list[tuple[torch.Tensor, dict, dict]], step: int) -> dict[torch.Tensor, torch.Tensor]:
+        """New projections for params of one shape and device, from their current grads.
+        Returns, for fp32 projections, each param's projected gradient, which the SVD has
+        already formed: P^T G = S_r Vh_r (left), G Q = U_r S_r (right), saving a GEMM pass
+        over G (exact in exact arithmetic: the columns of U_r, rows of Vh_r are orthonormal)."""
         rank = items[0][2]["rank"]
         m, n = items[0][0].shape
         grads = torch.stack([p.grad.float() for p, _, _ in items])
         if self.proj_method == "svd":
-            u, _, vh = torch.linalg.svd(grads, full_matrices=False)
-            u, vh = u[..., :rank], vh[..., :rank, :]
+            u, s, vh = torch.linalg.svd(grads, full_matrices=False)
+            u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
         else:
-            u, _, vh = rsvd(grads, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
+            u, s, vh = rsvd(grads, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
         right = m >= n
+        projected = {}
+        if self.proj_bits == 32:
+            low = u * s.unsqueeze(-2) if right else s.unsqueeze(-1) * vh
+            projected = {p: low[i] for i, (p, _, _) in enumerate(items)}
         for i, (_, state, _) in enumerate(items):
             new = (vh[i] if right else u[i]).contiguous()
             if self.adaptive_refresh is not None and "proj_right" in state:
@@ -195,6 +202,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             else:
                 state["proj_q"], state["proj_absmax"] = quantize_blockwise(
                     new, self._proj_code(new.device), _PROJ_BLOCKSIZE[self.proj_bits], self.proj_bits)
+        return projected
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -217,8 +225,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if galore and due_now and not state.get("proj_frozen", False):
                     due[(tuple(p.shape), p.device, group["rank"], step)].append((p, state, group))
                 work.append((p, state, group, galore))
+        projected = {}  # param -> its projected gradient, where a refresh formed it
         for (_, _, _, step), items in due.items():  # one batched (randomized) SVD per shape
-            self._refresh(items, step)
+            projected.update(self._refresh(items, step))
         # Project, then Adam: fp32 moments in torch ops; quantized moments in one fused
         # multi-tensor call per (group, device, step) (dequantize -> fp32 update -> re-quantize)
         quantized: dict[tuple, list] = defaultdict(list)
@@ -227,8 +236,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             proj = None
             if galore:
                 proj = self._projection_args(state, group["rank"])
-                g = galore_project(p.grad, *proj[:3], rank=group["rank"], blocksize=proj[3],
-                                   right=bool(state["proj_right"]))
+                g = projected.get(p)
+                if g is None:
+                    g = galore_project(p.grad, *proj[:3], rank=group["rank"], blocksize=proj[3],
+                                       right=bool(state["proj_right"]))
             state["step"] = step = int(state["step"]) + 1
             if self.state_bits == 32:
                 self._apply(p, state, group, proj, self._adam_fp32(g, state, group, step), g)
