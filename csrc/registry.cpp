@@ -1,7 +1,32 @@
 // Every schema of the `lowrank` namespace, grouped by family: this file is the table of
 // contents of the library. Kernels are registered per device in <family>/cpu.cpp and
 // <family>/cuda.cu; fake (meta) and autograd registrations live in lowrank_ext/ops/.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+namespace {
+
+// The ADInplaceOrView kernel of the mutating ops: bumps the version counter of every argument
+// the schema marks as written (Tensor(a!), Tensor(a!)[], Tensor(a!)?), then runs the op below
+// this key. Without it a tensor saved for backward and then updated by one of these ops would
+// go unnoticed (torch's own in-place ops raise "modified by an inplace operation" then).
+void bump_written_args(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensor()) {
+      v.toTensor().unsafeGetTensorImpl()->bump_version();
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
 
 TORCH_LIBRARY(lowrank, m) {
   // ---- quant: block-wise 8-bit / 4-bit quantization with a 2^bits-entry code ----
@@ -123,4 +148,11 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("svd_update", torch::CppFunction::makeFallthrough());
   m.impl("galore_project", torch::CppFunction::makeFallthrough());
   m.impl("galore_apply_", torch::CppFunction::makeFallthrough());
+}
+
+// Version counters of the tensors the mutating ops write (see bump_written_args).
+TORCH_LIBRARY_IMPL(lowrank, ADInplaceOrView, m) {
+  for (const char* name : {"adamw_step_quantized_", "adamw_step_fp32_", "lora_merge_", "lora_expand_",
+                           "sparse_scatter_add_", "galore_apply_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_args>());
 }

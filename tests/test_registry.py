@@ -50,3 +50,49 @@ def test_build_info():
         assert key in info
     assert info["version"] == lowrank_ext.__version__
     assert info["openmp"], "built without OpenMP: CPU kernels would run on one thread"
+
+
+WRITING_OPS = sorted(op for op in OPS
+                     if any(a.alias_info is not None and a.alias_info.is_write
+                            for a in getattr(torch.ops.lowrank, op.split("::")[1]).default._schema.arguments))
+
+
+def test_the_writing_ops_are_known():
+    assert WRITING_OPS == ["lowrank::adamw_step_fp32_", "lowrank::adamw_step_quantized_", "lowrank::galore_apply_",
+                           "lowrank::lora_expand_", "lowrank::lora_merge_", "lowrank::sparse_scatter_add_"]
+
+
+@pytest.mark.parametrize("op", WRITING_OPS)
+def test_writing_ops_bump_the_version_counters_they_write(op):
+    # as torch's own in-place ops do: autograd then catches a saved tensor written in between
+    schema = getattr(torch.ops.lowrank, op.split("::")[1]).default._schema
+    written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    for sample in SAMPLES[op]("cpu"):
+        tensors = [t for i in written if i < len(sample.args) and sample.args[i] is not None
+                   for t in (sample.args[i] if isinstance(sample.args[i], (list, tuple)) else [sample.args[i]])]
+        before = [t._version for t in tensors]
+        getattr(torch.ops.lowrank, op.split("::")[1])(*sample.args)
+        assert all(t._version > v for t, v in zip(tensors, before)), f"{op} {sample.name}"
+
+
+def test_backward_raises_when_a_saved_tensor_was_written_by_an_op():
+    from lowrank_ext.ops.sparse import sparse_scatter_add_
+    x = torch.nn.Parameter(torch.randn(4, 3))
+    y = x * x  # saves x
+    with torch.no_grad():
+        sparse_scatter_add_(x, torch.tensor([1]), torch.ones(1), 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("op", ["gaussian_sketch", "jacobi_svd", "rsvd", "svd_update", "galore_project", "sddmm",
+                                "lora_grouped_outer"])
+def test_non_differentiable_ops_return_no_graph(op):
+    # their Autograd key falls through to the kernels: nothing inside may be recorded, even for
+    # inputs that require grad
+    sample = next(iter(SAMPLES[f"lowrank::{op}"]("cpu")))
+    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in sample.args]
+    out = getattr(torch.ops.lowrank, op)(*args)
+    for t in (out if isinstance(out, (tuple, list)) else [out]):
+        assert not t.requires_grad and t.grad_fn is None, op

@@ -19,4 +19,11 @@ __device__ __forceinline__ float warp_allreduce(float v, Op op) {
   return v;
 }
 
+// A product and a sum rounded separately, where CUDA must round as the CPU does (the host
+// build has -ffp-contract=off; nvcc would fuse a * b + c into one FMA).
+__device__ __forceinline__ float product_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sum_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double sum_rn(double a, double b) { return __dadd_rn(a, b); }
+
 }  // namespace lowrank

@@ -55,7 +55,7 @@ template <typename T, typename Acc = std::conditional_t<std::is_same_v<T, double
 __global__ void __launch_bounds__(kThreads) masked_add_kernel(T* gx, const Acc* prod, int64_t e0, int64_t count,
                                                              Dropout d) {
   for_each_factor(d, e0, count, [&](int64_t i, float f) {
-    gx[i] = static_cast<T>(static_cast<Acc>(gx[i]) + prod[i] * static_cast<Acc>(f));
+    gx[i] = static_cast<T>(sum_rn(static_cast<Acc>(gx[i]), product_rn(prod[i], static_cast<Acc>(f))));
   });
 }
 

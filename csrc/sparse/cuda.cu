@@ -1,23 +1,29 @@
 // CUDA kernels of the sparse family. UNVERIFIED: compiled in CI but never yet run on a GPU
 // (see the README's op table); the first GPU session runs tests/test_sparse.py on them.
 //
-// sparse_scatter_add_: the index check is a device reduction (aminmax) whose result the host
-// must read to raise before anything is written: one synchronisation per call, by design.
+// sparse_scatter_add_: the index check is a device reduction (aminmax per adapter) whose
+// results the host must read to raise before anything is written: one synchronisation per
+// call, by design (nothing may be written when an index is out of range).
 // Then one thread per entry adds alpha * value atomically, computed in fp32 and rounded once
 // into the weight's dtype as on the CPU (fp16/bf16: a compare-and-swap on the 32-bit word
 // holding the value); repeated indices accumulate in an unspecified order, so bitwise
 // results may differ from the CPU's only where indices repeat.
 // sddmm: grad_out and x are transposed once (ATen copies), then one warp per entry reads the
-// two feature rows coalesced and reduces their dot product with shuffles, in fp32.
+// two feature rows coalesced and reduces their dot product with shuffles, in fp32. Its output
+// is new, so its indices are checked on the device (an out-of-range one trips a device
+// assertion, as torch's index kernels do): no host synchronisation in the backward pass.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
@@ -40,7 +46,7 @@ __device__ __forceinline__ void atomic_add_rounded_once(W* addr, acc_t<W> delta)
       const unsigned short bits = static_cast<unsigned short>(assumed >> shift);
       W cur;
       memcpy(&cur, &bits, 2);
-      const W upd = static_cast<W>(static_cast<float>(cur) + delta);
+      const W upd = static_cast<W>(sum_rn(static_cast<float>(cur), delta));
       unsigned short ub;
       memcpy(&ub, &upd, 2);
       const unsigned int replaced = (assumed & ~(0xffffu << shift)) | (static_cast<unsigned int>(ub) << shift);
@@ -55,16 +61,27 @@ template <typename W, typename V>
 __global__ void scatter_add_kernel(W* __restrict__ w, const int64_t* __restrict__ idx, const V* __restrict__ val,
                                    int64_t n, acc_t<W> alpha) {
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads)
-    atomic_add_rounded_once(w + idx[i], alpha * static_cast<acc_t<W>>(val[i]));
+    atomic_add_rounded_once(w + idx[i], product_rn(alpha, static_cast<acc_t<W>>(val[i])));
 }
 
-// The first out-of-range index raises (naming the bound); reads two scalars back to the host.
-void check_range(const at::Tensor& idx, int64_t limit, const char* what) {
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-  TORCH_CHECK(lo_v >= 0 && hi_v < limit, what, " hold values in [", lo_v, ", ", hi_v, "], out of range [0, ", limit,
-              "); nothing was written");
+// Raises if any adapter's indices leave [0, limit): every adapter's min and max are read back
+// to the host in one transfer (the one synchronisation of the op).
+void check_ranges(const std::vector<at::Tensor>& idx, int64_t limit) {
+  std::vector<at::Tensor> bounds;
+  std::vector<size_t> which;
+  for (size_t a = 0; a < idx.size(); ++a) {
+    if (idx[a].numel() == 0) continue;
+    const auto [lo, hi] = at::aminmax(idx[a]);
+    bounds.push_back(lo.reshape({1}));
+    bounds.push_back(hi.reshape({1}));
+    which.push_back(a);
+  }
+  if (bounds.empty()) return;
+  const at::Tensor host = at::cat(bounds).cpu();
+  const int64_t* b = host.const_data_ptr<int64_t>();
+  for (size_t j = 0; j < which.size(); ++j)
+    TORCH_CHECK(b[2 * j] >= 0 && b[2 * j + 1] < limit, "sparse_scatter_add_: indices[", which[j], "] hold values in [",
+                b[2 * j], ", ", b[2 * j + 1], "], out of range for a weight of ", limit, " elements; nothing was written");
 }
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(n, kThreads), 65535)); }
@@ -73,12 +90,13 @@ void sparse_scatter_add_cuda(const at::Tensor& weight, at::TensorList indices, a
                              at::ArrayRef<double> alphas) {
   check_scatter_args(weight, indices, values, alphas);
   const c10::cuda::OptionalCUDAGuard guard(weight.device());
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: keep the ATen calls below off the tape
   std::vector<at::Tensor> idx(indices.size()), val(values.size());
-  for (size_t a = 0; a < indices.size(); ++a) {  // every check before the first write
+  for (size_t a = 0; a < indices.size(); ++a) {
     idx[a] = indices[a].contiguous();
     val[a] = values[a].contiguous();
-    check_range(idx[a], weight.numel(), "sparse_scatter_add_: indices");
   }
+  check_ranges(idx, weight.numel());  // every check before the first write
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparse_scatter_add_cuda", [&] {
     using W = scalar_t;
@@ -100,11 +118,14 @@ void sparse_scatter_add_cuda(const at::Tensor& weight, at::TensorList indices, a
 // One warp per entry: dot(gt[rows_i, :], xt[cols_i, :]) over n tokens, feature-major inputs.
 template <typename T>
 __global__ void sddmm_kernel(const T* __restrict__ gt, const T* __restrict__ xt, const int64_t* __restrict__ rows,
-                             const int64_t* __restrict__ cols, int64_t nnz, int64_t n, T* __restrict__ out) {
+                             const int64_t* __restrict__ cols, int64_t nnz, int64_t n, int64_t d_out, int64_t d_in,
+                             T* __restrict__ out) {
   using Acc = acc_t<T>;
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (kThreads / 32);
   for (int64_t i = (blockIdx.x * int64_t{kThreads} + threadIdx.x) / 32; i < nnz; i += warps) {
+    CUDA_KERNEL_ASSERT(rows[i] >= 0 && rows[i] < d_out && cols[i] >= 0 && cols[i] < d_in &&
+                       "sddmm: rows or cols out of range");
     const T* g = gt + rows[i] * n;
     const T* x = xt + cols[i] * n;
     Acc s = 0;
@@ -119,9 +140,8 @@ at::Tensor sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
                       const at::Tensor& cols_in) {
   check_sddmm_args(grad_out, x, rows_in, cols_in);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::NoGradGuard no_grad;
   const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
-  check_range(rows, grad_out.size(1), "sddmm: rows");
-  check_range(cols, x.size(1), "sddmm: cols");
   const int64_t nnz = rows.numel(), n = x.size(0);
   at::Tensor out = at::empty({nnz}, x.options());
   if (nnz == 0) return out;
@@ -130,7 +150,7 @@ at::Tensor sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(nnz, kThreads / 32), 65535));
     sddmm_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
-        cols.const_data_ptr<int64_t>(), nnz, n, out.mutable_data_ptr<scalar_t>());
+        cols.const_data_ptr<int64_t>(), nnz, n, grad_out.size(1), x.size(1), out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -23,6 +24,7 @@ namespace {
 constexpr int64_t kSketchPanelRows = 512;  // rows of Omega per GEMM: 512 x l fp32 stays in L2
 
 at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: the output never requires grad
   check_sketch_args(a_in, l);
   const at::Tensor a = a_in.to(work_dtype(a_in.scalar_type())).contiguous();
   const int64_t n = a.size(-1);

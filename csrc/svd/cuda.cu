@@ -12,6 +12,8 @@
 // between steps. Same order and formula as the CPU: results agree up to rounding.
 #include <torch/library.h>
 
+#include <ATen/core/grad_mode.h>
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/zeros.h>
 
@@ -36,7 +38,7 @@ __global__ void gaussian_sketch_kernel(const T* __restrict__ a, T* __restrict__ 
   __shared__ T a_tile[kTileK][kTile + 1];  // [k][row]
   __shared__ T w_tile[kTileK][kTile];      // [k][col]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile, col0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile, col0 = static_cast<int64_t>(blockIdx.y) * kTile;
   T acc[4][4] = {};
   for (int64_t k0 = 0; k0 < n; k0 += kTileK) {
     for (int i = threadIdx.x; i < kTileK * kTile; i += kSketchThreads) {
@@ -76,6 +78,7 @@ __global__ void gaussian_sketch_kernel(const T* __restrict__ a, T* __restrict__ 
 }
 
 at::Tensor gaussian_sketch_cuda(const at::Tensor& a_in, int64_t l, int64_t seed) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: the output never requires grad
   check_sketch_args(a_in, l);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.to(work_dtype(a_in.scalar_type())).contiguous();
@@ -85,9 +88,10 @@ at::Tensor gaussian_sketch_cuda(const at::Tensor& a_in, int64_t l, int64_t seed)
   out_shape.back() = l;
   at::Tensor y = at::zeros(out_shape, a.options());
   if (rows == 0 || l == 0 || n == 0) return y;
-  TORCH_CHECK(ceil_div<int64_t>(rows, kTile) <= 65535, "gaussian_sketch: more than ", 65535 * kTile,
-              " rows (all batch entries together) are not supported on CUDA");
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(l, kTile)), static_cast<unsigned>(ceil_div<int64_t>(rows, kTile)));
+  // row tiles on grid.x (2^31 - 1: all batch entries together), sketch-column tiles on grid.y
+  TORCH_CHECK(ceil_div<int64_t>(l, kTile) <= 65535, "gaussian_sketch: more than ", 65535 * kTile,
+              " sketch columns are not supported on CUDA");
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(rows, kTile)), static_cast<unsigned>(ceil_div<int64_t>(l, kTile)));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gaussian_sketch_cuda", [&] {
     gaussian_sketch_kernel<scalar_t><<<grid, kSketchThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         a.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, n, l, static_cast<uint64_t>(seed));

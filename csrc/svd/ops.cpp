@@ -5,6 +5,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
@@ -171,6 +172,7 @@ void check_sketch_args(const at::Tensor& a, int64_t l) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tensor& a_in, JacobiKernel kernel) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
   check_matrix_arg(a_in, "jacobi_svd", "A");
   const at::Tensor a = as_batched_work(a_in);
   const int64_t batch = a.size(0), m = a.size(1), n = a.size(2), p = std::min(m, n);
@@ -218,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_in, int64_t k, int64_t oversample,
                                                            int64_t n_iter, int64_t seed) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
   const char* op = "rsvd";
   check_matrix_arg(a_in, op, "A");
   const int64_t m = a_in.size(-2), n = a_in.size(-1);
@@ -251,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
 
 std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, const at::Tensor& s_in,
                                                      const at::Tensor& x_in, int64_t k) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
   const char* op = "svd_update";
   TORCH_CHECK(u_in.dim() == 2 && x_in.dim() == 2 && s_in.dim() == 1, op,
               ": U must be [m, k0], S [k0] and X [m, c], got shapes ", u_in.sizes(), ", ", s_in.sizes(), " and ",
