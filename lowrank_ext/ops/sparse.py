@@ -46,7 +46,9 @@ def sparse_scatter_add_(weight: torch.Tensor, indices: torch.Tensor | Sequence[t
 def sddmm(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``[nnz]`` values ``sum_n grad_out[n, rows_i] * x[n, cols_i]`` for ``grad_out [..., d_out]``
     and ``x [..., d_in]`` (leading dims flattened), accumulated in fp32: the gradient of the
-    entries (rows, cols) of a weight W with y = x W^T."""
+    entries (rows, cols) of a weight W with y = x W^T. Out-of-range rows or cols raise on CPU;
+    on CUDA they trip a device assertion (checked in the kernel: no host synchronisation in a
+    backward pass)."""
     return torch.ops.lowrank.sddmm(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), rows, cols)
 
 
