@@ -357,3 +357,12 @@ def test_sltrain_layer_matches_dense_and_has_no_dense_weight_grad():
     torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         SLTrainLinear(8, 8, rank=9, density=0.1)
+
+
+def test_sddmm_over_many_tokens_matches_the_dense_gradient(device):
+    # more tokens than the CUDA kernel's transposed chunk (8192) and the CPU's (256)
+    g = torch.randn(8300, 7, device=device)
+    x = torch.randn(8300, 5, device=device)
+    rows, cols = torch.randint(0, 7, (30,), device=device), torch.randint(0, 5, (30,), device=device)
+    want = (g.double().t() @ x.double())[rows, cols]
+    torch.testing.assert_close(sddmm(g, x, rows, cols).double(), want, atol=1e-3, rtol=1e-5)

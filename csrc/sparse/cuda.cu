@@ -8,8 +8,9 @@
 // into the weight's dtype as on the CPU (fp16/bf16: a compare-and-swap on the 32-bit word
 // holding the value); repeated indices accumulate in an unspecified order, so bitwise
 // results may differ from the CPU's only where indices repeat.
-// sddmm: grad_out and x are transposed once (ATen copies), then one warp per entry reads the
-// two feature rows coalesced and reduces their dot product with shuffles, in fp32. Its output
+// sddmm: grad_out and x are transposed in chunks of tokens (ATen copies, bounded memory), then
+// one warp per entry reads the two feature rows coalesced and reduces their dot product with
+// shuffles, accumulating over chunks in fp32 (fp64 for fp64). Its output
 // is new, so its indices are checked on the device (an out-of-range one trips a device
 // assertion, as torch's index kernels do): no host synchronisation in the backward pass.
 #include <torch/library.h>
@@ -115,11 +116,12 @@ void sparse_scatter_add_cuda(const at::Tensor& weight, at::TensorList indices, a
   });
 }
 
-// One warp per entry: dot(gt[rows_i, :], xt[cols_i, :]) over n tokens, feature-major inputs.
+// One warp per entry: acc[i] (+)= dot(gt[rows_i, :], xt[cols_i, :]) over the chunk's n tokens,
+// feature-major inputs; the first chunk sets acc, later ones add to it.
 template <typename T>
 __global__ void sddmm_kernel(const T* __restrict__ gt, const T* __restrict__ xt, const int64_t* __restrict__ rows,
                              const int64_t* __restrict__ cols, int64_t nnz, int64_t n, int64_t d_out, int64_t d_in,
-                             T* __restrict__ out) {
+                             bool first, acc_t<T>* __restrict__ acc) {
   using Acc = acc_t<T>;
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (kThreads / 32);
@@ -132,9 +134,13 @@ __global__ void sddmm_kernel(const T* __restrict__ gt, const T* __restrict__ xt,
     for (int64_t k = lane; k < n; k += 32) s += static_cast<Acc>(g[k]) * static_cast<Acc>(x[k]);
 #pragma unroll
     for (int mask = 16; mask > 0; mask >>= 1) s += __shfl_xor_sync(0xffffffffu, s, mask);
-    if (lane == 0) out[i] = static_cast<T>(s);
+    if (lane == 0) acc[i] = first ? s : acc[i] + s;
   }
 }
+
+// Tokens per transposed chunk: the chunk copies of grad_out and x stay bounded (8192 tokens x
+// 4096 features in fp32 is 128 MiB each) however long the batch is.
+constexpr int64_t kSddmmTokens = 8192;
 
 at::Tensor sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& rows_in,
                       const at::Tensor& cols_in) {
@@ -143,17 +149,25 @@ at::Tensor sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at:
   const at::NoGradGuard no_grad;
   const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
   const int64_t nnz = rows.numel(), n = x.size(0);
-  at::Tensor out = at::empty({nnz}, x.options());
-  if (nnz == 0) return out;
-  const at::Tensor gt = grad_out.t().contiguous(), xt = x.t().contiguous();  // [d_out, N], [d_in, N]
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (nnz == 0) return at::empty({0}, x.options());
+  at::Tensor acc = at::empty({nnz}, x.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sddmm_cuda", [&] {
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(nnz, kThreads / 32), 65535));
-    sddmm_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
-        cols.const_data_ptr<int64_t>(), nnz, n, grad_out.size(1), x.size(1), out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t chunks = std::max<int64_t>(1, ceil_div<int64_t>(n, kSddmmTokens));  // one for n = 0: the checks
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * kSddmmTokens, len = std::min(kSddmmTokens, n - n0);
+      // [d_out, len], [d_in, len]: each entry's two rows are then contiguous (coalesced)
+      const at::Tensor gt = grad_out.narrow(0, n0, len).t().contiguous();
+      const at::Tensor xt = x.narrow(0, n0, len).t().contiguous();
+      sddmm_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          gt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(), rows.const_data_ptr<int64_t>(),
+          cols.const_data_ptr<int64_t>(), nnz, len, grad_out.size(1), x.size(1), n0 == 0,
+          acc.mutable_data_ptr<acc_t<scalar_t>>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  return out;
+  return acc.scalar_type() == x.scalar_type() ? acc : acc.to(x.scalar_type());
 }
 
 }  // namespace
