@@ -38,6 +38,7 @@ struct Operand {
   int bits = 32;
   int64_t blocksize = 0;
   int64_t stride_r = 0, stride_c = 0;
+  __device__ __forceinline__ bool unit_c() const { return stride_c == 1; }  // (r, c) and (r, c + 1) adjacent
   __device__ __forceinline__ float operator()(int64_t r, int64_t c) const {
     const int64_t e = r * stride_r + c * stride_c;
     return dense != nullptr ? dense[e] : quant::dequantize_element(q, absmax, code, bits, blocksize, e);
@@ -49,6 +50,7 @@ template <typename T>
 struct RowMajor {
   const T* p;
   int64_t ld;
+  __device__ __forceinline__ bool unit_c() const { return true; }
   __device__ __forceinline__ float operator()(int64_t r, int64_t c) const { return static_cast<float>(p[r * ld + c]); }
 };
 
@@ -87,11 +89,16 @@ __device__ void tile_product(const LA& A, const LB& B, int64_t M, int64_t N, int
                              float (&acc)[kPerThread][kPerThread], Smem& s) {
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    // consecutive threads load consecutive addresses (coalesced): along k where the operand
+    // is contiguous in k, else along its other index (uniform branches: the layouts are)
+    const bool a_along_k = A.unit_c(), b_along_k = !B.unit_c();
     for (int e = tid; e < kTileK * kTile; e += kThreads) {
-      const int kk = e / kTile, i = e % kTile;
-      const bool k_in = k0 + kk < K;
-      s.a[kk][i] = (k_in && a0 + i < M) ? A(a0 + i, k0 + kk) : 0.f;
-      s.b[kk][i] = (k_in && b0 + i < N) ? B(k0 + kk, b0 + i) : 0.f;
+      const int kk = a_along_k ? e % kTileK : e / kTile, i = a_along_k ? e / kTileK : e % kTile;
+      s.a[kk][i] = (k0 + kk < K && a0 + i < M) ? A(a0 + i, k0 + kk) : 0.f;
+    }
+    for (int e = tid; e < kTileK * kTile; e += kThreads) {
+      const int kk = b_along_k ? e % kTileK : e / kTile, j = b_along_k ? e / kTileK : e % kTile;
+      s.b[kk][j] = (k0 + kk < K && b0 + j < N) ? B(k0 + kk, b0 + j) : 0.f;
     }
     __syncthreads();
 #pragma unroll
