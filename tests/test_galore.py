@@ -177,13 +177,33 @@ def test_refresh_schedule_and_one_batched_svd_per_shape(monkeypatch):
             p.grad = g
         opt.step()
         projs.append(opt.state[params[0]]["proj"].clone())
-    # steps 0, 3, 6 refresh; the two 40 x 24 params share one batched call
-    assert calls == [(2, 40, 24), (1, 24, 40)] * 3
+    # steps 0, 3, 6 refresh; the two 40 x 24 params share one batched call (on G^T: their
+    # projection is on the right, rsvd's left factor of G^T)
+    assert calls == [(2, 24, 40), (1, 24, 40)] * 3
     assert torch.equal(projs[0], projs[2]) and not torch.equal(projs[2], projs[3])
     # the batched refresh equals a lone rsvd of that gradient with the same seed
     g = params[2].grad.float()
-    _, _, vh = linalg.rsvd(g, 4, 10, 2, seed=galore_mod._mix(0, 6, 40, 24))
-    torch.testing.assert_close(opt.state[params[2]]["proj"], vh, atol=1e-5, rtol=0)
+    u_t, _, _ = linalg.rsvd(g.t(), 4, 10, 2, seed=galore_mod._mix(0, 6, 40, 24))
+    torch.testing.assert_close(opt.state[params[2]]["proj"], u_t.t(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("proj_method", ["rsvd", "svd"])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (56, 56)])
+def test_refresh_projected_gradient_is_the_projection_of_g(proj_method, shape):
+    # at a refresh the optimizer takes the projected gradient from the SVD's factors instead
+    # of projecting G again: it must be P^T G (left) or G Q (right) all the same, for a
+    # full-rank G that no rank-8 factorisation reproduces
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([p], rank=8, lr=1e-3, proj_method=proj_method)
+    g = torch.randn(shape)
+    p.grad = g.clone()
+    opt.step()
+    st = opt.state[p]
+    proj = st["proj"]
+    want = g @ proj.t() if st["proj_right"] else proj.t() @ g
+    got = st["exp_avg"] / 0.1  # the first step's m = (1 - beta1) R
+    assert st["proj_right"] == (shape[0] >= shape[1])
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits,extra", [(32, {}), (8, {}), (4, dict(proj_bits=4, adaptive_refresh=0.5))])
@@ -279,3 +299,18 @@ def test_bad_arguments():
     q.grad = torch.randn(4, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32"):
         GaLoreAdamW([q]).step()
+
+
+def test_flags_and_state_formats_that_cannot_continue_raise():
+    p = torch.nn.Parameter(torch.randn(24, 40))
+    with pytest.raises(ValueError, match="maximize"):
+        GaLoreAdamW([{"params": [p], "maximize": True}], rank=4)
+    opt32 = GaLoreAdamW([p], rank=4, lr=1e-3)
+    p.grad = torch.randn(24, 40)
+    opt32.step()
+    with pytest.raises(ValueError, match="fp32 moments"):
+        GaLoreAdamW([p], rank=4, state_bits=8).load_state_dict(opt32.state_dict())
+    opt8 = GaLoreAdamW([p], rank=4, state_bits=8)
+    opt8.step()
+    with pytest.raises(ValueError, match="quantized moments"):
+        GaLoreAdamW([p], rank=4).load_state_dict(opt8.state_dict())

@@ -351,3 +351,30 @@ def test_cpu_and_cuda_params_in_one_optimizer():
     assert torch.equal(a, a_alone), "the CPU bucket is stepped as if alone"
     moved = (a.detach() - b.detach().cpu()).abs().max().item()
     assert moved < 2e-3, f"CUDA param differs from the CPU one by {moved} (3 steps of lr 1e-2 move ~3e-2)"
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
+def test_torch_adamw_keywords_are_accepted_and_unsupported_flags_raise(cls):
+    p = torch.nn.Parameter(torch.zeros(8))
+    cls([p], lr=0.1, foreach=True, fused=None, amsgrad=False, maximize=False, capturable=False, differentiable=False)
+    for flag in ("maximize", "amsgrad", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=flag):
+            cls([p], lr=0.1, **{flag: True})
+        # a group asking for it (in the constructor or added later) raises too, rather than
+        # being stepped without it
+        with pytest.raises(ValueError, match=flag):
+            cls([{"params": [p], flag: True}], lr=0.1)
+        opt = cls([p], lr=0.1)
+        with pytest.raises(ValueError, match=flag):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], flag: True})
+
+
+def test_loaded_state_does_not_share_tensors_with_the_source():
+    p = torch.nn.Parameter(torch.randn(8))
+    a = AdamW8bit([p], lr=0.1)
+    p.grad = torch.randn(8)
+    a.step()
+    b = AdamW8bit([p], lr=0.1)
+    b.load_state_dict(a.state_dict())
+    b.step()
+    assert float(a.state[p]["step"]) == 1 and float(b.state[p]["step"]) == 2

@@ -45,6 +45,17 @@ def check_steppable(p: torch.Tensor, optimizer: str) -> None:
                         f"{p.grad.dtype} grad")
 
 
+# torch.optim.AdamW options these optimizers do not implement: a group (or constructor)
+# asking for them raises rather than being silently stepped without them
+_UNSUPPORTED_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable")
+
+
+def check_param_group(group: dict, optimizer: str) -> None:
+    for flag in _UNSUPPORTED_FLAGS:
+        if group.get(flag, False):
+            raise ValueError(f"{optimizer} does not support {flag}=True")
+
+
 class _BlockwiseAdamW(torch.optim.Optimizer):
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
@@ -56,7 +67,13 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                  blocksize_exp_avg_sq: int | None = None, min_quant_size: int = 4096,
                  stochastic_rounding: bool = False, seed: int = 0,
                  code_exp_avg: torch.Tensor | None = None, code_exp_avg_sq: torch.Tensor | None = None,
-                 stochastic_moments: tuple[bool, bool] | None = None):
+                 stochastic_moments: tuple[bool, bool] | None = None, maximize: bool = False,
+                 amsgrad: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False):
+        # torch.optim.AdamW's keywords are accepted (drop-in); foreach / fused change nothing
+        # (the step is always one fused multi-tensor kernel), the others must stay False
+        check_param_group(dict(maximize=maximize, amsgrad=amsgrad, capturable=capturable,
+                               differentiable=differentiable), type(self).__name__)
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
         if not 0.0 <= lr:
@@ -86,6 +103,10 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                            quant.get_code(code_exp_avg_sq if code_exp_avg_sq is not None else
                                           self._default_code(False), self.bits, signed=False))
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        check_param_group(param_group, type(self).__name__)
+        super().add_param_group(param_group)
 
     def _default_code(self, first_moment: bool) -> torch.Tensor:
         if first_moment:
@@ -174,7 +195,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         """As torch's, except that state keeps its dtypes: torch casts every floating state
         tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
         for group in state_dict["param_groups"]:
-            for flag in ("amsgrad", "maximize"):
+            for flag in _UNSUPPORTED_FLAGS:
                 if group.get(flag, False):
                     raise ValueError(f"{type(self).__name__} cannot continue a state_dict saved with {flag}=True")
         super().load_state_dict(state_dict)
@@ -185,7 +206,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
                     if torch.is_tensor(value) and key != "step":
                         self.state[p][key] = value.to(device=p.device, copy=True)
                     elif key == "step" and torch.is_tensor(value):  # a CPU counter: no sync per step
-                        self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32)
+                        self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
 class AdamW8bit(_BlockwiseAdamW):

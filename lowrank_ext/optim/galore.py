@@ -62,7 +62,7 @@ from .. import quant
 from ..linalg import rsvd
 from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
-from .adamw import check_steppable
+from .adamw import check_param_group, check_steppable
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
@@ -128,6 +128,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._proj_codes: dict[torch.device, torch.Tensor] = {}
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def add_param_group(self, param_group: dict) -> None:
+        check_param_group(param_group, type(self).__name__)
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _uses_galore(p: torch.Tensor, group: dict) -> bool:
@@ -172,19 +176,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """New projections for params of one shape and device, from their current grads.
         Returns, for fp32 projections, each param's projected gradient, which the SVD has
         already formed: P^T G = S_r Vh_r (left), G Q = U_r S_r (right), saving a GEMM pass
-        over G (exact in exact arithmetic: the columns of U_r, rows of Vh_r are orthonormal)."""
+        over G. Exact (in exact arithmetic) for a full SVD, and for rsvd's left factor, as
+        rsvd finds the column space (A ~ Q Q^T A): a right projection takes it from rsvd(G^T)."""
         rank = items[0][2]["rank"]
         m, n = items[0][0].shape
         grads = torch.stack([p.grad.float() for p, _, _ in items])
+        right = m >= n
         if self.proj_method == "svd":
             u, s, vh = torch.linalg.svd(grads, full_matrices=False)
             u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+        elif right:
+            # the range finder on G^T, whose left factor is G's right one: rsvd's left factor
+            # is the one the identity P^T A = S_r Vh_r holds for exactly (A ~ Q Q^T A, not A Q Q^T)
+            ut, s, vht = rsvd(grads.mT, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
+            u, vh = vht.mT, ut.mT
         else:
             u, s, vh = rsvd(grads, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
-        right = m >= n
         projected = {}
         if self.proj_bits == 32:
-            low = u * s.unsqueeze(-2) if right else s.unsqueeze(-1) * vh
+            low = (u * s.unsqueeze(-2) if right else s.unsqueeze(-1) * vh).contiguous()
             projected = {p: low[i] for i, (p, _, _) in enumerate(items)}
         for i, (_, state, _) in enumerate(items):
             new = (vh[i] if right else u[i]).contiguous()
@@ -308,6 +318,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes (torch casts floating state to the
         param's dtype: bf16 params would get bf16 moments and projections)."""
+        for saved_state in state_dict["state"].values():  # moments in another format would restart from zero
+            kind = "fp32" if "exp_avg" in saved_state else "quantized" if "exp_avg_q" in saved_state else None
+            if kind is not None and (kind == "fp32") != (self.state_bits == 32):
+                raise ValueError(f"this state_dict holds {kind} moments; this GaLoreAdamW has "
+                                 f"state_bits={self.state_bits}")
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
