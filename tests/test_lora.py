@@ -475,3 +475,19 @@ def test_peft_accelerate_with_dropout_and_fallbacks():
     from lowrank_ext.integrations.peft import restore
     restore(model)
     torch.testing.assert_close(model(x), y_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_accelerated_model_pickles():
+    import io
+    from lowrank_ext.integrations.peft import accelerate, restore
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), peft.LoraConfig(r=2, lora_alpha=4,
+                                                                                target_modules=["0"]))
+    accelerate(model)
+    x = torch.randn(3, 8)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert restore(loaded) == 1
+    torch.testing.assert_close(loaded(x), model(x))

@@ -366,3 +366,19 @@ def test_cuda_graph_capture_and_replay():
         want = multi_lora_linear_ref(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_a, layer.lora_b,
                                      ids, layer.ranks, layer.scales)
         torch.testing.assert_close(y, want, **tol(torch.float32))
+
+
+def test_stacks_in_another_dtype_than_the_base():
+    # fp32 adapters on a bf16 base layer (no autocast): the branch runs in fp32, as PEFT's does
+    torch.manual_seed(0)
+    base = nn.Linear(13, 7).bfloat16()
+    layer = MultiLoRALinear(base, max_adapters=2, max_rank=4, dtype=torch.float32)
+    a, b = torch.randn(3, 13), torch.randn(7, 3)
+    layer.load_adapter("a", a, b, scale=0.5)
+    x = torch.randn(5, 13).bfloat16()
+    y = layer(x, ["a", None, "a", "a", None])
+    assert y.dtype == torch.bfloat16
+    delta = 0.5 * (x.float() @ a.t()) @ b.t()
+    delta[[1, 4]] = 0
+    want = base(x).float() + delta
+    torch.testing.assert_close(y.float(), want, atol=0.05 * float(want.abs().max()), rtol=0.02)

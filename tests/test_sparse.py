@@ -366,3 +366,67 @@ def test_sddmm_over_many_tokens_matches_the_dense_gradient(device):
     rows, cols = torch.randint(0, 7, (30,), device=device), torch.randint(0, 5, (30,), device=device)
     want = (g.double().t() @ x.double())[rows, cols]
     torch.testing.assert_close(sddmm(g, x, rows, cols).double(), want, atol=1e-3, rtol=1e-5)
+
+
+def test_sltrain_bias_gets_its_gradient():
+    layer = SLTrainLinear(16, 12, rank=2, density=0.1)
+    x = torch.randn(3, 16)
+    layer(x).square().sum().backward()
+    w = layer.to_dense().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x, w, b).square().sum().backward()
+    torch.testing.assert_close(layer.bias.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", ["shira", "sltrain"])
+def test_sparse_layers_train_under_autocast(kind):
+    # against the same layer as a dense weight under autocast: the values' gradient is that
+    # weight's gradient gathered at the support
+    torch.manual_seed(0)
+    if kind == "shira":
+        layer = SparseAdapterLinear(nn.Linear(16, 12), nnz=20)
+        with torch.no_grad():
+            layer.values.normal_()
+    else:
+        layer = SLTrainLinear(16, 12, rank=2, density=0.2)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    layer(x)  # sync W_eff / S to the values
+    dense = (layer.base_layer.weight if kind == "shira" else layer.sparse_weight).detach().clone().requires_grad_()
+    bias = layer.base_layer.bias if kind == "shira" else layer.bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = torch.nn.functional.linear(x, dense, bias.detach())
+        if kind == "sltrain":
+            y_ref = y_ref + torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_A.detach()),
+                                                       layer.lora_B.detach())
+    y_ref.float().square().sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    want = dense.grad.view(-1)[layer.indices]
+    assert layer.values.grad.dtype == layer.values.dtype
+    torch.testing.assert_close(layer.values.grad, want, atol=0.05 * float(want.abs().max()), rtol=0.02)
+
+
+def test_sparse_layers_resync_after_a_copy():
+    import copy
+    layer = SparseAdapterLinear(nn.Linear(13, 7), nnz=9)
+    x = torch.randn(4, 13)
+    layer(x)
+    with torch.no_grad():
+        layer.values.add_(1.0)  # no forward since: W_eff is stale until the next one
+    w = layer.base_layer.weight.detach().clone().view(-1)
+    w[layer.indices] = layer.base_values + layer.values.detach()
+    want = torch.nn.functional.linear(x, w.view(7, 13), layer.base_layer.bias)
+    clone = copy.deepcopy(layer)  # its values' version counter restarts at 0
+    torch.testing.assert_close(clone(x), want)
+
+
+def test_sltrain_compiled_forward_sees_s_from_the_start():
+    torch.manual_seed(0)
+    layer = SLTrainLinear(16, 8, rank=2, density=0.25)
+    x = torch.randn(3, 16)
+    want = torch.nn.functional.linear(x, layer.to_dense(), layer.bias)
+    got = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

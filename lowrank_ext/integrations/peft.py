@@ -14,7 +14,6 @@ otherwise that call runs PEFT's own forward, which computes the same function.
 """
 from __future__ import annotations
 
-import types
 
 import torch
 from torch import nn
@@ -70,6 +69,17 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                        scale=float(self.scaling[name]), dropout_p=float(p), seed=seed)
 
 
+class _FusedForward:
+    """A patched layer's ``forward``: an object of an importable class (a bound method of a
+    plain function would not pickle with the model)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _fused_forward(self.module, x, *args, **kwargs)
+
+
 def accelerate(model: nn.Module) -> int:
     """Route every PEFT LoRA ``Linear`` in ``model`` through the fused ops; returns how many
     layers were patched (0 if already accelerated). Reversible with :func:`restore`."""
@@ -78,7 +88,7 @@ def accelerate(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, linear_cls) and not hasattr(module, _ORIGINAL):
             setattr(module, _ORIGINAL, module.__dict__.get("forward"))
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = _FusedForward(module)
             count += 1
     return count
 

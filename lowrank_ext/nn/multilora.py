@@ -141,6 +141,16 @@ class MultiLoRALinear(nn.Module):
             else:
                 raise ValueError(f"adapter_ids must have one id per token {lead} or, for x [B, T, d], one per "
                                  f"sequence ({lead[:1]}), got {tuple(ids.shape)}")
+        if self.lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # stacks kept in another dtype than the base (e.g. fp32 adapters on a bf16 model): the
+            # branch runs in the stacks' dtype, as PEFT's does, and is added to the base output
+            # once in x's dtype (an extra [N, d_out] buffer: the fused in-place add needs one dtype)
+            dt = self.lora_a.dtype
+            x2, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
+            xa = torch.ops.lowrank.lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)
+            zeros = x2.new_zeros(x2.shape[0], self.base_layer.out_features, dtype=dt)
+            delta = torch.ops.lowrank.lora_expand(zeros, xa, self.lora_b, flat_ids, self.ranks, None)
+            return self.base_layer(x) + delta.to(x.dtype).reshape(*lead, -1)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_a, self.lora_b, ids,
                                  self.ranks, self.scales)
 

@@ -40,15 +40,23 @@ class _FusedSparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cols):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # cast as autocast casts nn.Linear's inputs, and save those
+            dt = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
         ctx.save_for_backward(x, weight, rows, cols)
-        return F.linear(x, weight, bias)
+        with torch.autocast(device_type, enabled=False):
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, rows, cols = ctx.saved_tensors
+        grad_y = grad_y.to(x.dtype)
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         grad_values = sddmm(grad_y, x, rows, cols) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_values, None, None
+        return grad_x, None, grad_bias, grad_values, None, None
 
 
 class SparseAdapterLinear(nn.Module):
@@ -59,7 +67,9 @@ class SparseAdapterLinear(nn.Module):
 
     W_eff follows the values lazily: each forward first folds in what changed since the last
     one (the parameter's version counter tells), so an optimizer step needs no extra call.
-    Under ``torch.compile`` call :meth:`sync_` after each step yourself. The base entries
+    Call :meth:`sync_` after each step yourself under ``torch.compile`` and with optimizers
+    that write params without bumping their version counters (torch's ``fused=True``
+    optimizers), e.g. through ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries
     under the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
 
     Example::
@@ -96,6 +106,10 @@ class SparseAdapterLinear(nn.Module):
         self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())  # W under the support
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=weight.dtype, device=weight.device))
         self.register_buffer("applied", torch.zeros_like(self.values.detach()))  # what W_eff holds now
+        self._synced_version = -1
+
+    def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
+        super().__setstate__(state)
         self._synced_version = -1
 
     @property
@@ -145,6 +159,9 @@ class SLTrainLinear(nn.Module):
     and its values' gradient comes from SDDMM, so there is no dense weight gradient and no
     optimizer state of weight size (the buffer is weight-sized).
 
+    S's buffer follows the values as SparseAdapterLinear's W_eff does (call :meth:`sync_`
+    after each step under ``torch.compile`` or with ``fused=True`` optimizers).
+
     Example::
 
         layer = SLTrainLinear(512, 512, rank=64, density=0.03)
@@ -176,7 +193,7 @@ class SLTrainLinear(nn.Module):
         nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))
         nn.init.uniform_(self.lora_B, -math.sqrt(bound / self.rank), math.sqrt(bound / self.rank))
         nn.init.uniform_(self.values, -bound, bound)
-        self._synced_version = -1
+        self.sync_()  # S in its buffer now: a compiled forward (which never syncs) sees it
 
     @torch.no_grad()
     def sync_(self) -> None:
@@ -190,6 +207,10 @@ class SLTrainLinear(nn.Module):
         rows, cols = self.indices // self.in_features, self.indices % self.in_features
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def __setstate__(self, state):  # as SparseAdapterLinear's
+        super().__setstate__(state)
+        self._synced_version = -1
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight B A + S."""
