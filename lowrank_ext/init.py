@@ -73,7 +73,8 @@ def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = Non
     a, b = lora.lora_A[lora.adapter_name].weight, lora.lora_B[lora.adapter_name].weight
     a.copy_(root[:, None] * vh)
     b.copy_(u * root[None, :])
-    w.copy_(w.float() - lora.scaling * (b.float() @ a.float()))
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 weights keep fp64 accuracy
+    w.copy_(w.to(acc) - lora.scaling * (b.to(acc) @ a.to(acc)))
     return lora
 
 
@@ -103,10 +104,10 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
     streams = {name: StreamingSVD(r or m.r, oversample) for name, m in layers.items()}
     hooks = []
     for name, module in layers.items():
-        def hook(mod, args, name=name):
-            x = args[0]
+        def hook(mod, args, kwargs, name=name):
+            x = args[0] if args else kwargs["x"]  # the layer called as layer(t) or layer(x=t)
             streams[name].update(x.detach().reshape(-1, x.shape[-1]).t())
-        hooks.append(module.register_forward_pre_hook(hook))
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:

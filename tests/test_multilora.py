@@ -382,3 +382,15 @@ def test_stacks_in_another_dtype_than_the_base():
     delta[[1, 4]] = 0
     want = base(x).float() + delta
     torch.testing.assert_close(y.float(), want, atol=0.05 * float(want.abs().max()), rtol=0.02)
+
+
+def test_state_dict_keeps_the_adapter_names():
+    layer = MultiLoRALinear(nn.Linear(13, 7), max_adapters=3, max_rank=4)
+    layer.load_adapter("fr", torch.randn(2, 13), torch.randn(7, 2))
+    layer.load_adapter("de", torch.randn(4, 13), torch.randn(7, 4))
+    fresh = MultiLoRALinear(nn.Linear(13, 7), max_adapters=3, max_rank=4)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.adapter_names == ["fr", "de"]
+    fresh.load_adapter("es", torch.randn(1, 13), torch.randn(7, 1))  # a free slot, not one of the loaded
+    x = torch.randn(4, 13)
+    torch.testing.assert_close(fresh(x, ["fr", "de", None, "fr"]), layer(x, ["fr", "de", None, "fr"]))

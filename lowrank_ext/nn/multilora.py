@@ -50,6 +50,12 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=device))
         self._slots: dict[str, int] = {}
 
+    def get_extra_state(self) -> dict:  # the name -> slot map travels with the state_dict
+        return {"slots": dict(self._slots)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._slots = dict(state["slots"])
+
     # ---- adapters ----
 
     @property
