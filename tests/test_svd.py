@@ -396,3 +396,25 @@ def test_lora_sb_starts_at_the_projected_first_step():
     assert _orth_err(b) < 1e-5 and _orth_err(a.t()) < 1e-5
     with pytest.raises(ValueError, match="shape"):
         init.lora_sb_init(torch.nn.Linear(4, 3), torch.randn(4, 3), lr=1.0, r=2)
+
+
+def test_pissa_keeps_an_fp64_weight_in_fp64():
+    base = torch.nn.Linear(48, 32).double()
+    x = torch.randn(7, 48, dtype=torch.float64)
+    y0 = base(x).detach()
+    layer = init.pissa_init(base, r=6, alpha=12, n_iter=None)
+    torch.testing.assert_close(layer(x), y0, atol=1e-12, rtol=1e-12)
+
+
+def test_eva_takes_layers_called_with_a_keyword_input():
+    class KeywordCaller(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, t):
+            return self.proj(x=t)
+    model = KeywordCaller()
+    inject_lora(model, ["proj"], r=2)
+    init.eva_init(model, [torch.randn(4, 16) for _ in range(3)], oversample=8)
+    assert model.proj.lora_A["default"].weight.abs().sum() > 0
