@@ -418,3 +418,17 @@ def test_eva_takes_layers_called_with_a_keyword_input():
     inject_lora(model, ["proj"], r=2)
     init.eva_init(model, [torch.randn(4, 16) for _ in range(3)], oversample=8)
     assert model.proj.lora_A["default"].weight.abs().sum() > 0
+
+
+def test_rsvd_of_a_transposed_batch_reads_it_in_place():
+    # GaLore's right projections take rsvd(G^T) of a stacked batch: a strided view, not copied
+    # on CPU; the same factors as for the copy, up to rounding
+    a = _with_spectrum(40, 30, 1.0 / (1.0 + torch.arange(30.0)), dtype=torch.float32, batch=(3,))
+    view = a.mT
+    assert not view.is_contiguous()
+    got = ops.rsvd(view, 6, 4, 1, 11)
+    want = ops.rsvd(view.contiguous(), 6, 4, 1, 11)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ops.gaussian_sketch(view, 5, 3), ops.gaussian_sketch(view.contiguous(), 5, 3),
+                               atol=1e-5, rtol=1e-5)

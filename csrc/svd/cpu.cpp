@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common/cpu_clones.h"
 #include "svd/ops.h"
@@ -26,15 +27,29 @@ constexpr int64_t kSketchPanelRows = 512;  // rows of Omega per GEMM: 512 x l fp
 at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) {
   const at::NoGradGuard no_grad;  // the Autograd key falls through: the output never requires grad
   check_sketch_args(a_in, l);
-  const at::Tensor a = a_in.to(work_dtype(a_in.scalar_type())).contiguous();
+  // a batch of transposed matrices (rsvd of G^T) is read through its strides by the GEMMs:
+  // no transposed copy; other layouts are made contiguous
+  at::Tensor a = a_in.to(work_dtype(a_in.scalar_type()));
+  const bool transposed = a.dim() == 3 && a.stride(1) == 1 && a.stride(2) == a.size(1) &&
+                          a.stride(0) == a.size(1) * a.size(2) && !a.is_contiguous();
+  if (!transposed) a = a.contiguous();
   const int64_t n = a.size(-1);
   const int64_t rows = a.numel() / std::max<int64_t>(n, 1);  // every batch entry shares Omega
   std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
   out_shape.back() = l;
   at::Tensor y = at::zeros(out_shape, a.options());
   if (rows == 0 || l == 0 || n == 0) return y;
-  const at::Tensor a2 = a.view({rows, n});
-  at::Tensor y2 = y.view({rows, l});
+  // the GEMMs' operands: all rows stacked (contiguous), or one matrix per batch entry
+  std::vector<at::Tensor> a_parts, y_parts;
+  if (transposed) {
+    for (int64_t b = 0; b < a.size(0); ++b) {
+      a_parts.push_back(a.select(0, b));
+      y_parts.push_back(y.select(0, b));
+    }
+  } else {
+    a_parts.push_back(a.view({rows, n}));
+    y_parts.push_back(y.view({rows, l}));
+  }
   at::Tensor panel = at::empty({std::min(kSketchPanelRows, n), l}, a.options());
   const uint64_t useed = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gaussian_sketch_cpu", [&] {
@@ -54,7 +69,8 @@ at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) 
           }
         }
       });
-      y2.addmm_(a2.narrow(1, j0, pr), panel.narrow(0, 0, pr));
+      for (size_t part = 0; part < a_parts.size(); ++part)
+        y_parts[part].addmm_(a_parts[part].narrow(1, j0, pr), panel.narrow(0, 0, pr));
     }
   });
   return y;
