@@ -432,3 +432,5 @@ def test_rsvd_of_a_transposed_batch_reads_it_in_place():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ops.gaussian_sketch(view, 5, 3), ops.gaussian_sketch(view.contiguous(), 5, 3),
                                atol=1e-5, rtol=1e-5)
+    for g, w in zip(ops.jacobi_svd(view), ops.jacobi_svd(view.contiguous())):  # the same view path
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

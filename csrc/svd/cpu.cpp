@@ -30,8 +30,7 @@ at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) 
   // a batch of transposed matrices (rsvd of G^T) is read through its strides by the GEMMs:
   // no transposed copy; other layouts are made contiguous
   at::Tensor a = a_in.to(work_dtype(a_in.scalar_type()));
-  const bool transposed = a.dim() == 3 && a.stride(1) == 1 && a.stride(2) == a.size(1) &&
-                          a.stride(0) == a.size(1) * a.size(2) && !a.is_contiguous();
+  const bool transposed = is_transposed_batch(a) && !a.is_contiguous();
   if (!transposed) a = a.contiguous();
   const int64_t n = a.size(-1);
   const int64_t rows = a.numel() / std::max<int64_t>(n, 1);  // every batch entry shares Omega

@@ -150,22 +150,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(bool unbatch, const at::Te
   return {u.contiguous(), s.contiguous(), vh.contiguous()};
 }
 
+// [b, m, n] in the work dtype. On CPU a batch of transposed matrices stays a view (the GEMMs and
+// the CPU sketch read it through its strides: rsvd(G^T) copies nothing); else contiguous.
 at::Tensor as_batched_work(const at::Tensor& a) {
-  const at::Tensor b = a.dim() == 2 ? a.unsqueeze(0) : a;
-  return b.to(work_dtype(a.scalar_type())).contiguous();
-}
-
-// rsvd's operand: as as_batched_work, except that on CPU a batch of transposed matrices stays a
-// view (the GEMMs and the CPU sketch read it through its strides): rsvd(G^T) copies nothing.
-at::Tensor as_batched_operand(const at::Tensor& a) {
   const at::Tensor b = (a.dim() == 2 ? a.unsqueeze(0) : a).to(work_dtype(a.scalar_type()));
-  const bool transposed = b.stride(1) == 1 && b.stride(2) == b.size(1) && b.stride(0) == b.size(1) * b.size(2);
-  return b.device().is_cpu() && transposed ? b : b.contiguous();
+  return b.device().is_cpu() && is_transposed_batch(b) ? b : b.contiguous();
 }
 
 }  // namespace
 
 at::ScalarType work_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool is_transposed_batch(const at::Tensor& a) {
+  return a.dim() == 3 && a.stride(1) == 1 && a.stride(2) == a.size(1) && a.stride(0) == a.size(1) * a.size(2);
+}
 
 void check_matrix_arg(const at::Tensor& a, const char* op, const char* name) {
   TORCH_CHECK(a.dim() == 2 || a.dim() == 3, op, ": ", name, " must be 2-D [m, n] or 3-D [batch, m, n], got shape ",
@@ -236,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
               "] for A of shape ", a_in.sizes(), ", got k = ", k);
   TORCH_CHECK(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
   TORCH_CHECK(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
-  const at::Tensor a = as_batched_operand(a_in);
+  const at::Tensor a = as_batched_work(a_in);
   const at::Tensor at_ = a.transpose(1, 2);
   const int64_t l = std::min(k + oversample, std::min(m, n));
 

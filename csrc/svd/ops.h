@@ -16,6 +16,9 @@ namespace lowrank::svd {
 // fp64 stays fp64; fp32/fp16/bf16 are computed (and returned) in fp32.
 at::ScalarType work_dtype(at::ScalarType t);
 
+// [b, m, n] laid out as the transposes of a contiguous [b, n, m] (e.g. G.mT of a stacked batch).
+bool is_transposed_batch(const at::Tensor& a);
+
 void check_matrix_arg(const at::Tensor& a, const char* op, const char* name);
 void check_sketch_args(const at::Tensor& a, int64_t l);
 
