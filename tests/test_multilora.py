@@ -193,6 +193,33 @@ def test_grouped_outer_is_the_stacks_gradient(device):
         torch.testing.assert_close(got[a], left[rows].t() @ right[rows], **tol(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shrink_expand_groups_across_chunk_boundaries(device, dtype):
+    """Groups of 0 to 300 tokens (the CPU kernels gather chunks of 32 rows here, and take a
+    long contiguous group in place), some contiguous in the batch and some shuffled, mixed
+    ranks and scales, into a y that is a non-contiguous view: against the fp64 references."""
+    from lowrank_ext.reference.multilora import lora_expand_inplace_ref, lora_shrink_ref
+    sizes = [0, 1, 31, 32, 33, 70, 2, 300]
+    contiguous = torch.cat([torch.full((n,), a) for a, n in enumerate(sizes) if a % 2 == 1])
+    shuffled = torch.cat([torch.full((n,), a) for a, n in enumerate(sizes) if a % 2 == 0] + [torch.full((9,), -1)])
+    ids = torch.cat([contiguous, shuffled[torch.randperm(len(shuffled))]]).to(device)
+    n, d_in, d_out, r = len(ids), 40, 24, 8
+    ranks = torch.tensor([8, 3, 8, 5, 1, 8, 0, 7], device=device)
+    scales = torch.tensor([0.5, 2.0, 1.0, -1.0, 3.0, 0.25, 1.0, 1.5], device=device)
+    a, b = _stack(device, dtype, len(sizes), r, d_in, d_out, ranks.tolist())
+    x = torch.randn(n, d_in, device=device, dtype=dtype)
+    xa = lora_shrink(x, a, ids, ranks, scales)
+    xa_ref = lora_shrink_ref(x.double(), a.double(), ids, ranks, scales)
+    _close(xa.double(), xa_ref, dtype, scale=float(xa_ref.abs().max()))
+    base = torch.randn(d_out, n, device=device, dtype=dtype)
+    y = base.t()  # non-contiguous
+    y_ref, before = y.double().clone(), y.clone()
+    lora_expand_(y, xa_ref.to(xa.dtype), b, ids, ranks, scales)
+    lora_expand_inplace_ref(y_ref, xa_ref, b.double(), ids, ranks, scales)
+    _close(y.double(), y_ref, dtype, scale=float(y_ref.abs().max()))
+    assert torch.equal(y[ids < 0], before[ids < 0]) and y.data_ptr() == base.data_ptr()
+
+
 def test_inplace_expand_writes_y_and_leaves_unadapted_rows_bitwise(device):
     y = torch.randn(40, 8, device=device, dtype=torch.bfloat16)
     before = y.clone()

@@ -138,7 +138,15 @@ at::Tensor t_dropped_x_cuda(const at::Tensor& t, const at::Tensor& x, const Drop
   return grad_a.to(x.scalar_type());
 }
 
-constexpr DropoutKernels kCudaKernels{x_dropped_a_cuda, add_masked_ta_cuda, t_dropped_x_cuda};
+// The two backward passes one after the other (each regenerates the mask).
+at::Tensor dropped_backward_cuda(const at::Tensor& t, const at::Tensor& x, const at::Tensor& a, const Dropout& d,
+                                 at::Tensor& grad_x, bool want_grad_a) {
+  at::Tensor grad_a = want_grad_a ? t_dropped_x_cuda(t, x, d) : at::Tensor();
+  if (grad_x.defined()) add_masked_ta_cuda(grad_x, t, a, d);
+  return grad_a;
+}
+
+constexpr DropoutKernels kCudaKernels{x_dropped_a_cuda, dropped_backward_cuda};
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,

@@ -154,11 +154,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     if (output_mask[4]) grad_rank_scale = at::mul(t, xa.to(acc)).sum(0).to(dtype);
     t = at::mul(t, rank_scale->to(acc));
   }
-  if (output_mask[1]) grad_a = d.threshold ? k.t_dropped_x(t, xc, d) : at::mm(t.to(dtype).t(), xc);
-  if (output_mask[0]) {
-    grad_x = at::mm(g, weight);
-    if (d.threshold) k.add_masked_ta(grad_x, t, ac, d);
-    else grad_x.addmm_(t.to(dtype), ac);
+  if (output_mask[0]) grad_x = at::mm(g, weight);
+  if (d.threshold) {
+    at::Tensor masked_grad_x = output_mask[0] ? grad_x : at::Tensor();
+    at::Tensor dropped_grad_a = k.dropped_backward(t, xc, ac, d, masked_grad_x, output_mask[1]);
+    if (output_mask[1]) grad_a = dropped_grad_a;
+  } else {
+    if (output_mask[1]) grad_a = at::mm(t.to(dtype).t(), xc);
+    if (output_mask[0]) grad_x.addmm_(t.to(dtype), ac);
   }
   return {grad_x, grad_a, grad_b, grad_core, grad_rank_scale};
 }

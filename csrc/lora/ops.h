@@ -15,10 +15,12 @@ namespace lowrank::lora {
 struct DropoutKernels {
   // xa = drop(x) A^T, [N, r] in x's dtype, fp32 accumulation
   at::Tensor (*x_dropped_a)(const at::Tensor& x, const at::Tensor& a, const Dropout& d);
-  // grad_x += (t A) * mask, in place ([N, d_in] += [N, r] [r, d_in])
-  void (*add_masked_ta)(at::Tensor& grad_x, const at::Tensor& t, const at::Tensor& a, const Dropout& d);
-  // t^T drop(x), [r, d_in] in x's dtype, fp32 accumulation
-  at::Tensor (*t_dropped_x)(const at::Tensor& t, const at::Tensor& x, const Dropout& d);
+  // The dropout part of the backward: grad_x += (t A) * mask in place when grad_x is defined
+  // ([N, d_in] += [N, r] [r, d_in]), and, when want_grad_a, returns t^T drop(x) ([r, d_in] in
+  // x's dtype, fp32 accumulation; else an undefined tensor). A device may draw the mask once
+  // for both.
+  at::Tensor (*dropped_backward)(const at::Tensor& t, const at::Tensor& x, const at::Tensor& a, const Dropout& d,
+                                 at::Tensor& grad_x, bool want_grad_a);
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::Tensor& weight,

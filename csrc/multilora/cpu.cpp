@@ -1,9 +1,10 @@
 // CPU kernels of the multilora family. The tokens are grouped by adapter once per call (a
 // stable counting sort over the ids, which also checks every id and rank before anything is
-// written); then each adapter's rows go through one BLAS product with its slice of the stack:
-// a view of the rows when they are contiguous in the batch (per-sequence adapters), a gather
-// otherwise. Many small groups run in parallel, one group per thread; a few large ones run
-// one after another, each on every thread (the BLAS call is then the parallel part).
+// written). lora_shrink / lora_expand_ then run each adapter's rows through BLAS with its
+// slice of the stack, in cache-sized gathered chunks (see plan_work); lora_grouped_outer
+// (the stacks' gradients, a reduction over each group) runs one BLAS product per adapter on
+// its rows: many small groups in parallel, one group per thread, a few large ones one after
+// another, each on every thread (the BLAS call is then the parallel part).
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -16,8 +17,12 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_blas.h"
+#include "common/dtype.h"
 #include "multilora/ops.h"
 
 namespace lowrank::multilora {
@@ -111,57 +116,159 @@ void for_each_group(const TokenGroups& g, int64_t num_adapters, Fn&& fn) {
   }
 }
 
-at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& a_stack, const at::Tensor& ids,
+// Work of the token-parallel passes (shrink, expand). A group whose tokens are one long
+// contiguous range of the batch (per-sequence adapters, or one adapter for all) is one BLAS
+// call on views of x / y, threaded by BLAS. Every other group is split into chunks of up to
+// chunk_rows tokens whose rows are gathered into (or produced in) a per-thread buffer that
+// stays in cache, so a shuffled batch streams x and y once, as a single-adapter batch does;
+// the chunks of all adapters run in one parallel loop (BLAS single-threaded inside), so many
+// small groups and a few large ones are both spread over the threads.
+struct Chunk {
+  int64_t adapter, begin, rows;  // tokens g.order[begin .. begin + rows) of `adapter`
+};
+
+// Rows per chunk: a BLAS call repacks the adapter's [rank, d] slice each time, so chunks
+// grow with the rank (32 rows = 512 KiB of fp32 at d = 4096, up to 128 for rank 64).
+int64_t chunk_rows(int64_t max_rank) { return std::clamp<int64_t>(2 * max_rank, 32, 128); }
+
+struct Work {
+  std::vector<Chunk> chunks;   // gathered, in the parallel loop
+  std::vector<int64_t> whole;  // adapters done as one call on their contiguous rows
+};
+
+// whole_ok: the dtype lets a group's rows be used in place (x, y already the accumulate dtype)
+Work plan_work(const TokenGroups& g, const std::vector<int64_t>& rk, int64_t rows_per_chunk, bool whole_ok) {
+  Work w;
+  for (int64_t a = 0; a < static_cast<int64_t>(rk.size()); ++a) {
+    if (rk[a] == 0 || g.count(a) == 0) continue;
+    if (whole_ok && g.count(a) >= 4 * rows_per_chunk && g.contiguous(a)) {
+      w.whole.push_back(a);
+      continue;
+    }
+    for (int64_t b = g.begin(a); b < g.begin(a) + g.count(a); b += rows_per_chunk)
+      w.chunks.push_back({a, b, std::min(rows_per_chunk, g.begin(a) + g.count(a) - b)});
+  }
+  return w;
+}
+
+// Matrix `a` of a stack [S, P, Q] as the B operand of rm_gemm with op(B) = stack[a]^T [Q, P],
+// read through the stack's strides when BLAS can (the backward passes transposed stacks):
+// tb = true reads stack[a] row-major ([P, Q], ld >= Q), tb = false reads its transpose
+// row-major ([Q, P], ld >= P). A stack in another dtype than Acc is converted first, only the
+// matrices of adapters that have tokens (the others stay zero and are never read).
+struct StackOperand {
+  at::Tensor held;  // the tensor read (the stack itself or its converted copy)
+  int64_t stride_s, ld;
+  bool tb;
+};
+
+StackOperand transposed_operand(const at::Tensor& stack, const TokenGroups& g, at::ScalarType acc) {
+  at::Tensor t = stack;
+  if (t.scalar_type() != acc) {
+    t = at::zeros(stack.sizes(), stack.options().dtype(acc));
+    for (int64_t a = 0; a < stack.size(0); ++a)
+      if (g.count(a) > 0) t.select(0, a).copy_(stack.select(0, a));
+  }
+  const int64_t P = t.size(1), Q = t.size(2);
+  if ((t.stride(2) == 1 || Q == 1) && (P == 1 || t.stride(1) >= Q))
+    return {t, t.stride(0), P == 1 ? std::max<int64_t>(Q, 1) : t.stride(1), true};
+  if ((t.stride(1) == 1 || P == 1) && (Q == 1 || t.stride(2) >= P))
+    return {t, t.stride(0), Q == 1 ? std::max<int64_t>(P, 1) : t.stride(2), false};
+  t = t.contiguous();  // e.g. an expanded (stride 0) stack
+  return {t, t.stride(0), std::max<int64_t>(Q, 1), true};
+}
+
+at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& a_stack, const at::Tensor& ids,
                            const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
   constexpr const char* op = "lora_shrink";
   const at::NoGradGuard no_grad;
-  const StackShapes s = check_shrink_args(x, a_stack, ids, ranks, scales, op);
-  const auto acc = accumulate_type(x.scalar_type());
+  const StackShapes s = check_shrink_args(x_in, a_stack, ids, ranks, scales, op);
+  const auto acc = accumulate_type(x_in.scalar_type());
   const TokenGroups g = group_tokens(ids, s.num_adapters, op);
   const std::vector<int64_t> rk = read_ranks(ranks, s.num_adapters, s.max_rank, op);
   const std::vector<double> sc = read_scales(scales, s.num_adapters);
-  at::Tensor xa = at::zeros({s.n, s.max_rank}, x.options().dtype(acc));
-  for_each_group(g, s.num_adapters, [&](int64_t a) {
-    if (rk[a] == 0) return;
-    const at::Tensor rows = rows_of(x, g, a).to(acc);
-    const at::Tensor w = a_stack.select(0, a).narrow(0, 0, rk[a]).to(acc);  // [rank, d_in]
-    if (g.contiguous(a)) {
-      at::Tensor dst = xa.narrow(0, g.first_token(a), g.count(a)).narrow(1, 0, rk[a]);
-      dst.addmm_(rows, w.t(), /*beta=*/0, /*alpha=*/sc[a]);
-    } else {
-      at::Tensor prod = at::mm(rows, w.t());
-      if (sc[a] != 1.0) prod.mul_(sc[a]);
-      xa.narrow(1, 0, rk[a]).index_copy_(0, g.index(a), prod);
+  const int64_t R = s.max_rank, rows_per_chunk = chunk_rows(R);
+  const Work work = plan_work(g, rk, rows_per_chunk, x_in.scalar_type() == acc);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t d_in = x.size(1);
+  at::Tensor xa = at::zeros({s.n, R}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
+    using Acc = acc_t<scalar_t>;
+    const StackOperand a_op = transposed_operand(a_stack, g, acc);  // A[a] [R, d_in]
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const Acc* ap = a_op.held.const_data_ptr<Acc>();
+    Acc* xap = xa.mutable_data_ptr<Acc>();
+    // xa rows [rows, rank] = scale x rows A[a, :rank]^T
+    for (int64_t a : work.whole) {
+      const int64_t t0 = g.first_token(a);
+      rm_gemm<Acc>(false, a_op.tb, g.count(a), rk[a], d_in, reinterpret_cast<const Acc*>(xp) + t0 * d_in, d_in,
+                   ap + a * a_op.stride_s, a_op.ld, Acc(0), xap + t0 * R, R, static_cast<Acc>(sc[a]));
     }
+    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      std::vector<Acc> xbuf(static_cast<size_t>(rows_per_chunk * d_in)), out(static_cast<size_t>(rows_per_chunk * R));
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        const Chunk& c = work.chunks[ci];
+        const int64_t* tok = g.order.data() + c.begin;
+        const int64_t rank = rk[c.adapter];
+        for (int64_t i = 0; i < c.rows; ++i)
+          std::transform(xp + tok[i] * d_in, xp + (tok[i] + 1) * d_in, xbuf.data() + i * d_in,
+                         [](scalar_t v) { return static_cast<Acc>(v); });
+        rm_gemm<Acc>(false, a_op.tb, c.rows, rank, d_in, xbuf.data(), d_in, ap + c.adapter * a_op.stride_s, a_op.ld,
+                     Acc(0), out.data(), rank, static_cast<Acc>(sc[c.adapter]));
+        for (int64_t i = 0; i < c.rows; ++i) std::copy_n(out.data() + i * rank, rank, xap + tok[i] * R);
+      }
+    });
   });
   return xa;
 }
 
 // y[rows of a] += scale * xa[rows, :rank] B[a, :, :rank]^T for every adapter, in place on y.
-void expand_into(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
+void expand_into(at::Tensor& y_out, const at::Tensor& xa_in, const at::Tensor& b_stack, const at::Tensor& ids,
                  const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales, const char* op) {
   const at::NoGradGuard no_grad;
-  const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, op);
-  const auto acc = accumulate_type(y.scalar_type());
+  const StackShapes s = check_expand_args(y_out, xa_in, b_stack, ids, ranks, scales, op);
+  const auto acc = accumulate_type(y_out.scalar_type());
   const TokenGroups g = group_tokens(ids, s.num_adapters, op);
   const std::vector<int64_t> rk = read_ranks(ranks, s.num_adapters, s.max_rank, op);
   const std::vector<double> sc = read_scales(scales, s.num_adapters);
-  const bool y_is_acc = y.scalar_type() == acc;
-  for_each_group(g, s.num_adapters, [&](int64_t a) {
-    if (rk[a] == 0) return;
-    const at::Tensor rows = rows_of(xa, g, a).narrow(1, 0, rk[a]).to(acc);
-    const at::Tensor w = b_stack.select(0, a).narrow(1, 0, rk[a]).to(acc);  // [d_out, rank]
-    if (g.contiguous(a)) {
-      at::Tensor dst = y.narrow(0, g.first_token(a), g.count(a));
-      if (y_is_acc) dst.addmm_(rows, w.t(), /*beta=*/1, /*alpha=*/sc[a]);
-      else dst.add_(at::mm(rows, w.t()), sc[a]);  // computed in fp32, one rounding into y's dtype
-    } else if (y_is_acc) {
-      y.index_add_(0, g.index(a), at::mm(rows, w.t()), sc[a]);
-    } else {
-      at::Tensor sum = at::index_select(y, 0, g.index(a)).to(acc).add_(at::mm(rows, w.t()), sc[a]);
-      y.index_copy_(0, g.index(a), sum.to(y.scalar_type()));
+  const int64_t R = s.max_rank, rows_per_chunk = chunk_rows(R);
+  const Work work = plan_work(g, rk, rows_per_chunk, y_out.scalar_type() == acc);
+  if (work.chunks.empty() && work.whole.empty()) return;
+  at::Tensor y = y_out.is_contiguous() ? y_out : y_out.contiguous();
+  const at::Tensor xa = xa_in.to(acc).contiguous();
+  const int64_t d_out = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lora_expand", [&] {
+    using Acc = acc_t<scalar_t>;
+    const StackOperand b_op = transposed_operand(b_stack, g, acc);  // B[a] [d_out, R]
+    const Acc* bp = b_op.held.const_data_ptr<Acc>();
+    const Acc* xap = xa.const_data_ptr<Acc>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    // y rows += scale xa rows [rows, rank] B[a, :, :rank]^T
+    for (int64_t a : work.whole) {
+      const int64_t t0 = g.first_token(a);
+      rm_gemm<Acc>(false, b_op.tb, g.count(a), d_out, rk[a], xap + t0 * R, R, bp + a * b_op.stride_s, b_op.ld, Acc(1),
+                   reinterpret_cast<Acc*>(yp) + t0 * d_out, d_out, static_cast<Acc>(sc[a]));
     }
+    at::parallel_for(0, static_cast<int64_t>(work.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      std::vector<Acc> left(static_cast<size_t>(rows_per_chunk * R)), prod(static_cast<size_t>(rows_per_chunk * d_out));
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        const Chunk& c = work.chunks[ci];
+        const int64_t* tok = g.order.data() + c.begin;
+        const int64_t rank = rk[c.adapter];
+        const Acc scale = static_cast<Acc>(sc[c.adapter]);
+        for (int64_t i = 0; i < c.rows; ++i) std::copy_n(xap + tok[i] * R, rank, left.data() + i * rank);
+        // prod [rows, d_out] in cache, then each y row += scale * its prod row (one rounding)
+        rm_gemm<Acc>(false, b_op.tb, c.rows, d_out, rank, left.data(), rank, bp + c.adapter * b_op.stride_s, b_op.ld,
+                     Acc(0), prod.data(), d_out);
+        for (int64_t i = 0; i < c.rows; ++i) {
+          scalar_t* yr = yp + tok[i] * d_out;
+          const Acc* pr = prod.data() + i * d_out;
+          for (int64_t k = 0; k < d_out; ++k) yr[k] = static_cast<scalar_t>(static_cast<Acc>(yr[k]) + scale * pr[k]);
+        }
+      }
+    });
   });
+  if (!y.is_same(y_out)) y_out.copy_(y);
 }
 
 void lora_expand_inplace_cpu(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,

@@ -2,7 +2,8 @@
 // Op boundary of the multilora family (many adapters in one batch): the argument checks
 // the CPU and CUDA kernels share. The kernels themselves are per device:
 //   cpu.cpp  groups the tokens by adapter (a counting sort that also checks every id) and
-//            runs one BLAS product per adapter on its rows (a view when they are contiguous);
+//            runs BLAS per adapter on its rows, gathered in cache-sized chunks (views when
+//            they are one long contiguous range);
 //   cuda.cu  sorts the ids on the device and runs tiled kernels over the sorted rows, no host
 //            synchronisation and launch shapes that depend on sizes only (CUDA-graph safe).
 #include <ATen/core/Tensor.h>
