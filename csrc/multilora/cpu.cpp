@@ -131,6 +131,11 @@ struct Chunk {
 // grow with the rank (32 rows = 512 KiB of fp32 at d = 4096, up to 128 for rank 64).
 int64_t chunk_rows(int64_t max_rank) { return std::clamp<int64_t>(2 * max_rank, 32, 128); }
 
+// The chunk's tokens are consecutive rows of the batch (per-sequence adapters): read in place.
+bool chunk_is_contiguous(const TokenGroups& g, const Chunk& c) {
+  return g.order[c.begin + c.rows - 1] - g.order[c.begin] == c.rows - 1;
+}
+
 struct Work {
   std::vector<Chunk> chunks;   // gathered, in the parallel loop
   std::vector<int64_t> whole;  // adapters done as one call on their contiguous rows
@@ -210,11 +215,16 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& a_stack, co
         const Chunk& c = work.chunks[ci];
         const int64_t* tok = g.order.data() + c.begin;
         const int64_t rank = rk[c.adapter];
-        for (int64_t i = 0; i < c.rows; ++i)
-          std::transform(xp + tok[i] * d_in, xp + (tok[i] + 1) * d_in, xbuf.data() + i * d_in,
-                         [](scalar_t v) { return static_cast<Acc>(v); });
-        rm_gemm<Acc>(false, a_op.tb, c.rows, rank, d_in, xbuf.data(), d_in, ap + c.adapter * a_op.stride_s, a_op.ld,
-                     Acc(0), out.data(), rank, static_cast<Acc>(sc[c.adapter]));
+        const Acc* rows = xbuf.data();  // the chunk's rows of x, [rows, d_in]
+        if (std::is_same_v<scalar_t, Acc> && chunk_is_contiguous(g, c)) {
+          rows = reinterpret_cast<const Acc*>(xp) + tok[0] * d_in;
+        } else {
+          for (int64_t i = 0; i < c.rows; ++i)
+            std::transform(xp + tok[i] * d_in, xp + (tok[i] + 1) * d_in, xbuf.data() + i * d_in,
+                           [](scalar_t v) { return static_cast<Acc>(v); });
+        }
+        rm_gemm<Acc>(false, a_op.tb, c.rows, rank, d_in, rows, d_in, ap + c.adapter * a_op.stride_s, a_op.ld, Acc(0),
+                     out.data(), rank, static_cast<Acc>(sc[c.adapter]));
         for (int64_t i = 0; i < c.rows; ++i) std::copy_n(out.data() + i * rank, rank, xap + tok[i] * R);
       }
     });
@@ -257,6 +267,11 @@ void expand_into(at::Tensor& y_out, const at::Tensor& xa_in, const at::Tensor& b
         const int64_t rank = rk[c.adapter];
         const Acc scale = static_cast<Acc>(sc[c.adapter]);
         for (int64_t i = 0; i < c.rows; ++i) std::copy_n(xap + tok[i] * R, rank, left.data() + i * rank);
+        if (std::is_same_v<scalar_t, Acc> && chunk_is_contiguous(g, c)) {  // straight into y's rows
+          rm_gemm<Acc>(false, b_op.tb, c.rows, d_out, rank, left.data(), rank, bp + c.adapter * b_op.stride_s,
+                       b_op.ld, Acc(1), reinterpret_cast<Acc*>(yp) + tok[0] * d_out, d_out, scale);
+          continue;
+        }
         // prod [rows, d_out] in cache, then each y row += scale * its prod row (one rounding)
         rm_gemm<Acc>(false, b_op.tb, c.rows, d_out, rank, left.data(), rank, bp + c.adapter * b_op.stride_s, b_op.ld,
                      Acc(0), prod.data(), d_out);
