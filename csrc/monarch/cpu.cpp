@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/cpu_blas.h"
+#include "common/cpu_transpose.h"
 #include "common/dtype.h"
 #include "monarch/ops.h"
 
@@ -55,20 +56,6 @@ void store_rows(T* dst, int64_t r0, int64_t rows, int64_t cols, const std::vecto
   if constexpr (!std::is_same_v<T, Acc>) {
     T* d = dst + r0 * cols;
     for (int64_t i = 0; i < rows * cols; ++i) d[i] = static_cast<T>(buf[i]);
-  }
-}
-
-// dst[t * ld_dst + f] = src[f * ld_src + t] for f < feats, t < rows, in 32 x 32 blocks (L1-sized).
-template <typename S, typename D>
-void transpose(const S* src, int64_t ld_src, int64_t feats, int64_t rows, D* dst, int64_t ld_dst) {
-  constexpr int64_t kB = 32;
-  for (int64_t f0 = 0; f0 < feats; f0 += kB) {
-    const int64_t f1 = std::min(f0 + kB, feats);
-    for (int64_t t0 = 0; t0 < rows; t0 += kB) {
-      const int64_t t1 = std::min(t0 + kB, rows);
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t f = f0; f < f1; ++f) dst[t * ld_dst + f] = static_cast<D>(src[f * ld_src + t]);
-    }
   }
 }
 
@@ -131,7 +118,7 @@ void monarch_forward_kernel(const at::Tensor& x, const at::Tensor& w1, const at:
       Acc* yt = ybuf.data();
       rm_gemm<Acc>(false, false, d.nblocks, d.out_bs, rows, d.mid, w2p, d.mid, d.out_bs * d.mid, ht,
                    d.nblocks * ld_h, ld_h, Acc(0), yt, d.nblocks * tile, tile);
-      transpose(yt, tile, d.d_out(), rows, yp + r0 * d.d_out(), d.d_out());
+      transpose_matrix(yt, tile, d.d_out(), rows, yp + r0 * d.d_out(), d.d_out());
     }
   });
 }
@@ -165,7 +152,7 @@ void monarch_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, cons
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r0 = i * tile, rows = std::min(tile, d.n - r0);
       Acc* gt = gbuf.data();  // grad_y tile, feature-major [d_out, tile]
-      transpose(gp + r0 * d.d_out(), d.d_out(), rows, d.d_out(), gt, tile);
+      transpose_matrix(gp + r0 * d.d_out(), d.d_out(), rows, d.d_out(), gt, tile);
       const Acc* xt = (mask[1] || (mask[2] && hp == nullptr)) ? rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf)
                                                               : nullptr;
       if (mask[2]) {  // grad w2[l] += gt_l [out_bs, rows] ht_l^T [rows, mid]

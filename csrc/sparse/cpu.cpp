@@ -25,11 +25,8 @@
 #include <vector>
 
 #include "common/cpu_clones.h"
+#include "common/cpu_transpose.h"
 #include "common/dtype.h"
-
-#ifdef LOWRANK_X86_AVX2_PATHS
-#include <immintrin.h>
-#endif
 #include "sparse/ops.h"
 
 namespace lowrank::sparse {
@@ -136,74 +133,14 @@ constexpr int64_t kTokens = 256;  // tokens per chunk: the feature-major buffers
 // all map to the same few L1 sets (a power-of-two stride of 1 KiB would).
 constexpr int64_t kLd = kTokens + 16;
 
-#ifdef LOWRANK_X86_AVX2_PATHS
-// dst rows 0..7 (stride ldd) = the columns of the 8 x 8 block at src (stride lds).
-__attribute__((target("avx2"))) inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);  // a1 b1 c1 d1 | a5 ...
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-
-// The fp32 chunk transpose in 16 x 16 tiles of four 8 x 8 register transposes: every source
-// and destination line a tile touches is used whole at once. (A scalar loop over src's
-// power-of-two row stride keeps evicting its own lines: they all map to a few cache sets.)
-// Returns the number of features done (a multiple of 16, when rows is one too).
-__attribute__((target("avx2"))) inline int64_t transpose_chunk_avx2(const float* src, int64_t n0, int64_t rows,
-                                                                      int64_t cols, float* dst) {
-  if (rows % 16 != 0) return 0;
-  const int64_t tiles = cols / 16;
-  at::parallel_for(0, tiles, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t t0 = 0; t0 < rows; t0 += 16) {
-      for (int64_t fb = b0; fb < b1; ++fb) {
-        const float* s = src + (n0 + t0) * cols + fb * 16;
-        float* d = dst + fb * 16 * kLd + t0;
-        transpose8x8(s, cols, d, kLd);
-        transpose8x8(s + 8 * cols, cols, d + 8, kLd);
-        transpose8x8(s + 8, cols, d + 8 * kLd, kLd);
-        transpose8x8(s + 8 * cols + 8, cols, d + 8 * kLd + 8, kLd);
-      }
-    }
-  });
-  return tiles * 16;
-}
-#endif
-
-// dst[f * kLd + t] = src[(n0 + t) * cols + f] for the chunk's tokens: fp32 in AVX2 tiles where
-// it can, the rest in 32 x 32 blocks, reading src along its rows (its row stride is often a
-// multiple of 4 KiB: striding it would hit one L1 set), in parallel over feature blocks.
+// dst[f * kLd + t] = src[(n0 + t) * cols + f] for the chunk's tokens (common/cpu_transpose.h:
+// AVX2 16 x 16 tiles for fp32), in parallel over blocks of 64 features, src read along its rows.
 template <typename T, typename Acc>
 void transpose_chunk(const T* src, int64_t n0, int64_t rows, int64_t cols, Acc* dst) {
-  int64_t done = 0;
-#ifdef LOWRANK_X86_AVX2_PATHS
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
-    if (cpu_has_avx2()) done = transpose_chunk_avx2(src, n0, rows, cols, dst);
-  }
-#endif
-  constexpr int64_t kB = 32;
-  at::parallel_for(done / kB, (cols + kB - 1) / kB, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t fb = b0; fb < b1; ++fb) {
-      const int64_t f0 = std::max(fb * kB, done), f1 = std::min(fb * kB + kB, cols);
-      for (int64_t t0 = 0; t0 < rows; t0 += kB) {
-        const int64_t t1 = std::min(t0 + kB, rows);
-        for (int64_t t = t0; t < t1; ++t) {
-          const T* s = src + (n0 + t) * cols;
-          for (int64_t f = f0; f < f1; ++f) dst[f * kLd + t] = static_cast<Acc>(s[f]);
-        }
-      }
-    }
+  constexpr int64_t kF = 64;
+  at::parallel_for(0, (cols + kF - 1) / kF, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t f0 = b0 * kF, f1 = std::min(b1 * kF, cols);
+    transpose_matrix(src + n0 * cols + f0, cols, rows, f1 - f0, dst + f0 * kLd, kLd);
   });
 }
 
