@@ -17,9 +17,10 @@ from tolerances import ACCUMULATE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (N, nblocks, in_bs, mid, out_bs): square and rectangular blocks, mid < nblocks, nblocks = 1,
-# N crossing the CPU kernel's row tiles (up to 512 rows), N = 1
+# N crossing the CPU kernel's row tiles (up to 512 rows), N = 1; blocks of 64 (the largest the
+# CPU's small-k GEMM takes in fp32) and one dimension past it (BLAS for every product)
 SHAPES = [(1, 4, 3, 2, 5), (37, 1, 7, 7, 3), (70, 3, 8, 6, 4), (600, 4, 6, 8, 8), (1100, 8, 16, 16, 16),
-          (129, 16, 4, 4, 4)]
+          (129, 16, 4, 4, 4), (301, 2, 64, 64, 64), (45, 2, 33, 65, 17)]
 
 
 def _tensors(n, nb, in_bs, mid, out_bs, dtype, device="cpu"):

@@ -11,7 +11,14 @@
 
 #include <dlfcn.h>
 
+#include "common/cpu_clones.h"
+
+#ifdef LOWRANK_X86_AVX2_PATHS
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -78,6 +85,128 @@ template <typename Acc>
 void rm_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
              Acc beta, Acc* c, int64_t ldc, Acc alpha = Acc(1)) {
   rm_gemm<Acc>(ta, tb, 1, m, n, k, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, alpha);
+}
+
+// ---- register-blocked fp32 GEMM for a small inner dimension ----
+// BLAS pays a fixed price per call (packing both operands, a separate beta = 0 pass) that
+// dominates when k is 16-64 and a kernel calls it per cache tile and per block (Monarch
+// with small blocks: MKL's sgemm_scopy / sgemm_mscale were ~18% of that forward's profile).
+// small_gemm_f32 reads the operands where they lie: 6 x 16 blocks of C in twelve AVX2
+// accumulators, B's row (16 values) loaded once per k and A broadcast, FMA. Results differ
+// from BLAS only by rounding (FMA, summation order), as BLAS differs between CPUs.
+
+#ifdef LOWRANK_X86_AVX2_PATHS
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// The lanes j < n of 8 (n may be <= 0 or >= 8).
+__attribute__((target("avx2"), always_inline)) inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// C[i, 0:nj] (+)= sum_k A[i sa_i + k sa_k] B[k, 0:nj] for i < MR, nj <= 16.
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(int64_t k_len, const float* a,
+                                                                                 int64_t sa_i, int64_t sa_k,
+                                                                                 const float* b, int64_t ldb, float* c,
+                                                                                 int64_t ldc, int nj, bool accumulate) {
+  __m256 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  if (nj == 16) {
+    for (int64_t k = 0; k < k_len; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_broadcast_ss(a + i * sa_i + k * sa_k);
+        acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      float* ci = c + i * ldc;
+      if (accumulate) {
+        acc0[i] = _mm256_add_ps(_mm256_loadu_ps(ci), acc0[i]);
+        acc1[i] = _mm256_add_ps(_mm256_loadu_ps(ci + 8), acc1[i]);
+      }
+      _mm256_storeu_ps(ci, acc0[i]);
+      _mm256_storeu_ps(ci + 8, acc1[i]);
+    }
+    return;
+  }
+  const __m256i m0 = first_lanes(nj), m1 = first_lanes(nj - 8);  // masked lanes are never touched
+  for (int64_t k = 0; k < k_len; ++k) {
+    const __m256 b0 = _mm256_maskload_ps(b + k * ldb, m0), b1 = _mm256_maskload_ps(b + k * ldb + 8, m1);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * sa_i + k * sa_k);
+      acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    if (accumulate) {
+      acc0[i] = _mm256_add_ps(_mm256_maskload_ps(ci, m0), acc0[i]);
+      acc1[i] = _mm256_add_ps(_mm256_maskload_ps(ci + 8, m1), acc1[i]);
+    }
+    _mm256_maskstore_ps(ci, m0, acc0[i]);
+    _mm256_maskstore_ps(ci + 8, m1, acc1[i]);
+  }
+}
+
+// C [m, n] (row stride ldc) = (C +) A B, A [m, k] read as a[i sa_i + k sa_k] (either layout),
+// B [k, n] row-major (row stride ldb). Callers check cpu_has_avx2_fma().
+__attribute__((target("avx2,fma"))) inline void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a,
+                                                                int64_t sa_i, int64_t sa_k, const float* b,
+                                                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const int nj = static_cast<int>(std::min<int64_t>(16, n - j));
+    int64_t i = 0;
+    for (; i + 6 <= m; i += 6)
+      small_gemm_block<6>(k, a + i * sa_i, sa_i, sa_k, b + j, ldb, c + i * ldc + j, ldc, nj, accumulate);
+    const float* ai = a + i * sa_i;
+    float* ci = c + i * ldc + j;
+    switch (m - i) {
+      case 5: small_gemm_block<5>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
+      case 4: small_gemm_block<4>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
+      case 3: small_gemm_block<3>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
+      case 2: small_gemm_block<2>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
+      case 1: small_gemm_block<1>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+// Whether small_gemm_f32 can run here.
+inline bool small_gemm_available() {
+#ifdef LOWRANK_X86_AVX2_PATHS
+  return cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// rm_gemm's arguments, through small_gemm_f32 where it applies (fp32, B not transposed,
+// beta 0 or 1, alpha 1, k <= kSmallGemmMaxK, a CPU with AVX2 and FMA), else rm_gemm.
+constexpr int64_t kSmallGemmMaxK = 64;
+
+template <typename Acc>
+void rm_gemm_small_k(bool ta, bool tb, int64_t batch, int64_t m, int64_t n, int64_t k, const Acc* a, int64_t lda,
+                     int64_t stride_a, const Acc* b, int64_t ldb, int64_t stride_b, Acc beta, Acc* c, int64_t ldc,
+                     int64_t stride_c) {
+#ifdef LOWRANK_X86_AVX2_PATHS
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (!tb && (beta == 0.f || beta == 1.f) && k <= kSmallGemmMaxK && small_gemm_available()) {
+      const int64_t sa_i = ta ? 1 : lda, sa_k = ta ? lda : 1;
+      for (int64_t i = 0; i < batch; ++i)
+        small_gemm_f32(m, n, k, a + i * stride_a, sa_i, sa_k, b + i * stride_b, ldb, c + i * stride_c, ldc,
+                       beta == 1.f);
+      return;
+    }
+  }
+#endif
+  rm_gemm<Acc>(ta, tb, batch, m, n, k, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc, stride_c);
 }
 
 }  // namespace lowrank
