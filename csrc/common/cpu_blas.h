@@ -87,13 +87,15 @@ void rm_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Acc* a, in
   rm_gemm<Acc>(ta, tb, 1, m, n, k, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, alpha);
 }
 
-// ---- register-blocked fp32 GEMM for a small inner dimension ----
+// ---- register-blocked fp32 GEMM for small blocks ----
 // BLAS pays a fixed price per call (packing both operands, a separate beta = 0 pass) that
-// dominates when k is 16-64 and a kernel calls it per cache tile and per block (Monarch
-// with small blocks: MKL's sgemm_scopy / sgemm_mscale were ~18% of that forward's profile).
-// small_gemm_f32 reads the operands where they lie: 6 x 16 blocks of C in twelve AVX2
-// accumulators, B's row (16 values) loaded once per k and A broadcast, FMA. Results differ
-// from BLAS only by rounding (FMA, summation order), as BLAS differs between CPUs.
+// dominates when a kernel calls it per cache tile on small operands: Monarch's blocks with
+// k = 16-64 (MKL's sgemm_scopy / sgemm_mscale were ~18% of that forward's profile), and the
+// multilora shrink's [rows, d_in] x [d_in, rank] per chunk of scattered tokens, whose x rows
+// it reads in place (a_rows) instead of gathering them. small_gemm_f32 reads the operands
+// where they lie: 6 x 16 blocks of C in twelve AVX2 accumulators, B's row (16 values) loaded
+// once per k and A broadcast, FMA. Results differ from BLAS only by rounding (FMA, summation
+// order), as BLAS differs between CPUs.
 
 #ifdef LOWRANK_X86_AVX2_PATHS
 inline bool cpu_has_avx2_fma() {
@@ -106,19 +108,21 @@ __attribute__((target("avx2"), always_inline)) inline __m256i first_lanes(int n)
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// C[i, 0:nj] (+)= sum_k A[i sa_i + k sa_k] B[k, 0:nj] for i < MR, nj <= 16.
+// C[i, 0:nj] (+)= sum_k A[i, k] B[k, 0:nj] for i < MR, nj <= 16, A[i, k] = a[ri sa_i + k sa_k]
+// with ri = a_rows ? a_rows[i] : i (A's rows may be scattered: gathered tokens).
 template <int MR>
-__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(int64_t k_len, const float* a,
-                                                                                 int64_t sa_i, int64_t sa_k,
-                                                                                 const float* b, int64_t ldb, float* c,
-                                                                                 int64_t ldc, int nj, bool accumulate) {
+__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
+    int64_t k_len, const float* a, int64_t sa_i, int64_t sa_k, const int64_t* a_rows, const float* b, int64_t ldb,
+    float* c, int64_t ldc, int nj, bool accumulate) {
+  const float* ap[MR];
+  for (int i = 0; i < MR; ++i) ap[i] = a + (a_rows ? a_rows[i] : i) * sa_i;
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   if (nj == 16) {
     for (int64_t k = 0; k < k_len; ++k) {
       const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
       for (int i = 0; i < MR; ++i) {
-        const __m256 av = _mm256_broadcast_ss(a + i * sa_i + k * sa_k);
+        const __m256 av = _mm256_broadcast_ss(ap[i] + k * sa_k);
         acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
         acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
       }
@@ -138,7 +142,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
   for (int64_t k = 0; k < k_len; ++k) {
     const __m256 b0 = _mm256_maskload_ps(b + k * ldb, m0), b1 = _mm256_maskload_ps(b + k * ldb + 8, m1);
     for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * sa_i + k * sa_k);
+      const __m256 av = _mm256_broadcast_ss(ap[i] + k * sa_k);
       acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
       acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
     }
@@ -154,25 +158,27 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
   }
 }
 
-// C [m, n] (row stride ldc) = (C +) A B, A [m, k] read as a[i sa_i + k sa_k] (either layout),
-// B [k, n] row-major (row stride ldb). Callers check cpu_has_avx2_fma().
+// C [m, n] (row stride ldc) = (C +) A B, A [m, k] read as a[ri sa_i + k sa_k] (either layout;
+// ri = a_rows ? a_rows[i] : i), B [k, n] row-major (row stride ldb). Callers check
+// small_gemm_available().
 __attribute__((target("avx2,fma"))) inline void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a,
                                                                 int64_t sa_i, int64_t sa_k, const float* b,
-                                                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                                                                int64_t ldb, float* c, int64_t ldc, bool accumulate,
+                                                                const int64_t* a_rows = nullptr) {
   for (int64_t j = 0; j < n; j += 16) {
     const int nj = static_cast<int>(std::min<int64_t>(16, n - j));
-    int64_t i = 0;
-    for (; i + 6 <= m; i += 6)
-      small_gemm_block<6>(k, a + i * sa_i, sa_i, sa_k, b + j, ldb, c + i * ldc + j, ldc, nj, accumulate);
-    const float* ai = a + i * sa_i;
-    float* ci = c + i * ldc + j;
-    switch (m - i) {
-      case 5: small_gemm_block<5>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
-      case 4: small_gemm_block<4>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
-      case 3: small_gemm_block<3>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
-      case 2: small_gemm_block<2>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
-      case 1: small_gemm_block<1>(k, ai, sa_i, sa_k, b + j, ldb, ci, ldc, nj, accumulate); break;
-      default: break;
+    for (int64_t i = 0; i < m; i += 6) {
+      const float* ai = a_rows ? a : a + i * sa_i;
+      const int64_t* ri = a_rows ? a_rows + i : nullptr;
+      float* ci = c + i * ldc + j;
+      switch (std::min<int64_t>(6, m - i)) {
+        case 6: small_gemm_block<6>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+        case 5: small_gemm_block<5>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+        case 4: small_gemm_block<4>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+        case 3: small_gemm_block<3>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+        case 2: small_gemm_block<2>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+        default: small_gemm_block<1>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+      }
     }
   }
 }
