@@ -165,19 +165,27 @@ __attribute__((target("avx2,fma"))) inline void small_gemm_f32(int64_t m, int64_
                                                                 int64_t sa_i, int64_t sa_k, const float* b,
                                                                 int64_t ldb, float* c, int64_t ldc, bool accumulate,
                                                                 const int64_t* a_rows = nullptr) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const int nj = static_cast<int>(std::min<int64_t>(16, n - j));
-    for (int64_t i = 0; i < m; i += 6) {
-      const float* ai = a_rows ? a : a + i * sa_i;
-      const int64_t* ri = a_rows ? a_rows + i : nullptr;
-      float* ci = c + i * ldc + j;
-      switch (std::min<int64_t>(6, m - i)) {
-        case 6: small_gemm_block<6>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
-        case 5: small_gemm_block<5>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
-        case 4: small_gemm_block<4>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
-        case 3: small_gemm_block<3>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
-        case 2: small_gemm_block<2>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
-        default: small_gemm_block<1>(k, ai, sa_i, sa_k, ri, b + j, ldb, ci, ldc, nj, accumulate); break;
+  // k in panels of kPanelK: a panel's slice of A's rows stays in L2 across C's 16-column blocks
+  // (the shrink's [128 rows, d_in] chunk at rank 64 would otherwise come from L3 four times)
+  constexpr int64_t kPanelK = 256;
+  for (int64_t k0 = 0; k0 < k || (k == 0 && k0 == 0); k0 += kPanelK) {
+    const int64_t kk = std::min(kPanelK, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t j = 0; j < n; j += 16) {
+      const int nj = static_cast<int>(std::min<int64_t>(16, n - j));
+      const float* bj = b + k0 * ldb + j;
+      for (int64_t i = 0; i < m; i += 6) {
+        const float* ai = (a_rows ? a : a + i * sa_i) + k0 * sa_k;
+        const int64_t* ri = a_rows ? a_rows + i : nullptr;
+        float* ci = c + i * ldc + j;
+        switch (std::min<int64_t>(6, m - i)) {
+          case 6: small_gemm_block<6>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          case 5: small_gemm_block<5>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          case 4: small_gemm_block<4>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          case 3: small_gemm_block<3>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          case 2: small_gemm_block<2>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          default: small_gemm_block<1>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+        }
       }
     }
   }
