@@ -108,39 +108,34 @@ __attribute__((target("avx2"), always_inline)) inline __m256i first_lanes(int n)
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// C[i, 0:nj] (+)= sum_k A[i, k] B[k, 0:nj] for i < MR, nj <= 16, A[i, k] = a[ri sa_i + k sa_k]
-// with ri = a_rows ? a_rows[i] : i (A's rows may be scattered: gathered tokens).
-template <int MR>
-__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
+// The first 8 lanes at p: all of them (kFull), or those `mask` selects (the others are never
+// touched, so a partial block may end at the edge of an allocation).
+template <bool kFull>
+__attribute__((target("avx2"), always_inline)) inline __m256 load_lanes(const float* p, __m256i mask) {
+  if constexpr (kFull) return _mm256_loadu_ps(p);
+  else return _mm256_maskload_ps(p, mask);
+}
+
+template <bool kFull>
+__attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p, __m256i mask, __m256 v) {
+  if constexpr (kFull) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, mask, v);
+}
+
+// C[i, 0:nj] (+)= sum_k A[i, k] B[k, 0:nj] for i < MR, nj <= 16 (kFull: nj == 16), where
+// A[i, k] = a[ri sa_i + k sa_k] with ri = a_rows ? a_rows[i] : i (A's rows may be scattered:
+// gathered tokens).
+template <int MR, bool kFull>
+__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_tile(
     int64_t k_len, const float* a, int64_t sa_i, int64_t sa_k, const int64_t* a_rows, const float* b, int64_t ldb,
     float* c, int64_t ldc, int nj, bool accumulate) {
   const float* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = a + (a_rows ? a_rows[i] : i) * sa_i;
+  const __m256i m0 = first_lanes(nj), m1 = first_lanes(nj - 8);
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-  if (nj == 16) {
-    for (int64_t k = 0; k < k_len; ++k) {
-      const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
-      for (int i = 0; i < MR; ++i) {
-        const __m256 av = _mm256_broadcast_ss(ap[i] + k * sa_k);
-        acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
-        acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      float* ci = c + i * ldc;
-      if (accumulate) {
-        acc0[i] = _mm256_add_ps(_mm256_loadu_ps(ci), acc0[i]);
-        acc1[i] = _mm256_add_ps(_mm256_loadu_ps(ci + 8), acc1[i]);
-      }
-      _mm256_storeu_ps(ci, acc0[i]);
-      _mm256_storeu_ps(ci + 8, acc1[i]);
-    }
-    return;
-  }
-  const __m256i m0 = first_lanes(nj), m1 = first_lanes(nj - 8);  // masked lanes are never touched
   for (int64_t k = 0; k < k_len; ++k) {
-    const __m256 b0 = _mm256_maskload_ps(b + k * ldb, m0), b1 = _mm256_maskload_ps(b + k * ldb + 8, m1);
+    const __m256 b0 = load_lanes<kFull>(b + k * ldb, m0), b1 = load_lanes<kFull>(b + k * ldb + 8, m1);
     for (int i = 0; i < MR; ++i) {
       const __m256 av = _mm256_broadcast_ss(ap[i] + k * sa_k);
       acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
@@ -150,12 +145,20 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
     if (accumulate) {
-      acc0[i] = _mm256_add_ps(_mm256_maskload_ps(ci, m0), acc0[i]);
-      acc1[i] = _mm256_add_ps(_mm256_maskload_ps(ci + 8, m1), acc1[i]);
+      acc0[i] = _mm256_add_ps(load_lanes<kFull>(ci, m0), acc0[i]);
+      acc1[i] = _mm256_add_ps(load_lanes<kFull>(ci + 8, m1), acc1[i]);
     }
-    _mm256_maskstore_ps(ci, m0, acc0[i]);
-    _mm256_maskstore_ps(ci + 8, m1, acc1[i]);
+    store_lanes<kFull>(ci, m0, acc0[i]);
+    store_lanes<kFull>(ci + 8, m1, acc1[i]);
   }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
+    int64_t k_len, const float* a, int64_t sa_i, int64_t sa_k, const int64_t* a_rows, const float* b, int64_t ldb,
+    float* c, int64_t ldc, int nj, bool accumulate) {
+  if (nj == 16) small_gemm_tile<MR, true>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, nj, accumulate);
+  else small_gemm_tile<MR, false>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, nj, accumulate);
 }
 
 // C [m, n] (row stride ldc) = (C +) A B, A [m, k] read as a[ri sa_i + k sa_k] (either layout;
