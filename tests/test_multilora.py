@@ -194,17 +194,20 @@ def test_grouped_outer_is_the_stacks_gradient(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shrink_expand_groups_across_chunk_boundaries(device, dtype):
+@pytest.mark.parametrize("d_in, d_out, r", [(40, 24, 8), (33, 1047, 8), (20, 300, 64), (16, 70, 72)])
+def test_shrink_expand_groups_across_chunk_boundaries(device, dtype, d_in, d_out, r):
     """Groups of 0 to 300 tokens (the CPU kernels gather chunks of 32 rows here, and take a
     long contiguous group in place), some contiguous in the batch and some shuffled, mixed
-    ranks and scales, into a y that is a non-contiguous view: against the fp64 references."""
+    ranks and scales, into a y that is a non-contiguous view: against the fp64 references.
+    The shapes cut the CPU expand's column panels (1024 wide at rank 8, 128 at rank 64) with
+    a ragged last panel, and rank 72 is past its register-blocked kernel (BLAS then)."""
     from lowrank_ext.reference.multilora import lora_expand_inplace_ref, lora_shrink_ref
     sizes = [0, 1, 31, 32, 33, 70, 2, 300]
     contiguous = torch.cat([torch.full((n,), a) for a, n in enumerate(sizes) if a % 2 == 1])
     shuffled = torch.cat([torch.full((n,), a) for a, n in enumerate(sizes) if a % 2 == 0] + [torch.full((9,), -1)])
     ids = torch.cat([contiguous, shuffled[torch.randperm(len(shuffled))]]).to(device)
-    n, d_in, d_out, r = len(ids), 40, 24, 8
-    ranks = torch.tensor([8, 3, 8, 5, 1, 8, 0, 7], device=device)
+    n = len(ids)
+    ranks = torch.tensor([r, 3, r, 5, 1, r, 0, r - 1], device=device)
     scales = torch.tensor([0.5, 2.0, 1.0, -1.0, 3.0, 0.25, 1.0, 1.5], device=device)
     a, b = _stack(device, dtype, len(sizes), r, d_in, d_out, ranks.tolist())
     x = torch.randn(n, d_in, device=device, dtype=dtype)

@@ -123,15 +123,17 @@ __attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p,
 }
 
 // C[i, 0:nj] (+)= sum_k A[i, k] B[k, 0:nj] for i < MR, nj <= 16 (kFull: nj == 16), where
-// A[i, k] = a[ri sa_i + k sa_k] with ri = a_rows ? a_rows[i] : i (A's rows may be scattered:
-// gathered tokens).
+// A[i, k] = a[ri sa_i + k sa_k] with ri = a_rows ? a_rows[i] : i and C's row i is
+// c + (c_rows ? c_rows[i] : i) ldc (rows of A or C may be scattered: a batch's tokens).
 template <int MR, bool kFull>
 __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_tile(
     int64_t k_len, const float* a, int64_t sa_i, int64_t sa_k, const int64_t* a_rows, const float* b, int64_t ldb,
-    float* c, int64_t ldc, int nj, bool accumulate) {
+    float* c, int64_t ldc, const int64_t* c_rows, int nj, bool accumulate) {
   const float* ap[MR];
   for (int i = 0; i < MR; ++i) ap[i] = a + (a_rows ? a_rows[i] : i) * sa_i;
   const __m256i m0 = first_lanes(nj), m1 = first_lanes(nj - 8);
+  float* cp[MR];
+  for (int i = 0; i < MR; ++i) cp[i] = c + (c_rows ? c_rows[i] : i) * ldc;
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_len; ++k) {
@@ -143,7 +145,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_tile(
     }
   }
   for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
+    float* ci = cp[i];
     if (accumulate) {
       acc0[i] = _mm256_add_ps(load_lanes<kFull>(ci, m0), acc0[i]);
       acc1[i] = _mm256_add_ps(load_lanes<kFull>(ci + 8, m1), acc1[i]);
@@ -156,18 +158,19 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_tile(
 template <int MR>
 __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_block(
     int64_t k_len, const float* a, int64_t sa_i, int64_t sa_k, const int64_t* a_rows, const float* b, int64_t ldb,
-    float* c, int64_t ldc, int nj, bool accumulate) {
-  if (nj == 16) small_gemm_tile<MR, true>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, nj, accumulate);
-  else small_gemm_tile<MR, false>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, nj, accumulate);
+    float* c, int64_t ldc, const int64_t* c_rows, int nj, bool accumulate) {
+  if (nj == 16) small_gemm_tile<MR, true>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, c_rows, nj, accumulate);
+  else small_gemm_tile<MR, false>(k_len, a, sa_i, sa_k, a_rows, b, ldb, c, ldc, c_rows, nj, accumulate);
 }
 
 // C [m, n] (row stride ldc) = (C +) A B, A [m, k] read as a[ri sa_i + k sa_k] (either layout;
-// ri = a_rows ? a_rows[i] : i), B [k, n] row-major (row stride ldb). Callers check
-// small_gemm_available().
+// ri = a_rows ? a_rows[i] : i), B [k, n] row-major (row stride ldb), C's row i at
+// c + (c_rows ? c_rows[i] : i) ldc. Callers check small_gemm_available().
 __attribute__((target("avx2,fma"))) inline void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a,
                                                                 int64_t sa_i, int64_t sa_k, const float* b,
                                                                 int64_t ldb, float* c, int64_t ldc, bool accumulate,
-                                                                const int64_t* a_rows = nullptr) {
+                                                                const int64_t* a_rows = nullptr,
+                                                                const int64_t* c_rows = nullptr) {
   // k in panels of kPanelK: a panel's slice of A's rows stays in L2 across C's 16-column blocks
   // (the shrink's [128 rows, d_in] chunk at rank 64 would otherwise come from L3 four times)
   constexpr int64_t kPanelK = 256;
@@ -180,14 +183,15 @@ __attribute__((target("avx2,fma"))) inline void small_gemm_f32(int64_t m, int64_
       for (int64_t i = 0; i < m; i += 6) {
         const float* ai = (a_rows ? a : a + i * sa_i) + k0 * sa_k;
         const int64_t* ri = a_rows ? a_rows + i : nullptr;
-        float* ci = c + i * ldc + j;
+        float* ci = (c_rows ? c : c + i * ldc) + j;
+        const int64_t* rc = c_rows ? c_rows + i : nullptr;
         switch (std::min<int64_t>(6, m - i)) {
-          case 6: small_gemm_block<6>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
-          case 5: small_gemm_block<5>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
-          case 4: small_gemm_block<4>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
-          case 3: small_gemm_block<3>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
-          case 2: small_gemm_block<2>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
-          default: small_gemm_block<1>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, nj, acc); break;
+          case 6: small_gemm_block<6>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
+          case 5: small_gemm_block<5>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
+          case 4: small_gemm_block<4>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
+          case 3: small_gemm_block<3>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
+          case 2: small_gemm_block<2>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
+          default: small_gemm_block<1>(kk, ai, sa_i, sa_k, ri, bj, ldb, ci, ldc, rc, nj, acc); break;
         }
       }
     }
