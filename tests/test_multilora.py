@@ -285,6 +285,21 @@ def test_bad_arguments_raise():
         multi_lora_linear(torch.randn(2, 3, 4), torch.randn(5, 4), None, a, torch.randn(3, 5, 2), ids)
 
 
+def test_inplace_expand_reads_xa_inside_y_as_it_was(device):
+    """xa in y's own memory (a view of y, one buffer holding [y | xa], or contiguous rows inside
+    y's) is read as it was before the call, not as the expand overwrites it: against the fp64
+    reference."""
+    from lowrank_ext.reference.multilora import lora_expand_inplace_ref
+    ids = torch.tensor([0, 1, -1, 1, 0, 0], device=device)
+    b = torch.randn(2, 5, 2, device=device)
+    buf_a, buf_b, flat = torch.randn(6, 5, device=device), torch.randn(6, 7, device=device), torch.randn(30, device=device)
+    for y, xa in ((buf_a, buf_a[:, :2]), (buf_b[:, :5], buf_b[:, 5:]), (flat.view(6, 5), flat[10:22].view(6, 2))):
+        y_ref = y.double().clone()
+        lora_expand_inplace_ref(y_ref, xa.double().clone(), b.double(), ids)
+        lora_expand_(y, xa, b, ids)
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
 # ---- MultiLoRALinear ----
 
 def test_layer_load_replace_unload_without_reallocation():

@@ -396,7 +396,9 @@ void expand_into(at::Tensor& y_out, const at::Tensor& xa_in, const at::Tensor& b
 void lora_expand_inplace_cpu(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                              const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
   at::assert_no_internal_overlap(y);  // rows of a broadcast y would alias
-  expand_into(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
+  // xa in y's memory (one GEMM's output split in two, or a view of y) is read as it was
+  const at::Tensor xa_in = xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
+  expand_into(y, xa_in, b_stack, ids, ranks, scales, "lora_expand_");
 }
 
 at::Tensor lora_expand_cpu(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack,

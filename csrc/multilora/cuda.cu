@@ -264,11 +264,15 @@ void lora_expand_inplace_cuda(at::Tensor& y, const at::Tensor& xa, const at::Ten
   const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
   at::assert_no_internal_overlap(y);  // a broadcast y would race
   const c10::cuda::OptionalCUDAGuard guard(y.device());
-  if (y.stride(1) == 1 || y.size(1) <= 1) {
-    expand_cuda(y, y, xa, b_stack, ids, ranks, scales, s);
+  // xa in y's memory (one GEMM's output split in two, or a view of y) is read as it was
+  const at::Tensor xa_in = xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
+  // in place only where y's rows are unit-stride and provably disjoint (an as_strided view
+  // that at::has_internal_overlap cannot decide goes through the copy too)
+  if ((y.stride(1) == 1 || y.size(1) <= 1) && at::has_internal_overlap(y) == at::MemOverlap::No) {
+    expand_cuda(y, y, xa_in, b_stack, ids, ranks, scales, s);
   } else {  // rows not unit-stride: work on a contiguous copy, then write it back
     at::Tensor tmp = y.contiguous();
-    expand_cuda(tmp, tmp, xa, b_stack, ids, ranks, scales, s);
+    expand_cuda(tmp, tmp, xa_in, b_stack, ids, ranks, scales, s);
     y.copy_(tmp);
   }
 }
