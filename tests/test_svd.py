@@ -28,7 +28,7 @@ def _with_spectrum(m, n, s, dtype=torch.float64, batch=()):
 
 
 def _orth_err(q):
-    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     return float((q.transpose(-2, -1) @ q - eye).abs().max())
 
 
@@ -202,15 +202,17 @@ def test_rsvd_signs_are_fixed():
     torch.testing.assert_close(vh_neg, -vh, atol=1e-10, rtol=0)
 
 
-def test_rsvd_rank_deficient_and_zero():
-    a = torch.randn(60, 3) @ torch.randn(3, 40)  # rank 3 < k + oversample
+def test_rsvd_rank_deficient_and_zero(device):
+    """Rank 3 < k + oversample: the power iterations' second Cholesky fails there and must fall
+    back (on a GPU without a host sync: Householder QR selected on the device)."""
+    a = (torch.randn(60, 3) @ torch.randn(3, 40)).to(device)
     u, s, vh = ops.rsvd(a, 8)
     assert _orth_err(u) < 1e-5 and _orth_err(vh.t()) < 1e-5
     torch.testing.assert_close(s[:3], torch.linalg.svdvals(a)[:3], atol=1e-4, rtol=1e-5)
     assert float(s[3:].max()) < 1e-5 * float(s[0])
     torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-4, rtol=0)
-    u, s, vh = ops.rsvd(torch.zeros(30, 20), 5)
-    assert torch.equal(s, torch.zeros(5)) and _orth_err(u) < 1e-6 and _orth_err(vh.t()) < 1e-6
+    u, s, vh = ops.rsvd(torch.zeros(30, 20, device=device), 5)
+    assert torch.equal(s, torch.zeros(5, device=device)) and _orth_err(u) < 1e-6 and _orth_err(vh.t()) < 1e-6
 
 
 def test_rsvd_batched_equals_loop_and_batched_rsvd_groups():

@@ -95,7 +95,7 @@ struct Orthonormal {
 // I (Y rank deficient, zero or not finite) or a Cholesky fails, that batch entry falls back
 // to Householder QR, which is orthonormal whatever Y is.
 // `passes` = 2 stops after the second pass, a basis that is orthonormal to ~1e-2: all the
-// power iterations need between products. Only a failed Cholesky falls back there (on CPU).
+// power iterations need between products. Only a failed Cholesky falls back there.
 Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
   const int64_t l = y.size(2);
   const double u = unit_roundoff(y.scalar_type());
@@ -131,10 +131,13 @@ Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
       q = q.index_copy(0, bad, qh);
       r = r.index_copy(0, bad, rh);
     }
-  } else if (passes > 2) {
-    // No host synchronisation on a GPU: the final bases' Householder QR is computed for every
-    // entry and selected on the device (the two-pass bases between power iterations have no
-    // fallback there: with the shift and the floor only a non-finite Y breaks them).
+  } else {
+    // No host synchronisation on a GPU: Householder QR is computed for every entry and
+    // selected on the device. The two-pass bases between power iterations need it too: where
+    // Y is rank deficient (rank < l), or its spectrum falls below the working precision within
+    // l, Q1^T Q1 has eigenvalues ~u/100, under its rounding, and the unshifted second Cholesky
+    // fails (a shifted one instead loses those directions: fp32 error past the 1.05x-optimal
+    // test, measured with this path forced on the CPU).
     auto [qh, rh] = at::linalg_qr(y, "reduced");
     const at::Tensor keep = ok.view({-1, 1, 1});
     q = at::where(keep, q, qh);
