@@ -297,10 +297,10 @@ bool expand_chunks_small_gemm(const TokenGroups& g, const Work& work, const std:
     struct Item {
       int64_t adapter, begin, rows, col;
     };
-    std::vector<Item> items;
-    for (const Chunk& c : work.chunks) {  // merge each adapter's consecutive chunks into kRows
-      if (!items.empty() && items.back().adapter == c.adapter && items.back().col == 0 &&
-          items.back().rows + c.rows <= kRows) {
+    std::vector<Item> items;  // each adapter's consecutive chunks merged up to kRows (plan_work cuts
+                              // a group into consecutive chunks, so a merge stays one range)
+    for (const Chunk& c : work.chunks) {
+      if (!items.empty() && items.back().adapter == c.adapter && items.back().rows + c.rows <= kRows) {
         items.back().rows += c.rows;
         continue;
       }
