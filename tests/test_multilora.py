@@ -293,10 +293,18 @@ def test_inplace_expand_reads_xa_inside_y_as_it_was(device):
     ids = torch.tensor([0, 1, -1, 1, 0, 0], device=device)
     b = torch.randn(2, 5, 2, device=device)
     buf_a, buf_b, flat = torch.randn(6, 5, device=device), torch.randn(6, 7, device=device), torch.randn(30, device=device)
-    for y, xa in ((buf_a, buf_a[:, :2]), (buf_b[:, :5], buf_b[:, 5:]), (flat.view(6, 5), flat[10:22].view(6, 2))):
+    cases = [(buf_a, buf_a[:, :2], ids, b), (buf_b[:, :5], buf_b[:, 5:], ids, b),
+             (flat.view(6, 5), flat[10:22].view(6, 2), ids, b)]
+    # one adapter, contiguous xa in y's first rows: rows 6.. of xa are overwritten by the first
+    # rows' results unless xa is read as it was, whatever the thread order
+    for n in (12, 300):  # 300: one long contiguous group (a BLAS call on views)
+        big = torch.randn(n * 8, device=device)
+        cases.append((big.view(n, 8), big[: n * 4].view(n, 4), torch.zeros(n, dtype=torch.int64, device=device),
+                      torch.randn(1, 8, 4, device=device)))
+    for y, xa, ids_, b_ in cases:
         y_ref = y.double().clone()
-        lora_expand_inplace_ref(y_ref, xa.double().clone(), b.double(), ids)
-        lora_expand_(y, xa, b, ids)
+        lora_expand_inplace_ref(y_ref, xa.double().clone(), b_.double(), ids_)
+        lora_expand_(y, xa, b_, ids_)
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
 
 

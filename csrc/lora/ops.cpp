@@ -142,13 +142,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   at::Tensor grad_x = none(), grad_a = none(), grad_b = none(), grad_core = none(), grad_rank_scale = none();
 
   const auto [u, h] = branch(xa, core, rank_scale);
-  // dB = scale * g^T h, formed as (h^T g)^T: the same products and rounding, but MKL takes a
-  // slow path for g^T h ([d_out, N] x [N, r], r small): 5.8 ms against 0.7 ms at N = 2048,
-  // d = 1024, r = 8 (2-core CPU), never slower over the benchmark's shapes
-  if (output_mask[2])
-    grad_b = at::addmm(at::empty({s.r, s.d_out}, x.options()), h.to(dtype).t(), g, /*beta=*/0, /*alpha=*/scale)
-                 .t()
-                 .contiguous();
+  // dB = scale * g^T h. On CPU it is formed as (h^T g)^T, the same products with alpha applied
+  // once as before (BLAS may sum in another order): MKL takes a slow path for g^T h
+  // ([d_out, N] x [N, r], r small), 5.8 ms against 0.7 ms at N = 2048, d = 1024, r = 8 (2-core
+  // CPU), and the swap was never slower over the benchmark's shapes
+  if (output_mask[2]) {
+    if (g.is_cpu()) {
+      grad_b = at::addmm(at::empty({s.r, s.d_out}, x.options()), h.to(dtype).t(), g, /*beta=*/0, /*alpha=*/scale)
+                   .t()
+                   .contiguous();
+    } else {
+      grad_b = at::addmm(at::empty({s.d_out, s.r}, x.options()), g.t(), h.to(dtype), /*beta=*/0, /*alpha=*/scale);
+    }
+  }
   // t: the gradient reaching h, then u, then xa ([N, r], accumulate dtype); g B is computed once
   at::Tensor t = at::mm(g, lora_b).to(acc).mul_(scale);
   if (core) {

@@ -1,9 +1,9 @@
 // CPU kernels of the multilora family. The tokens are grouped by adapter once per call (a
 // stable counting sort over the ids, which also checks every id and rank before anything is
 // written). lora_shrink / lora_expand_ then run each adapter's rows through BLAS with its
-// slice of the stack, in cache-sized gathered chunks (see plan_work; in fp32 the
-// register-blocked kernel of common/cpu_blas.h reads the shrink's x rows and writes the
-// expand's y rows in place instead); lora_grouped_outer
+// slice of the stack, in cache-sized gathered chunks (see plan_work; in fp32, on CPUs with
+// AVX2 and FMA and for R <= 64, the register-blocked kernel of common/cpu_blas.h reads the
+// shrink's x rows and writes the expand's y rows in place instead); lora_grouped_outer
 // (the stacks' gradients, a reduction over each group) runs one BLAS product per adapter on
 // its rows: many small groups in parallel, one group per thread, a few large ones one after
 // another, each on every thread (the BLAS call is then the parallel part).
@@ -278,7 +278,7 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& a_stack, co
 // The fp32 expand of the chunked groups through small_gemm_f32 (common/cpu_blas.h), straight
 // into y's scattered rows: no product buffer and no second pass over it. Work items are
 // (adapter, up to kRows of its tokens, a column panel of y); the panel of B[a]^T [rank, width]
-// is transposed (and scaled) once per item into a 32 KiB buffer that stays in L1 while the
+// is transposed (and scaled) once per item into a 32 KiB buffer sized for L1 while the
 // item's tokens go through it in 6-row blocks, each y row segment read and written once.
 // Measured (4096 tokens, d = 4096, shuffled, shrink + expand, interleaved against the BLAS
 // chunks): 64 adapters 12-22% faster at ranks 16-32, 5% at rank 64; panels of 64-256 KiB
@@ -289,18 +289,24 @@ bool expand_chunks_small_gemm(const TokenGroups& g, const Work& work, const std:
                               const StackOperand& b_op, Acc* yp, int64_t d_out) {
 #ifdef LOWRANK_X86_AVX2_PATHS
   if constexpr (std::is_same_v<Acc, float>) {
-    if (!small_gemm_available() || R > kSmallGemmMaxK) return false;
-    // 256 rows amortise the panel's transpose (1 / 256 of the item's FMAs)
-    constexpr int64_t kRows = 256;
-    constexpr int64_t kPanelBytes = 32 << 10;
-    const int64_t width = std::min(d_out, std::max<int64_t>(32, kPanelBytes / (4 * R) / 16 * 16));
+    if (!small_gemm_available() || R < 1 || R > kSmallGemmMaxK) return false;
+    constexpr int64_t kPanelBytes = 32 << 10;  // B^T panel sized for L1 (R <= 64: >= 128 columns)
+    const int64_t width = std::min(d_out, kPanelBytes / (4 * R) / 16 * 16);
+    const int64_t panels = (d_out + width - 1) / width;
+    // Up to 256 rows per item amortise the panel's transpose (1 / 256 of its FMAs), but never
+    // so few items that threads idle (one large shuffled group, few panels)
+    int64_t total_rows = 0;
+    for (const Chunk& c : work.chunks) total_rows += c.rows;
+    int64_t max_rows = 256;
+    while (max_rows > 32 && (total_rows + max_rows - 1) / max_rows * panels < 4 * at::get_num_threads()) max_rows /= 2;
     struct Item {
       int64_t adapter, begin, rows, col;
     };
-    std::vector<Item> items;  // each adapter's consecutive chunks merged up to kRows (plan_work cuts
-                              // a group into consecutive chunks, so a merge stays one range)
+    std::vector<Item> items;  // each adapter's consecutive chunks merged up to max_rows
     for (const Chunk& c : work.chunks) {
-      if (!items.empty() && items.back().adapter == c.adapter && items.back().rows + c.rows <= kRows) {
+      const bool extends = !items.empty() && items.back().adapter == c.adapter &&
+                           items.back().begin + items.back().rows == c.begin;  // one range of g.order
+      if (extends && items.back().rows + c.rows <= max_rows) {
         items.back().rows += c.rows;
         continue;
       }

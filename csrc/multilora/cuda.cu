@@ -266,9 +266,10 @@ void lora_expand_inplace_cuda(at::Tensor& y, const at::Tensor& xa, const at::Ten
   const c10::cuda::OptionalCUDAGuard guard(y.device());
   // xa in y's memory (one GEMM's output split in two, or a view of y) is read as it was
   const at::Tensor xa_in = xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
-  // in place only where y's rows are unit-stride and provably disjoint (an as_strided view
-  // that at::has_internal_overlap cannot decide goes through the copy too)
-  if ((y.stride(1) == 1 || y.size(1) <= 1) && at::has_internal_overlap(y) == at::MemOverlap::No) {
+  // in place where y's rows are unit-stride and provably disjoint (a row-padded view, e.g.
+  // one slice of a fused output, included); anything else goes through a contiguous copy
+  const bool disjoint_rows = y.size(0) <= 1 || y.stride(0) >= y.size(1);
+  if ((y.stride(1) == 1 || y.size(1) <= 1) && disjoint_rows) {
     expand_cuda(y, y, xa_in, b_stack, ids, ranks, scales, s);
   } else {  // rows not unit-stride: work on a contiguous copy, then write it back
     at::Tensor tmp = y.contiguous();
