@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
@@ -401,10 +400,7 @@ void expand_into(at::Tensor& y_out, const at::Tensor& xa_in, const at::Tensor& b
 
 void lora_expand_inplace_cpu(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                              const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
-  at::assert_no_internal_overlap(y);  // rows of a broadcast y would alias
-  // xa in y's memory (one GEMM's output split in two, or a view of y) is read as it was
-  const at::Tensor xa_in = xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
-  expand_into(y, xa_in, b_stack, ids, ranks, scales, "lora_expand_");
+  expand_into(y, inplace_expand_xa(y, xa), b_stack, ids, ranks, scales, "lora_expand_");
 }
 
 at::Tensor lora_expand_cpu(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack,

@@ -20,7 +20,6 @@
 #include <limits>
 
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/searchsorted.h>
@@ -262,10 +261,8 @@ void expand_cuda(const at::Tensor& base, at::Tensor& out, const at::Tensor& xa, 
 void lora_expand_inplace_cuda(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
   const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
-  at::assert_no_internal_overlap(y);  // a broadcast y would race
   const c10::cuda::OptionalCUDAGuard guard(y.device());
-  // xa in y's memory (one GEMM's output split in two, or a view of y) is read as it was
-  const at::Tensor xa_in = xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
+  const at::Tensor xa_in = inplace_expand_xa(y, xa);
   // in place where y's rows are unit-stride and provably disjoint (a row-padded view, e.g.
   // one slice of a fused output, included); anything else goes through a contiguous copy
   const bool disjoint_rows = y.size(0) <= 1 || y.stride(0) >= y.size(1);

@@ -4,6 +4,8 @@
 // index kernels do), since a host-side check would synchronise.
 #include "multilora/ops.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 
 #include "common/checks.h"
@@ -87,6 +89,11 @@ StackShapes check_expand_args(const at::Tensor& y, const at::Tensor& xa, const a
   check_ids(ids, s.n, y, op);
   check_ranks_scales(ranks, scales, s.num_adapters, y, op);
   return s;
+}
+
+at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa) {
+  at::assert_no_internal_overlap(y);
+  return xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
 }
 
 void check_outer_args(const at::Tensor& left, const at::Tensor& right, const at::Tensor& ids,
