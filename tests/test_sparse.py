@@ -93,6 +93,32 @@ def test_out_of_range_index_writes_nothing(device):
         assert torch.equal(w, w0)
 
 
+@pytest.mark.parametrize("descent_at", [1, 16384, 20000])
+def test_one_descent_anywhere_is_seen_as_unsorted(descent_at):
+    # The CPU scan checks order in parallel chunks (16384 or more indices; 20000 each on 2
+    # threads): one descent, at a chunk's first index too, must send the scatter down the
+    # unsorted path. Taken as sorted, the out-of-place largest index, among the first half,
+    # would be skipped by every thread's binary search.
+    n = 40000
+    idx = torch.arange(0, 2 * n, 2)
+    idx[descent_at - 1] = 2 * n + 1  # the only descent: idx[descent_at] < idx[descent_at - 1]
+    v = torch.randn(n)
+    w = torch.randn(2 * n + 2)
+    want = w.clone()
+    want[idx] += v
+    sparse_scatter_add_(w, idx, v, 1.0)
+    assert torch.equal(w, want)
+
+
+def test_out_of_range_error_names_the_first_bad_position():
+    idx = torch.arange(50000)
+    idx[30000], idx[45000] = 50000, -3
+    w = torch.zeros(50000)
+    with pytest.raises(RuntimeError, match=r"indices\[0\]\[30000\] = 50000 is out of range"):
+        sparse_scatter_add_(w, idx, torch.ones(50000), 1.0)
+    assert not w.any()
+
+
 @settings(max_examples=60, deadline=None)
 @given(numel=st.integers(1, 3000), adapters=st.lists(st.tuples(st.integers(0, 400), st.floats(-4, 4)), min_size=1,
                                                         max_size=3),

@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -37,21 +38,32 @@ struct IndexScan {
   bool sorted = true;
 };
 
-// One parallel pass: the first index outside [0, limit) and whether the indices ascend.
+// Whether idx[b, e) has an index outside [0, limit), and whether it descends anywhere from
+// idx[b - 1] on: OR-reductions of compares without branches, so they run 8-wide.
+struct ScanFlags {
+  bool out_of_range, descends;
+};
+LOWRANK_CPU_CLONES ScanFlags scan_flags(const int64_t* __restrict idx, int64_t b, int64_t e, int64_t limit) {
+  uint64_t out = 0, desc = 0;
+  for (int64_t i = b; i < e; ++i) out |= static_cast<uint64_t>((idx[i] < 0) | (idx[i] >= limit));
+  for (int64_t i = std::max<int64_t>(b, 1); i < e; ++i) desc |= static_cast<uint64_t>(idx[i] < idx[i - 1]);
+  return {out != 0, desc != 0};
+}
+
+// One parallel pass: the first index outside [0, limit) and whether the indices ascend. The
+// position of a bad index is searched for only once one is known to exist (the error path).
 IndexScan scan_indices(const int64_t* idx, int64_t n, int64_t limit) {
-  const int64_t nthreads = at::get_num_threads();
-  std::vector<IndexScan> part(static_cast<size_t>(nthreads));
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    IndexScan& mine = part[static_cast<size_t>(at::get_thread_num())];
-    for (int64_t i = b; i < e; ++i) {
-      if ((idx[i] < 0 || idx[i] >= limit) && (mine.bad < 0 || i < mine.bad)) mine.bad = i;
-      if (i > 0 && idx[i] < idx[i - 1]) mine.sorted = false;
-    }
+  std::atomic<bool> out_of_range{false}, descends{false};
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    const ScanFlags f = scan_flags(idx, b, e, limit);
+    if (f.out_of_range) out_of_range = true;
+    if (f.descends) descends = true;
   });
   IndexScan all;
-  for (const IndexScan& p : part) {
-    if (p.bad >= 0 && (all.bad < 0 || p.bad < all.bad)) all.bad = p.bad;
-    all.sorted = all.sorted && p.sorted;
+  all.sorted = !descends;
+  if (out_of_range) {
+    for (int64_t i = 0; i < n && all.bad < 0; ++i)
+      if (idx[i] < 0 || idx[i] >= limit) all.bad = i;
   }
   return all;
 }
