@@ -144,6 +144,20 @@ def test_jacobi_empty():
 
 # ---------------------------------------------------------------------------- rsvd
 
+@pytest.fixture(params=["householder", "cholesky_qr"])
+def cpu_orthonormalization(request, monkeypatch):
+    """rsvd's orthonormalisation on CPU: Householder QR (the default there), or the shifted
+    CholeskyQR with its Householder fallback that CUDA runs, checked here without a GPU."""
+    monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", request.param)
+    return request.param
+
+
+def test_cpu_orthonormalization_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", "cholesky")
+    with pytest.raises(RuntimeError, match="must be 'householder' or 'cholesky_qr'"):
+        ops.rsvd(torch.randn(20, 10), 3)
+
+
 DECAYS = {"geometric": lambda p: 0.9 ** torch.arange(p, dtype=torch.float64),
           "polynomial": lambda p: 1.0 / (1.0 + torch.arange(p, dtype=torch.float64)),
           "slow": lambda p: (1.0 + torch.arange(p, dtype=torch.float64)) ** -0.5}
@@ -152,7 +166,7 @@ DECAYS = {"geometric": lambda p: 0.9 ** torch.arange(p, dtype=torch.float64),
 @pytest.mark.parametrize("decay", list(DECAYS))
 @pytest.mark.parametrize("shape,k", [((400, 300), 20), ((250, 500), 32), ((1000, 120), 10), ((2048, 1024), 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype):
+def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype, cpu_orthonormalization):
     m, n = shape
     s = DECAYS[decay](min(m, n))
     a = _with_spectrum(m, n, s, dtype)
@@ -169,12 +183,12 @@ def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype):
     assert bool((sv[:-1] >= sv[1:]).all())
 
 
-def test_rsvd_matches_the_fp64_reference_algorithm():
+def test_rsvd_matches_the_fp64_reference_algorithm(cpu_orthonormalization):
     s = 0.8 ** torch.arange(60, dtype=torch.float64)
     a = _with_spectrum(90, 60, s)
     u, sv, vh = ops.rsvd(a, 8, 6, 1, 5)
     ur, svr, vhr = rsvd_ref(a, 8, 6, 1, 5)  # same sketch, Householder QR, LAPACK SVD
-    # CholeskyQR vs Householder: rounding differences of ~u * kappa of the power-iterated bases
+    # with CholeskyQR: rounding differences of ~u * kappa of the power-iterated bases
     torch.testing.assert_close(sv, svr, atol=1e-10, rtol=0)
     torch.testing.assert_close(u, ur, atol=1e-9, rtol=0)
     torch.testing.assert_close(vh, vhr, atol=1e-9, rtol=0)
@@ -202,9 +216,10 @@ def test_rsvd_signs_are_fixed():
     torch.testing.assert_close(vh_neg, -vh, atol=1e-10, rtol=0)
 
 
-def test_rsvd_rank_deficient_and_zero(device):
-    """Rank 3 < k + oversample: the power iterations' second Cholesky fails there and must fall
-    back (on a GPU without a host sync: Householder QR selected on the device)."""
+def test_rsvd_rank_deficient_and_zero(device, cpu_orthonormalization):
+    """Rank 3 < k + oversample: with CholeskyQR the power iterations' second Cholesky fails
+    there and must fall back (on a GPU without a host sync: Householder QR selected on the
+    device)."""
     a = (torch.randn(60, 3) @ torch.randn(3, 40)).to(device)
     u, s, vh = ops.rsvd(a, 8)
     assert _orth_err(u) < 1e-5 and _orth_err(vh.t()) < 1e-5
@@ -215,7 +230,7 @@ def test_rsvd_rank_deficient_and_zero(device):
     assert torch.equal(s, torch.zeros(5, device=device)) and _orth_err(u) < 1e-6 and _orth_err(vh.t()) < 1e-6
 
 
-def test_rsvd_batched_equals_loop_and_batched_rsvd_groups():
+def test_rsvd_batched_equals_loop_and_batched_rsvd_groups(cpu_orthonormalization):
     s = 1.0 / (1.0 + torch.arange(64, dtype=torch.float64))
     a = _with_spectrum(80, 64, s, torch.float32, batch=(5,))
     u, sv, vh = ops.rsvd(a, 10)
@@ -274,7 +289,8 @@ def test_bad_inputs(call, match):
 @pytest.mark.cuda
 def test_cuda_kernels_agree_with_cpu():
     """Same Philox sketch, same Jacobi order and formula, same drivers: CPU and CUDA agree up
-    to rounding (libm vs CUDA transcendental ulps, GEMM summation orders)."""
+    to rounding (libm vs CUDA transcendental ulps, GEMM summation orders, and the CPU's
+    Householder QR against CUDA's CholeskyQR in fp64)."""
     a = torch.randn(3, 70, 1100)
     torch.testing.assert_close(ops.gaussian_sketch(a.cuda(), 19, 5).cpu(), ops.gaussian_sketch(a, 19, 5),
                                atol=1e-4, rtol=1e-4)
@@ -297,7 +313,7 @@ def test_cuda_kernels_agree_with_cpu():
 
 # ---------------------------------------------------------------------------- svd_update / StreamingSVD
 
-def test_svd_update_exact_while_rank_fits():
+def test_svd_update_exact_while_rank_fits(cpu_orthonormalization):
     a = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 30, dtype=torch.float64)
     u0, s0, _ = torch.linalg.svd(a[:, :10], full_matrices=False)
     u, s = ops.svd_update(u0[:, :6], s0[:6], a[:, 10:], 6)
@@ -308,7 +324,7 @@ def test_svd_update_exact_while_rank_fits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype):
+def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype, cpu_orthonormalization):
     m, n, k = 200, 3000, 12
     signal = _with_spectrum(m, n, torch.linspace(10, 5, k, dtype=torch.float64))
     a = (signal + 1e-3 * torch.randn(m, n, dtype=torch.float64) / math.sqrt(n)).to(dtype)
