@@ -3,6 +3,7 @@
 // around the family's two kernels, the Gaussian sketch and the one-sided Jacobi SVD.
 #include "svd/ops.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -65,13 +66,15 @@ at::Tensor batched_mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// A^T X for A [b, m, n] and X [b, m, l]. On CPU formed as (X^T A)^T: MKL runs the product
-// with A transposed ~13% slower at the drivers' shapes (2048^2 by 138: 128 against 147
-// GFLOP/s on the 2-core dev machines). The result is a column-major view; the GEMMs and the
-// QR that take it read it as it is.
-at::Tensor transposed_times(const at::Tensor& a, const at::Tensor& x) {
-  if (!a.device().is_cpu()) return batched_mm(a.transpose(1, 2), x);
-  return batched_mm(x.transpose(1, 2), a).transpose(1, 2);
+// A X (A [b, m, n], X [b, n, l]) or, with transpose_a, A^T X (X [b, m, l]). On CPU formed
+// as (X^T op(A)^T)^T, a column-major result: MKL runs the transposed-A product ~13% slower
+// at the drivers' shapes (2048^2 by 138: 128 against 147 GFLOP/s on the 2-core dev
+// machines) and the plain one no faster, and LAPACK's QR, which takes these products next,
+// wants column-major input (a row-major one is copied first). The GEMMs read either layout.
+at::Tensor product(const at::Tensor& a, const at::Tensor& x, bool transpose_a) {
+  const at::Tensor op_a = transpose_a ? a.transpose(1, 2) : a;
+  if (!a.device().is_cpu()) return batched_mm(op_a, x);
+  return batched_mm(x.transpose(1, 2), op_a.transpose(1, 2)).transpose(1, 2);
 }
 
 double unit_roundoff(at::ScalarType t) {
@@ -121,11 +124,30 @@ bool cpu_householder(const at::Tensor& y) {
   return false;
 }
 
-Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
-  if (cpu_householder(y)) {
+// Reduced Householder QR of each matrix of a CPU batch. With at least as many matrices as
+// threads, each thread factors whole matrices with single-threaded LAPACK: the panel
+// factorisations use two threads poorly (12 x [2048, 138]: 31 against 37 ms).
+Orthonormal householder_qr_cpu(const at::Tensor& y) {
+  const int64_t b = y.size(0), m = y.size(1), l = y.size(2);
+  if (b < at::get_num_threads() || at::in_parallel_region()) {
     auto [q, r] = at::linalg_qr(y, "reduced");
     return {q, r};
   }
+  const int64_t p = std::min(m, l);
+  at::Tensor q = at::empty({b, p, m}, y.options()).transpose(1, 2);  // column-major, as LAPACK writes it
+  at::Tensor r = at::empty({b, p, l}, y.options());
+  at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      auto [qi, ri] = at::linalg_qr(y.select(0, i), "reduced");
+      q.select(0, i).copy_(qi);
+      r.select(0, i).copy_(ri);
+    }
+  });
+  return {q, r};
+}
+
+Orthonormal orthonormalize(const at::Tensor& y, int passes = 3) {
+  if (cpu_householder(y)) return householder_qr_cpu(y);
   const int64_t l = y.size(2);
   const double u = unit_roundoff(y.scalar_type());
   const at::Tensor eye = at::eye(l, y.options()).unsqueeze(0);
@@ -274,13 +296,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
   // directions to rounding. Only the final basis needs to be orthonormal.
   at::Tensor q = call_gaussian_sketch(a, l, seed);
   for (int64_t i = 0; i < n_iter; ++i) {
-    const at::Tensor z = orthonormalize(transposed_times(a, orthonormalize(q, 2).q), 2).q;
-    q = batched_mm(a, z);
+    const at::Tensor z = orthonormalize(product(a, orthonormalize(q, 2).q, /*transpose_a=*/true), 2).q;
+    q = product(a, z, /*transpose_a=*/false);
   }
   q = orthonormalize(q).q;
   // A ~ Q Q^T A = Q Z^T with Z = A^T Q = Q2 R, so A ~ Q R^T Q2^T: only the l x l R^T needs an
   // SVD (the Jacobi kernel), and both factors come out of GEMMs.
-  const Orthonormal z = orthonormalize(transposed_times(a, q));
+  const Orthonormal z = orthonormalize(product(a, q, /*transpose_a=*/true));
   auto [ur, sr, vhr] = call_jacobi_svd(z.r.transpose(1, 2));
   at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
   at::Tensor s = sr.narrow(1, 0, k).contiguous();
