@@ -19,6 +19,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "common/dtype.h"
 #include "galore/ops.h"
 #include "quant/quant.h"
@@ -94,8 +95,7 @@ double residual_sumsq(const G* g, const float* back, int64_t n, const float* s, 
 // Runs fn(r0, rows, buf) over param's row panels in parallel, buf = back(x) of the panel.
 template <typename Fn>
 void for_each_panel(const at::Tensor& pm, const at::Tensor& x, bool right, int64_t m, int64_t n, Fn&& fn) {
-  at::parallel_for(0, (m + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
-    const at::NoGradGuard ng;  // worker threads do not inherit the caller's grad mode
+  parallel_for_as_caller(0, (m + kPanel - 1) / kPanel, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(kPanel * n));
     for (int64_t t = b; t < e; ++t) {
       const int64_t r0 = t * kPanel, rows = std::min(kPanel, m - r0);

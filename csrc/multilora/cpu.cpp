@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/cpu_blas.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_transpose.h"
 #include "common/dtype.h"
 #include "multilora/ops.h"
@@ -109,8 +110,7 @@ void for_each_group(const TokenGroups& g, int64_t num_adapters, Fn&& fn) {
   const int64_t tokens = static_cast<int64_t>(g.order.size()), groups = static_cast<int64_t>(busy.size());
   constexpr int64_t kSmallGroup = 128;  // rows below which one BLAS call per thread beats a shared one
   if (groups >= 2 * at::get_num_threads() && tokens < kSmallGroup * groups) {
-    at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
-      const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    parallel_for_as_caller(0, groups, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) fn(busy[i]);
     });
   } else {

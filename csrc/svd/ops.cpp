@@ -3,7 +3,6 @@
 // around the family's two kernels, the Gaussian sketch and the one-sided Jacobi SVD.
 #include "svd/ops.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -30,6 +29,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/cpu_parallel.h"
 
 namespace lowrank::svd {
 namespace {
@@ -136,7 +136,7 @@ Orthonormal householder_qr_cpu(const at::Tensor& y) {
   const int64_t p = std::min(m, l);
   at::Tensor q = at::empty({b, p, m}, y.options()).transpose(1, 2);  // column-major, as LAPACK writes it
   at::Tensor r = at::empty({b, p, l}, y.options());
-  at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_as_caller(0, b, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       auto [qi, ri] = at::linalg_qr(y.select(0, i), "reduced");
       q.select(0, i).copy_(qi);
