@@ -111,8 +111,13 @@ TORCH_LIBRARY(lowrank, m) {
   // U [.., m, p], S [.., p] descending, Vh [.., p, n], p = min(m, n); U's columns sign-fixed
   m.def("jacobi_svd(Tensor A) -> (Tensor U, Tensor S, Tensor Vh)");
   // randomized SVD, top k of A [.., m, n]: sketch of k + oversample columns, n_iter power
-  // iterations, shifted CholeskyQR3 (Householder fallback), Jacobi on the small factor
+  // iterations (orthonormalised by Householder QR on CPU, shifted CholeskyQR3 with a
+  // Householder fallback on CUDA), Jacobi on the small factor
   m.def("rsvd(Tensor A, int k, int oversample=10, int n_iter=2, int seed=0) -> (Tensor U, Tensor S, Tensor Vh)");
+  // rsvd of the stack of b matrices [m, n] of one shape, dtype and device (U [b, m, k], S [b, k],
+  // Vh [b, k, n]), without forming the stack on CPU: each matrix is read where it lies
+  m.def("batched_rsvd(Tensor[] A, int k, int oversample=10, int n_iter=2, int seed=0) "
+        "-> (Tensor U, Tensor S, Tensor Vh)");
   // incremental SVD: the top k of [U diag(S), X] for new columns X [m, c]
   m.def("svd_update(Tensor U, Tensor S, Tensor X, int k) -> (Tensor U_new, Tensor S_new)");
 
@@ -145,6 +150,7 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("gaussian_sketch", torch::CppFunction::makeFallthrough());
   m.impl("jacobi_svd", torch::CppFunction::makeFallthrough());
   m.impl("rsvd", torch::CppFunction::makeFallthrough());
+  m.impl("batched_rsvd", torch::CppFunction::makeFallthrough());
   m.impl("svd_update", torch::CppFunction::makeFallthrough());
   m.impl("galore_project", torch::CppFunction::makeFallthrough());
   m.impl("galore_apply_", torch::CppFunction::makeFallthrough());

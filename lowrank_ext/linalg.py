@@ -38,9 +38,10 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
 def batched_rsvd(mats: Sequence[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2,
                  seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`rsvd` of each matrix of a list (a model's layers, say), grouped by shape, dtype
-    and device into one batched call per group; returns the factors in the list's order.
-    Each matrix gets the same sketch as a lone ``rsvd(m, k, ..., seed)`` call, so the results
-    equal those of a loop up to rounding."""
+    and device into one batched call per group (``torch.ops.lowrank.batched_rsvd``, which on
+    CPU reads each matrix where it lies: no stacked copy); returns the factors in the list's
+    order. Each matrix gets the same sketch as a lone ``rsvd(m, k, ..., seed)`` call, so the
+    results equal those of a loop up to rounding."""
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         if m.dim() != 2:
@@ -48,7 +49,7 @@ def batched_rsvd(mats: Sequence[torch.Tensor], k: int, oversample: int = 10, n_i
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     out: list = [None] * len(mats)
     for idx in groups.values():
-        u, s, vh = _ops.rsvd(torch.stack([mats[i] for i in idx]), k, oversample, n_iter, seed)
+        u, s, vh = _ops.batched_rsvd([mats[i] for i in idx], k, oversample, n_iter, seed)
         for j, i in enumerate(idx):
             out[i] = (u[j], s[j], vh[j])
     return out

@@ -297,6 +297,14 @@ def rsvd_samples(device: str) -> Iterator[Sample]:
     yield Sample((torch.randn(12, 1, device=device), 1, 0), name="one-column")
 
 
+def batched_rsvd_samples(device: str) -> Iterator[Sample]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        yield Sample(([_decaying(40, 30, device, dtype) for _ in range(3)], 5), name=f"{dtype}-tall")
+    yield Sample(([_decaying(20, 70, device) for _ in range(2)], 3, 4, 1, 7), name="wide")
+    yield Sample(([_decaying(30, 24, device).t() for _ in range(2)], 4), name="transposed-views")
+    yield Sample(([_decaying(33, 33, device)], 8, 2, 0, 1), name="one-matrix-no-power")
+
+
 def svd_update_samples(device: str) -> Iterator[Sample]:
     for dtype in (torch.float32, torch.float64):
         a = _decaying(30, 12, device, dtype)
@@ -381,6 +389,7 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::gaussian_sketch": gaussian_sketch_samples,
     "lowrank::jacobi_svd": jacobi_svd_samples,
     "lowrank::rsvd": rsvd_samples,
+    "lowrank::batched_rsvd": batched_rsvd_samples,
     "lowrank::svd_update": svd_update_samples,
     "lowrank::galore_project": galore_project_samples,
     "lowrank::galore_apply_": galore_apply_samples,

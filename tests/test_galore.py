@@ -146,8 +146,9 @@ def test_quantized_projections_stay_close_and_save_memory(bits, tol):
 
 def test_adaptive_refresh_freezes_a_settled_subspace_only(monkeypatch):
     calls = []
-    real = galore_mod.rsvd
-    monkeypatch.setattr(galore_mod, "rsvd", lambda a, *args, **kw: calls.append(a.shape[0]) or real(a, *args, **kw))
+    real = galore_mod.batched_rsvd
+    monkeypatch.setattr(galore_mod, "batched_rsvd",
+                        lambda mats, *args, **kw: calls.append(len(mats)) or real(mats, *args, **kw))
     settled, moving = torch.nn.Parameter(torch.zeros(40, 24)), torch.nn.Parameter(torch.zeros(40, 24).add(1))
     opt = GaLoreAdamW([settled, moving], rank=4, update_proj_gap=1, adaptive_refresh=0.9, refresh_patience=2,
                       **HYPER)
@@ -163,12 +164,12 @@ def test_adaptive_refresh_freezes_a_settled_subspace_only(monkeypatch):
 
 def test_refresh_schedule_and_one_batched_svd_per_shape(monkeypatch):
     calls = []
-    real = galore_mod.rsvd
+    real = galore_mod.batched_rsvd
 
-    def counting(a, k, *args, **kwargs):
-        calls.append(tuple(a.shape))
-        return real(a, k, *args, **kwargs)
-    monkeypatch.setattr(galore_mod, "rsvd", counting)
+    def counting(mats, k, *args, **kwargs):
+        calls.append((len(mats), *mats[0].shape))
+        return real(mats, k, *args, **kwargs)
+    monkeypatch.setattr(galore_mod, "batched_rsvd", counting)
     params = _params()
     opt = GaLoreAdamW(params, rank=4, update_proj_gap=3, **HYPER)
     projs = []

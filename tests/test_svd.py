@@ -248,6 +248,37 @@ def test_rsvd_batched_equals_loop_and_batched_rsvd_groups(cpu_orthonormalization
         torch.testing.assert_close(ui @ torch.diag(si) @ vhi, uw @ torch.diag(sw) @ vhw, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("views", ["contiguous", "transposed"])
+def test_batched_rsvd_equals_rsvd_of_the_stack(device, views, cpu_orthonormalization):
+    """The list op reads each matrix where it lies (CPU) and must give rsvd's bits for their
+    stack laid out as they are (transposed views: the transposed view of a stack, as GaLore
+    passed before): the same sketch, products and QRs per matrix."""
+    s = 0.9 ** torch.arange(40, dtype=torch.float64)
+    base = [_with_spectrum(60, 40, s, torch.float32).to(device) for _ in range(3)]
+    transposed = views == "transposed"
+    mats = [m.t() for m in base] if transposed else base
+    got = ops.batched_rsvd(mats, 6, 5, 2, seed=4)
+    want = ops.rsvd(torch.stack(base).mT if transposed else torch.stack(base), 6, 5, 2, seed=4)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.equal(g, w)
+    half = ops.batched_rsvd([m.half() for m in mats], 6, 5, 2, seed=4)
+    assert all(t.dtype == torch.float32 for t in half)
+    torch.testing.assert_close(half[1], ops.rsvd(torch.stack(mats).half(), 6, 5, 2, seed=4)[1])
+
+
+@pytest.mark.parametrize("mats,k,match", [
+    ([], 2, "at least one matrix"),
+    ([torch.randn(5, 4), torch.randn(5, 3)], 2, "one shape and dtype"),
+    ([torch.randn(5, 4), torch.randn(5, 4, dtype=torch.float64)], 2, "one shape and dtype"),
+    ([torch.randn(2, 5, 4)], 2, "2-D"),
+    ([torch.randn(5, 4).int()], 2, "float32, float16, bfloat16 or float64"),
+    ([torch.randn(5, 4)], 5, "k must be in"),
+])
+def test_batched_rsvd_bad_inputs(mats, k, match):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        ops.batched_rsvd(mats, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rsvd_half_inputs_computed_in_fp32(dtype):
     a = _with_spectrum(120, 90, 0.8 ** torch.arange(90, dtype=torch.float64), dtype)

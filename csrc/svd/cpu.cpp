@@ -24,6 +24,36 @@ namespace {
 
 constexpr int64_t kSketchPanelRows = 512;  // rows of Omega per GEMM: 512 x l fp32 stays in L2
 
+// y_parts[i] += a_parts[i] Omega, a part [rows, n] of any strides, Omega [n, l] made a panel
+// of kSketchPanelRows rows at a time (shared by every part: generated once).
+void sketch_into(const std::vector<at::Tensor>& a_parts, const std::vector<at::Tensor>& y_parts, int64_t n, int64_t l,
+                 int64_t seed) {
+  const at::Tensor& a0 = a_parts.front();
+  at::Tensor panel = at::empty({std::min(kSketchPanelRows, n), l}, a0.options());
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES(a0.scalar_type(), "gaussian_sketch_cpu", [&] {
+    for (int64_t j0 = 0; j0 < n; j0 += kSketchPanelRows) {
+      const int64_t pr = std::min(kSketchPanelRows, n - j0);
+      scalar_t* p = panel.data_ptr<scalar_t>();
+      // panel[jj, c] = Omega[j0 + jj, c], element index e = c * n + j0 + jj (svd_math.h): a
+      // column of the panel is a run of consecutive e, four per Philox call
+      at::parallel_for(0, l, 1, [&](int64_t c_begin, int64_t c_end) {
+        float g4[4];
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const uint64_t e0 = static_cast<uint64_t>(c * n + j0), e1 = e0 + static_cast<uint64_t>(pr);
+          for (uint64_t g = e0 >> 2; 4 * g < e1; ++g) {
+            sketch_group(useed, g, g4);
+            for (uint64_t e = std::max(4 * g, e0); e < std::min(4 * g + 4, e1); ++e)
+              p[static_cast<int64_t>(e - e0) * l + c] = static_cast<scalar_t>(g4[e & 3]);
+          }
+        }
+      });
+      for (size_t part = 0; part < a_parts.size(); ++part)
+        y_parts[part].addmm_(a_parts[part].narrow(1, j0, pr), panel.narrow(0, 0, pr));
+    }
+  });
+}
+
 at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) {
   const at::NoGradGuard no_grad;  // the Autograd key falls through: the output never requires grad
   check_sketch_args(a_in, l);
@@ -49,29 +79,7 @@ at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) 
     a_parts.push_back(a.view({rows, n}));
     y_parts.push_back(y.view({rows, l}));
   }
-  at::Tensor panel = at::empty({std::min(kSketchPanelRows, n), l}, a.options());
-  const uint64_t useed = static_cast<uint64_t>(seed);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "gaussian_sketch_cpu", [&] {
-    for (int64_t j0 = 0; j0 < n; j0 += kSketchPanelRows) {
-      const int64_t pr = std::min(kSketchPanelRows, n - j0);
-      scalar_t* p = panel.data_ptr<scalar_t>();
-      // panel[jj, c] = Omega[j0 + jj, c], element index e = c * n + j0 + jj (svd_math.h): a
-      // column of the panel is a run of consecutive e, four per Philox call
-      at::parallel_for(0, l, 1, [&](int64_t c_begin, int64_t c_end) {
-        float g4[4];
-        for (int64_t c = c_begin; c < c_end; ++c) {
-          const uint64_t e0 = static_cast<uint64_t>(c * n + j0), e1 = e0 + static_cast<uint64_t>(pr);
-          for (uint64_t g = e0 >> 2; 4 * g < e1; ++g) {
-            sketch_group(useed, g, g4);
-            for (uint64_t e = std::max(4 * g, e0); e < std::min(4 * g + 4, e1); ++e)
-              p[static_cast<int64_t>(e - e0) * l + c] = static_cast<scalar_t>(g4[e & 3]);
-          }
-        }
-      });
-      for (size_t part = 0; part < a_parts.size(); ++part)
-        y_parts[part].addmm_(a_parts[part].narrow(1, j0, pr), panel.narrow(0, 0, pr));
-    }
-  });
+  sketch_into(a_parts, y_parts, n, l, seed);
   return y;
 }
 
@@ -179,10 +187,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cpu(const at::Tensor& 
 
 }  // namespace
 
+at::Tensor gaussian_sketch_list_cpu(const std::vector<at::Tensor>& a, int64_t l, int64_t seed) {
+  const at::Tensor& a0 = a.front();
+  const int64_t m = a0.size(0), n = a0.size(1);
+  at::Tensor y = at::zeros({static_cast<int64_t>(a.size()), m, l}, a0.options());
+  if (m == 0 || l == 0 || n == 0) return y;
+  std::vector<at::Tensor> y_parts;
+  for (int64_t i = 0; i < y.size(0); ++i) y_parts.push_back(y.select(0, i));
+  sketch_into(a, y_parts, n, l, seed);
+  return y;
+}
+
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("gaussian_sketch", TORCH_FN(gaussian_sketch_cpu));
   m.impl("jacobi_svd", TORCH_FN(jacobi_svd_cpu));
   m.impl("rsvd", TORCH_FN(rsvd_driver));
+  m.impl("batched_rsvd", TORCH_FN(batched_rsvd_driver));
   m.impl("svd_update", TORCH_FN(svd_update_driver));
 }
 

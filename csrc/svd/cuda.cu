@@ -194,6 +194,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, in
   return rsvd_driver(a, k, oversample, n_iter, seed);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_cuda(at::TensorList a, int64_t k, int64_t oversample,
+                                                                 int64_t n_iter, int64_t seed) {
+  TORCH_CHECK(!a.empty(), "batched_rsvd: needs at least one matrix");
+  const c10::cuda::CUDAGuard guard(a.front().device());
+  return batched_rsvd_driver(a, k, oversample, n_iter, seed);
+}
+
 std::tuple<at::Tensor, at::Tensor> svd_update_cuda(const at::Tensor& u, const at::Tensor& s, const at::Tensor& x,
                                                    int64_t k) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -206,6 +213,7 @@ TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("gaussian_sketch", TORCH_FN(gaussian_sketch_cuda));
   m.impl("jacobi_svd", TORCH_FN(jacobi_svd_cuda));
   m.impl("rsvd", TORCH_FN(rsvd_cuda));
+  m.impl("batched_rsvd", TORCH_FN(batched_rsvd_cuda));
   m.impl("svd_update", TORCH_FN(svd_update_cuda));
 }
 

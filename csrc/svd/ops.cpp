@@ -66,15 +66,34 @@ at::Tensor batched_mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// A X (A [b, m, n], X [b, n, l]) or, with transpose_a, A^T X (X [b, m, l]). On CPU formed
-// as (X^T op(A)^T)^T, a column-major result: MKL runs the transposed-A product ~13% slower
-// at the drivers' shapes (2048^2 by 138: 128 against 147 GFLOP/s on the 2-core dev
-// machines) and the plain one no faster, and LAPACK's QR, which takes these products next,
-// wants column-major input (a row-major one is copied first). The GEMMs read either layout.
-at::Tensor product(const at::Tensor& a, const at::Tensor& x, bool transpose_a) {
-  const at::Tensor op_a = transpose_a ? a.transpose(1, 2) : a;
-  if (!a.device().is_cpu()) return batched_mm(op_a, x);
-  return batched_mm(x.transpose(1, 2), op_a.transpose(1, 2)).transpose(1, 2);
+// The matrices of an rsvd call: a stacked batch [b, m, n] in the work dtype, or (batched_rsvd
+// on CPU) a list of [m, n] matrices of one shape, each read where it lies: no stacked copy of,
+// e.g., a model's gradients (12 x 2048^2: ~60-120 ms of a ~900 ms GaLore refresh).
+struct Matrices {
+  at::Tensor stacked;            // [b, m, n], or undefined for a list
+  std::vector<at::Tensor> list;  // [m, n] each (any strides), when `stacked` is undefined
+
+  int64_t batch() const { return stacked.defined() ? stacked.size(0) : static_cast<int64_t>(list.size()); }
+  at::Tensor operator[](int64_t i) const { return stacked.defined() ? stacked.select(0, i) : list[i]; }
+  const at::Tensor& first() const { return stacked.defined() ? stacked : list.front(); }
+};
+
+// A X (A [b, m, n], X [b, n, l]) or, with transpose_a, A^T X (X [b, m, l]). On CPU each
+// entry's product is formed as (X^T op(A)^T)^T, a column-major result: MKL runs the
+// transposed-A product ~13% slower at the drivers' shapes (2048^2 by 138: 128 against 147
+// GFLOP/s on the 2-core dev machines) and the plain one no faster, and LAPACK's QR, which
+// takes these products next, wants column-major input (a row-major one is copied first).
+at::Tensor product(const Matrices& a, const at::Tensor& x, bool transpose_a) {
+  const at::Tensor& a0 = a.first();
+  if (!a0.device().is_cpu()) return at::bmm(transpose_a ? a.stacked.transpose(1, 2) : a.stacked, x);
+  const int64_t rows = a0.size(transpose_a ? -1 : -2);
+  at::Tensor out_t = at::empty({a.batch(), x.size(2), rows}, x.options());  // the transposed products
+  for (int64_t i = 0; i < a.batch(); ++i) {
+    const at::Tensor ai = a[i];
+    at::Tensor out_i = out_t.select(0, i);
+    at::mm_out(out_i, x.select(0, i).t(), transpose_a ? ai : ai.t());
+  }
+  return out_t.transpose(1, 2);
 }
 
 double unit_roundoff(at::ScalarType t) {
@@ -278,23 +297,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
   return finish(a_in.dim() == 2, u, s, vh);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_in, int64_t k, int64_t oversample,
-                                                           int64_t n_iter, int64_t seed) {
-  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
-  const char* op = "rsvd";
-  check_matrix_arg(a_in, op, "A");
-  const int64_t m = a_in.size(-2), n = a_in.size(-1);
+namespace {
+
+void check_rsvd_args(int64_t m, int64_t n, int64_t k, int64_t oversample, int64_t n_iter, const char* op,
+                     at::IntArrayRef shape) {
   TORCH_CHECK(k >= 1 && k <= std::min(m, n), op, ": k must be in [1, min(m, n)] = [1, ", std::min(m, n),
-              "] for A of shape ", a_in.sizes(), ", got k = ", k);
+              "] for A of shape ", shape, ", got k = ", k);
   TORCH_CHECK(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
   TORCH_CHECK(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
-  const at::Tensor a = as_batched_work(a_in);
-  const int64_t l = std::min(k + oversample, std::min(m, n));
+}
 
+// rsvd of b matrices [m, n] (in the work dtype): U [b, m, k], S [b, k], Vh [b, k, n].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, int64_t m, int64_t n, int64_t k,
+                                                             int64_t oversample, int64_t n_iter, int64_t seed) {
+  const int64_t l = std::min(k + oversample, std::min(m, n));
   // Range finder with power iterations, re-conditioned after every product (Halko et al.,
   // Algorithm 4.4): in fp32 an unorthonormalised (A A^T)^q A Omega loses all but the top
   // directions to rounding. Only the final basis needs to be orthonormal.
-  at::Tensor q = call_gaussian_sketch(a, l, seed);
+  at::Tensor q = a.stacked.defined() ? call_gaussian_sketch(a.stacked, l, seed) : gaussian_sketch_list_cpu(a.list, l, seed);
   for (int64_t i = 0; i < n_iter; ++i) {
     const at::Tensor z = orthonormalize(product(a, orthonormalize(q, 2).q, /*transpose_a=*/true), 2).q;
     q = product(a, z, /*transpose_a=*/false);
@@ -306,9 +326,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_i
   auto [ur, sr, vhr] = call_jacobi_svd(z.r.transpose(1, 2));
   at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
   at::Tensor s = sr.narrow(1, 0, k).contiguous();
-  at::Tensor vh = batched_mm(vhr.narrow(1, 0, k), z.q.transpose(1, 2));
+  // Vh^T = Q2 V_r, formed as that product: MKL's vhr Q2^T (k rows only) rounds differently
+  // with the thread count at small k; this way a CPU batch of at least as many matrices as
+  // threads (each QR single-threaded) gives the same bits for any thread count
+  at::Tensor vh = batched_mm(z.q, vhr.narrow(1, 0, k).transpose(1, 2)).transpose(1, 2);
   fix_signs(u, &vh);
+  return {u, s, vh};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_in, int64_t k, int64_t oversample,
+                                                           int64_t n_iter, int64_t seed) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
+  check_matrix_arg(a_in, "rsvd", "A");
+  const int64_t m = a_in.size(-2), n = a_in.size(-1);
+  check_rsvd_args(m, n, k, oversample, n_iter, "rsvd", a_in.sizes());
+  auto [u, s, vh] = rsvd_matrices(Matrices{as_batched_work(a_in), {}}, m, n, k, oversample, n_iter, seed);
   return finish(a_in.dim() == 2, u, s, vh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorList a_in, int64_t k, int64_t oversample,
+                                                                   int64_t n_iter, int64_t seed) {
+  const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
+  const char* op = "batched_rsvd";
+  TORCH_CHECK(!a_in.empty(), op, ": needs at least one matrix");
+  const at::Tensor& a0 = a_in.front();
+  for (size_t i = 0; i < a_in.size(); ++i) {
+    const at::Tensor& ai = a_in[i];
+    TORCH_CHECK(ai.dim() == 2, op, ": every matrix must be 2-D [m, n], got shape ", ai.sizes(), " at position ", i);
+    TORCH_CHECK_TYPE(is_svd_dtype(ai.scalar_type()), op, ": matrices must be float32, float16, bfloat16 or float64, got ",
+                     ai.scalar_type(), " at position ", i);
+    TORCH_CHECK(ai.sizes() == a0.sizes() && ai.scalar_type() == a0.scalar_type(), op,
+                ": the matrices must share one shape and dtype: ", a0.sizes(), " ", a0.scalar_type(), " at 0, ",
+                ai.sizes(), " ", ai.scalar_type(), " at ", i, " (batched_rsvd in lowrank_ext.linalg groups them)");
+    check_same_device(ai, a0, op, "every matrix", "the first");
+  }
+  const int64_t m = a0.size(0), n = a0.size(1);
+  check_rsvd_args(m, n, k, oversample, n_iter, op, a0.sizes());
+  const at::ScalarType wt = work_dtype(a0.scalar_type());
+  Matrices a;
+  if (a0.device().is_cpu()) {
+    for (const at::Tensor& ai : a_in) a.list.push_back(ai.to(wt));  // no copy for a work-dtype matrix
+  } else {
+    a.stacked = at::stack(a_in).to(wt);  // GPUs: one batched GEMM per product; the copy is cheap there
+  }
+  auto [u, s, vh] = rsvd_matrices(a, m, n, k, oversample, n_iter, seed);
+  return finish(false, u, s, vh);
 }
 
 std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, const at::Tensor& s_in,

@@ -4,12 +4,15 @@
 //                    Gaussian of svd_math.h (never stored whole)
 //   jacobi_svd:      A [.., m, n] -> U [.., m, p], S [.., p], Vh [.., p, n], p = min(m, n)
 //   rsvd:            A [.., m, n] -> U [.., m, k], S [.., k], Vh [.., k, n]
+//   batched_rsvd:    b matrices [m, n] of one shape -> U [b, m, k], S [b, k], Vh [b, k, n]
+//                    (rsvd of their stack, which the CPU never forms: each is read in place)
 //   svd_update:      U [m, k0], S [k0], X [m, c] -> U' [m, k], S' [k]
 // The drivers (rsvd, svd_update, the Jacobi wrapper) are device-generic ATen code that calls
 // the family's kernels through the dispatcher; each device registers them with its kernels.
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace lowrank::svd {
 
@@ -33,6 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a, int64_t k, int64_t oversample,
                                                            int64_t n_iter, int64_t seed);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorList a, int64_t k, int64_t oversample,
+                                                                   int64_t n_iter, int64_t seed);
+
+// The CPU sketch of matrices of one shape [m, n] read where they lie: Y [b, m, l] (what
+// gaussian_sketch gives for their stack). Inputs already in the work dtype.
+at::Tensor gaussian_sketch_list_cpu(const std::vector<at::Tensor>& a, int64_t l, int64_t seed);
 
 std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u, const at::Tensor& s, const at::Tensor& x,
                                                      int64_t k);

@@ -10,8 +10,11 @@ Providers per op:
                  same algorithm in PyTorch ops), ``lowrank_ext`` (rsvd, same settings),
                  ``torch.linalg.svd`` (full SVD then truncated; slow: CPU rows only up to
                  2048 x 2048)
-* batched rsvd:  reference a loop of ``torch.svd_lowrank``; ``lowrank_ext`` one batched call;
-                 ``lowrank_ext rsvd loop`` a loop of single rsvd calls
+* batched rsvd:  reference a loop of ``torch.svd_lowrank``; ``lowrank_ext`` one batched call
+                 (rsvd of the stack); ``lowrank_ext batched_rsvd (list)`` the same from a list of
+                 the matrices, read where they lie (what GaLore's refresh calls: no stacked copy;
+                 here the list is views of the stack); ``lowrank_ext rsvd loop`` a loop of
+                 single rsvd calls
 * jacobi:        reference ``torch.linalg.svd`` (batched LAPACK / cuSOLVER); ``lowrank_ext``
 * streaming:     reference ``torch.linalg.svd`` of the whole matrix, truncated;
                  ``lowrank_ext`` StreamingSVD(k) (k + 10 tracked) over 256-column blocks of a
@@ -32,6 +35,7 @@ import torch
 from .harness import Case, Family, Provider, Row, SkipProvider, Timed, check_close, load_shapes, rows_by_case, met
 
 REFERENCE_RSVD, OURS, LINALG, OUR_LOOP = "torch.svd_lowrank", "lowrank_ext", "torch.linalg.svd", "lowrank_ext rsvd loop"
+OUR_LIST = "lowrank_ext batched_rsvd (list)"
 REFERENCE_LOOP, REFERENCE_SVD, STORED, RANDN = ("torch.svd_lowrank loop", "torch.linalg.svd (reference)",
                                                 "A @ Omega (stored)", "torch.randn + matmul")
 TARGET_VS_SVD_LOWRANK = 1.5
@@ -153,6 +157,13 @@ def _ours(case: Case, inputs: dict) -> Timed:
     return Timed(fn=fn, output=fn())
 
 
+def _our_list(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext.ops import svd as svd_ops
+    p, a = case.params, inputs["a"]
+    mats = list(a.unbind(0))
+    return _rsvd_timed(case, inputs, lambda: svd_ops.batched_rsvd(mats, p["k"], p["p"], p["q"], seed=0))
+
+
 def _our_loop(case: Case, inputs: dict) -> Timed:
     from lowrank_ext import linalg
     p, a = case.params, inputs["a"]
@@ -192,6 +203,7 @@ def providers(device: torch.device) -> list[Provider]:
         Provider(REFERENCE_SVD, "reference", _reference, slow=True, applies=_is("jacobi", "streaming")),
         Provider(STORED, "reference", _reference, applies=_is("sketch")),
         Provider(OURS, "ours", _ours),
+        Provider(OUR_LIST, "peer", _our_list, applies=_is("batched rsvd")),
         Provider(OUR_LOOP, "peer", _our_loop, applies=_is("batched rsvd")),
         Provider(LINALG, "peer", _linalg, slow=True, applies=_is("rsvd")),
         Provider(RANDN, "peer", _randn, applies=_is("sketch")),
@@ -270,5 +282,6 @@ FAMILY = Family(
     check=check,
     plot_metric="speedup",
     summary=summary,
-    ops=("lowrank::gaussian_sketch", "lowrank::jacobi_svd", "lowrank::rsvd", "lowrank::svd_update"),
+    ops=("lowrank::gaussian_sketch", "lowrank::jacobi_svd", "lowrank::rsvd", "lowrank::batched_rsvd",
+         "lowrank::svd_update"),
 )

@@ -1,21 +1,23 @@
 """Randomized and streaming SVD: ``torch.ops.lowrank.{gaussian_sketch, jacobi_svd, rsvd,
-svd_update}`` with their fake registrations.
+batched_rsvd, svd_update}`` with their fake registrations.
 
     gaussian_sketch(A, l, seed):    A @ Omega, Omega [n, l] Gaussian from Philox(seed), never stored
     jacobi_svd(A):                  U, S, Vh of small matrices [.., m, n] (one-sided Jacobi)
     rsvd(A, k, oversample, n_iter, seed):   the top-k SVD of A [.., m, n], randomized
+    batched_rsvd([A1, A2, ..], k, ...):      rsvd of their stack, which the CPU never forms
     svd_update(U, S, X, k):         the top-k left factors of [U diag(S), X]
 
 fp16/bf16 inputs are computed, and returned, in fp32; fp64 stays fp64. Results are
-reproducible for a seed (one thread count or many) and sign-fixed: each column of U has its
-largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU, and
+reproducible for a seed on one machine and thread count (other thread counts agree up to
+rounding: LAPACK's multi-threaded QR and some small GEMMs round differently) and
+sign-fixed: each column of U has its largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU, and
 CUDA (unverified on a GPU so far: see the README; no host synchronisation in rsvd there).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gaussian_sketch", "jacobi_svd", "rsvd", "svd_update"]
+__all__ = ["gaussian_sketch", "jacobi_svd", "rsvd", "batched_rsvd", "svd_update"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -50,6 +52,18 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
     """The top-``k`` SVD of ``A [m, n]`` or ``[b, m, n]`` by randomized range finding
     (``k + oversample`` sketch columns, ``n_iter`` power iterations)."""
     return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, seed)
+
+
+def batched_rsvd(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rsvd(torch.stack(mats), ...)`` for matrices ``[m, n]`` of one shape, dtype and device,
+    without the stacked copy on CPU (each matrix, transposed views included, is read where it
+    lies): U ``[b, m, k]``, S ``[b, k]``, Vh ``[b, k, n]``; on CPU the same bits as rsvd of a
+    stack laid out as the matrices are (``torch.stack(ms).mT`` for transposed views ``m.t()``)."""
+    mats = list(mats)
+    if not mats:  # the dispatcher picks a kernel by the tensors' device: an empty list has none
+        raise ValueError("batched_rsvd: needs at least one matrix")
+    return torch.ops.lowrank.batched_rsvd(mats, k, oversample, n_iter, seed)
 
 
 def svd_update(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +101,20 @@ def _rsvd_fake(a, k, oversample=10, n_iter=2, seed=0):
     torch._check(1 <= k <= min(m, n), lambda: f"rsvd: k must be in [1, min(m, n)], got {k}")
     lead, wt = a.shape[:-2], _work(a.dtype)
     return a.new_empty(*lead, m, k, dtype=wt), a.new_empty(*lead, k, dtype=wt), a.new_empty(*lead, k, n, dtype=wt)
+
+
+@torch.library.register_fake("lowrank::batched_rsvd")
+def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0):
+    torch._check(len(mats) > 0, lambda: "batched_rsvd: needs at least one matrix")
+    a = mats[0]
+    for t in mats:
+        _check_matrix(t, "batched_rsvd")
+        torch._check(t.dim() == 2 and t.shape == a.shape and t.dtype == a.dtype,
+                     lambda: "batched_rsvd: the matrices must be 2-D and share one shape and dtype")
+    m, n = a.shape
+    torch._check(1 <= k <= min(m, n), lambda: f"batched_rsvd: k must be in [1, min(m, n)], got {k}")
+    b, wt = len(mats), _work(a.dtype)
+    return a.new_empty(b, m, k, dtype=wt), a.new_empty(b, k, dtype=wt), a.new_empty(b, k, n, dtype=wt)
 
 
 @torch.library.register_fake("lowrank::svd_update")

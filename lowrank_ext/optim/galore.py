@@ -7,8 +7,9 @@ U_r [m, r], R = P^T G), runs Adam on R (state 2 r max(m, n) instead of 2 m n) an
 the normalised update projected back, times ``scale``. What this implementation adds:
 
 - every parameter due for a refresh in a step is refreshed in **one batched randomized SVD
-  per shape** (``lowrank_ext.linalg.rsvd`` on the stacked gradients; ``proj_method="svd"``
-  takes the full LAPACK SVD, as the published code does);
+  per shape** (``torch.ops.lowrank.batched_rsvd`` on the gradients, which the CPU reads where
+  they lie, with no stacked copy; ``proj_method="svd"`` takes the full LAPACK SVD, as the
+  published code does);
 - the update ``W <- (1 - lr wd) (W - s P N)`` is one in-place op (``galore_apply_``: the
   product computed tile by tile and added as W is read and written, the decoupled weight
   decay folded in; no [m, n] temporary);
@@ -59,7 +60,7 @@ from typing import Any, Callable
 import torch
 
 from .. import quant
-from ..linalg import rsvd
+from ..ops.svd import batched_rsvd
 from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
 from .adamw import check_param_group, check_steppable
@@ -180,18 +181,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         rsvd finds the column space (A ~ Q Q^T A): a right projection takes it from rsvd(G^T)."""
         rank = items[0][2]["rank"]
         m, n = items[0][0].shape
-        grads = torch.stack([p.grad.float() for p, _, _ in items])
+        grads = [p.grad.float() for p, _, _ in items]  # batched_rsvd reads them where they lie
         right = m >= n
+        seed = _mix(self.seed, step, m, n)
         if self.proj_method == "svd":
-            u, s, vh = torch.linalg.svd(grads, full_matrices=False)
+            u, s, vh = torch.linalg.svd(torch.stack(grads), full_matrices=False)
             u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
         elif right:
             # the range finder on G^T, whose left factor is G's right one: rsvd's left factor
             # is the one the identity P^T A = S_r Vh_r holds for exactly (A ~ Q Q^T A, not A Q Q^T)
-            ut, s, vht = rsvd(grads.mT, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
+            ut, s, vht = batched_rsvd([g.mT for g in grads], rank, self.oversample, self.n_iter, seed)
             u, vh = vht.mT, ut.mT
         else:
-            u, s, vh = rsvd(grads, rank, self.oversample, self.n_iter, seed=_mix(self.seed, step, m, n))
+            u, s, vh = batched_rsvd(grads, rank, self.oversample, self.n_iter, seed)
         projected = {}
         if self.proj_bits == 32:
             low = (u * s.unsqueeze(-2) if right else s.unsqueeze(-1) * vh).contiguous()

@@ -15,7 +15,7 @@ from .multilora import (lora_expand_inplace_ref, lora_expand_ref, lora_grouped_o
                         multi_lora_linear_ref)
 from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
 from .sparse import sddmm_ref, sparse_scatter_add_ref
-from .svd import gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
+from .svd import batched_rsvd_ref, gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
 
 REFERENCES: dict[str, Callable] = {
@@ -39,6 +39,7 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::gaussian_sketch": gaussian_sketch_ref,
     "lowrank::jacobi_svd": jacobi_svd_ref,
     "lowrank::rsvd": rsvd_ref,
+    "lowrank::batched_rsvd": batched_rsvd_ref,
     "lowrank::svd_update": svd_update_ref,
     "lowrank::galore_project": galore_project_ref,
     "lowrank::galore_apply_": galore_apply_ref,
@@ -51,4 +52,4 @@ __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",
            "blockdiag_forward_ref", "blockdiag_backward_ref", "sparse_scatter_add_ref", "sddmm_ref",
            "gaussian_sketch_ref", "galore_project_ref", "galore_apply_ref", "sketch_matrix_ref", "jacobi_svd_ref",
-           "rsvd_ref", "svd_update_ref"]
+           "rsvd_ref", "batched_rsvd_ref", "svd_update_ref"]

@@ -76,6 +76,13 @@ def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, see
     return u.to(_work(a)), s[..., :k].to(_work(a)), vh.to(_work(a))
 
 
+def batched_rsvd_ref(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0):
+    """rsvd_ref of the matrices' stack (one shape, dtype and device)."""
+    if not mats or any(m.dim() != 2 or m.shape != mats[0].shape or m.dtype != mats[0].dtype for m in mats):
+        raise RuntimeError("batched_rsvd: needs 2-D matrices of one shape and dtype")
+    return rsvd_ref(torch.stack(mats), k, oversample, n_iter, seed)
+
+
 def svd_update_ref(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int):
     """The top k of the exact SVD of [U diag(S), X] (what the incremental update computes when
     the first k0 + c singular values are kept; the op truncates per block of columns)."""
