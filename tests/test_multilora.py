@@ -194,13 +194,15 @@ def test_grouped_outer_is_the_stacks_gradient(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d_in, d_out, r", [(40, 24, 8), (33, 1047, 8), (20, 300, 64), (16, 70, 72)])
+@pytest.mark.parametrize("d_in, d_out, r", [(40, 24, 8), (33, 1047, 8), (20, 300, 64), (16, 70, 72), (600, 40, 16)])
 def test_shrink_expand_groups_across_chunk_boundaries(device, dtype, d_in, d_out, r):
     """Groups of 0 to 300 tokens (the CPU kernels gather chunks of 32 rows here, and take a
     long contiguous group in place), some contiguous in the batch and some shuffled, mixed
     ranks and scales, into a y that is a non-contiguous view: against the fp64 references.
     The shapes cut the CPU expand's column panels (1024 wide at rank 8, 128 at rank 64) with
-    a ragged last panel, and rank 72 is past its register-blocked kernel (BLAS then)."""
+    a ragged last panel, and rank 72 is past its register-blocked kernel (BLAS then); d_in
+    600 crosses the CPU shrink's 256-wide k-panels (A[a]^T transposed a panel at a time for
+    a chunk whose adapter no later chunk of its thread takes)."""
     from lowrank_ext.reference.multilora import lora_expand_inplace_ref, lora_shrink_ref
     sizes = [0, 1, 31, 32, 33, 70, 2, 300]
     contiguous = torch.cat([torch.full((n,), a) for a, n in enumerate(sizes) if a % 2 == 1])

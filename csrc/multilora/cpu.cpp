@@ -191,17 +191,33 @@ StackOperand transposed_operand(const at::Tensor& stack, const TokenGroups& g, a
 // adapters, 2.2x for 8).
 // A[a]^T must be row-major [d_in, rank]: the backward's transposed stacks already are; the
 // forward's are transposed once per adapter and thread into `at_buf` (cached: consecutive
-// chunks are mostly one adapter's). Returns false where the kernel does not apply.
+// chunks are mostly one adapter's), or a k-panel at a time when `reused` says no later chunk
+// of this thread takes the same A. Returns false where the kernel does not apply.
 template <typename T, typename Acc>
 bool shrink_chunk_small_gemm(const Chunk& c, const int64_t* tok, const T* x, int64_t d_in, const Acc* stack,
                              const StackOperand& a_op, int64_t rank, Acc* out, std::vector<Acc>& at_buf,
-                             int64_t& at_adapter) {
+                             int64_t& at_adapter, bool reused) {
 #ifdef LOWRANK_X86_AVX2_PATHS
   if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {
     if (!small_gemm_available()) return false;
     const float* a = stack + c.adapter * a_op.stride_s;
     const float* a_t = a;
     int64_t ld = a_op.ld;
+    if (a_op.tb && !reused && at_adapter != c.adapter) {
+      // A[a] serves this chunk alone (many adapters: one chunk each): transpose it a k-panel
+      // at a time into an L2-sized buffer, each panel used right away, instead of writing the
+      // whole [d_in, rank] A^T out to L3 and reading it back (64 adapters, rank 64: shrink
+      // 11% faster; the same sums in the same order as the small_gemm_f32 call below)
+      constexpr int64_t kPanel = 256;  // small_gemm_f32's own k-panel
+      at_buf.resize(static_cast<size_t>(kPanel * rank));
+      for (int64_t k0 = 0; k0 < d_in; k0 += kPanel) {
+        const int64_t kk = std::min(kPanel, d_in - k0);
+        transpose_matrix(a + k0, a_op.ld, rank, kk, at_buf.data(), rank);
+        small_gemm_f32(c.rows, rank, kk, x + k0, d_in, 1, at_buf.data(), rank, out, rank, /*accumulate=*/k0 > 0, tok);
+      }
+      at_adapter = -1;  // at_buf holds a panel now
+      return true;
+    }
     if (a_op.tb) {  // A[a] stored [rank.., d_in] row-major
       if (at_adapter != c.adapter) {
         at_buf.resize(static_cast<size_t>(d_in * rank));
@@ -250,7 +266,8 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& a_stack, co
         const Chunk& c = work.chunks[ci];
         const int64_t* tok = g.order.data() + c.begin;
         const int64_t rank = rk[c.adapter];
-        if (shrink_chunk_small_gemm(c, tok, xp, d_in, ap, a_op, rank, out.data(), at_buf, at_adapter)) {
+        const bool reused = ci + 1 < c1 && work.chunks[ci + 1].adapter == c.adapter;
+        if (shrink_chunk_small_gemm(c, tok, xp, d_in, ap, a_op, rank, out.data(), at_buf, at_adapter, reused)) {
           const Acc scale = static_cast<Acc>(sc[c.adapter]);
           for (int64_t i = 0; i < c.rows; ++i)
             for (int64_t j = 0; j < rank; ++j) xap[tok[i] * R + j] = scale * out[i * rank + j];
