@@ -157,9 +157,8 @@ Orthonormal householder_qr_cpu(const at::Tensor& y) {
   at::Tensor r = at::empty({b, p, l}, y.options());
   parallel_for_as_caller(0, b, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
-      auto [qi, ri] = at::linalg_qr(y.select(0, i), "reduced");
-      q.select(0, i).copy_(qi);
-      r.select(0, i).copy_(ri);
+      at::Tensor qi = q.select(0, i), ri = r.select(0, i);
+      at::linalg_qr_out(qi, ri, y.select(0, i), "reduced");  // qi is column-major: LAPACK's layout
     }
   });
   return {q, r};
