@@ -60,26 +60,15 @@ at::Tensor gaussian_sketch_cpu(const at::Tensor& a_in, int64_t l, int64_t seed) 
   // a batch of transposed matrices (rsvd of G^T) is read through its strides by the GEMMs:
   // no transposed copy; other layouts are made contiguous
   at::Tensor a = a_in.to(work_dtype(a_in.scalar_type()));
-  const bool transposed = is_transposed_batch(a) && !a.is_contiguous();
-  if (!transposed) a = a.contiguous();
+  if (is_transposed_batch(a) && !a.is_contiguous()) return gaussian_sketch_list_cpu(a.unbind(0), l, seed);
+  a = a.contiguous();
   const int64_t n = a.size(-1);
   const int64_t rows = a.numel() / std::max<int64_t>(n, 1);  // every batch entry shares Omega
   std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
   out_shape.back() = l;
   at::Tensor y = at::zeros(out_shape, a.options());
   if (rows == 0 || l == 0 || n == 0) return y;
-  // the GEMMs' operands: all rows stacked (contiguous), or one matrix per batch entry
-  std::vector<at::Tensor> a_parts, y_parts;
-  if (transposed) {
-    for (int64_t b = 0; b < a.size(0); ++b) {
-      a_parts.push_back(a.select(0, b));
-      y_parts.push_back(y.select(0, b));
-    }
-  } else {
-    a_parts.push_back(a.view({rows, n}));
-    y_parts.push_back(y.view({rows, l}));
-  }
-  sketch_into(a_parts, y_parts, n, l, seed);
+  sketch_into({a.view({rows, n})}, {y.view({rows, l})}, n, l, seed);  // all rows stacked: one GEMM per panel
   return y;
 }
 
