@@ -37,3 +37,14 @@ def _seed():
 def device(request) -> str:
     """Runs a test on the CPU and, when a GPU and the CUDA kernels are there, on CUDA."""
     return request.param
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def cpu_table_search(request, monkeypatch):
+    """Runs a quantization test through both CPU table-search paths (csrc/quant/cpu_search.h):
+    the hand-written AVX2 one (where the CPU has AVX2) and the portable loops. Both must give
+    the reference's bits. The variable only steers CPU kernels, so CUDA runs once."""
+    if request.param == "portable" and "device" in request.fixturenames and request.getfixturevalue("device") != "cpu":
+        pytest.skip("LOWRANK_CPU_TABLE_SEARCH only steers the CPU kernels")
+    monkeypatch.setenv("LOWRANK_CPU_TABLE_SEARCH", request.param)
+    return request.param

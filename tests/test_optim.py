@@ -33,7 +33,7 @@ def _quantized_state(numels, bits, bs_m, bs_v, code_m, code_v, device):
 @pytest.mark.parametrize("bits,bs_m,bs_v", QUANT_CONFIGS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_quantized_step_matches_reference(device, bits, bs_m, bs_v, dtype, stochastic):
+def test_quantized_step_matches_reference(device, cpu_table_search, bits, bs_m, bs_v, dtype, stochastic):
     shapes = [(1000,), (3, 129), (1,), (4097,)]
     params = [torch.randn(s).to(dtype).to(device) for s in shapes]
     grads = [torch.randn(s).to(dtype).to(device) for s in shapes]
@@ -54,7 +54,7 @@ def test_quantized_step_matches_reference(device, bits, bs_m, bs_v, dtype, stoch
 
 
 @pytest.mark.parametrize("bits,bs_m,bs_v", [(4, 128, 4096), (8, 4096, 128)])
-def test_quantized_step_edge_shapes_match_reference(device, bits, bs_m, bs_v):
+def test_quantized_step_edge_shapes_match_reference(device, cpu_table_search, bits, bs_m, bs_v):
     # empty tensors first, in the middle and last; superblock edges; 70 tensors in one call;
     # NaN and inf gradients (their blocks turn NaN, compared bit for bit)
     numels = [0, 4095, 4097, 0, 8191, 1, 3] + [17] * 62 + [0]

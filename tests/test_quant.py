@@ -30,7 +30,7 @@ def _roundtrip(x, code, blocksize, bits, **kw):
 @pytest.mark.parametrize("bits,blocksize", BITS_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("numel", [1, 63, 66, 1000, 1002, 4097, 12_345])
-def test_matches_reference(device, bits, blocksize, dtype, numel):
+def test_matches_reference(device, cpu_table_search, bits, blocksize, dtype, numel):
     x = (torch.randn(numel) * 3).to(dtype).to(device)
     code = quant.dynamic_code(bits, device=device)
     q, absmax, y = _roundtrip(x, code, blocksize, bits)
@@ -46,7 +46,7 @@ def test_matches_reference(device, bits, blocksize, dtype, numel):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("code_kind", ["dynamic", "linear"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_codes_match_reference(device, bits, code_kind, signed):
+def test_codes_match_reference(device, cpu_table_search, bits, code_kind, signed):
     code = quant.get_code(code_kind, bits, signed, device)
     x = torch.randn(5000, device=device)
     x = x if signed else x.abs()
@@ -66,7 +66,7 @@ def test_user_code_with_clustered_entries_matches_reference():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_signed_zeros_and_zero_midpoints_match_reference(device, bits):
+def test_signed_zeros_and_zero_midpoints_match_reference(device, cpu_table_search, bits):
     # a midpoint of exactly +-0 (from symmetric or duplicated -0.0 entries) and inputs of
     # -0.0 / +0.0 / tiny values: the kernels compare integer keys, the reference floats
     n = 2**bits
@@ -81,7 +81,7 @@ def test_signed_zeros_and_zero_midpoints_match_reference(device, bits):
         assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
 
 
-def test_ties_go_to_the_lower_entry(device):
+def test_ties_go_to_the_lower_entry(device, cpu_table_search):
     code = quant.linear_code(8, signed=False)
     mid = float((code[10] + code[11]) * 0.5)
     x = torch.tensor([1.0] + [mid] * 63)  # absmax 1, so v is exactly the midpoint
@@ -90,7 +90,7 @@ def test_ties_go_to_the_lower_entry(device):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_values_on_and_next_to_every_midpoint(device, bits):
+def test_values_on_and_next_to_every_midpoint(device, cpu_table_search, bits):
     # every midpoint, and the floats just below and above it, against the reference
     code = quant.dynamic_code(bits)
     mids = (code[:-1] + code[1:]) * 0.5
@@ -156,7 +156,7 @@ def test_roundtrip_error_bound_half_dtypes(numel, bits_bs, seed, dtype):
 
 # ---- non-finite and degenerate blocks (documented behaviour) ----
 
-def test_nonfinite_blocks_become_nan_and_others_are_untouched(device):
+def test_nonfinite_blocks_become_nan_and_others_are_untouched(device, cpu_table_search):
     code = quant.dynamic_code(8, device=device)
     x = torch.randn(64 * 5, device=device)
     x[3] = float("nan")            # block 0
@@ -197,13 +197,36 @@ def test_philox_known_answers():
 
 @pytest.mark.parametrize("bits,blocksize", [(8, 256), (4, 64)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_stochastic_matches_reference(device, bits, blocksize, dtype):
+def test_stochastic_matches_reference(device, cpu_table_search, bits, blocksize, dtype):
     x = torch.randn(3001).to(dtype).to(device)
     code = quant.dynamic_code(bits, device=device)
     for seed, offset in ((0, 0), (2**40 + 7, 3), (-1, 2**33)):
         q, absmax = quantize_blockwise(x, code, blocksize, bits, stochastic_rounding=True, seed=seed, offset=offset)
         q_ref, absmax_ref = quantize_blockwise_ref(x.cpu(), code.cpu(), blocksize, bits, True, seed, offset)
         assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
+
+
+@pytest.mark.parametrize("code_name", ["dynamic", "dynamic_unsigned", "log", "log_zero_free"])
+def test_stochastic_on_and_next_to_every_code_entry(device, cpu_table_search, code_name):
+    # every entry and its float neighbours, with stochastic rounding: values below the first
+    # entry (negative values for the unsigned codes, v < 1e-3 for the zero-free log code) and
+    # v == 1 at the last one take the clamped ends of the search
+    bits = 8 if code_name != "log_zero_free" else 4
+    code = {"dynamic": lambda: quant.dynamic_code(bits), "dynamic_unsigned": lambda: quant.dynamic_code(bits, False),
+            "log": lambda: quant.log_code(bits), "log_zero_free": lambda: quant.log_code(bits, 3.0, zero=False)}[code_name]()
+    x = torch.cat([code, torch.nextafter(code, torch.tensor(-2.0)), torch.nextafter(code, torch.tensor(2.0)),
+                   torch.tensor([-1.0, -0.5, -1e-4, -0.0, 0.0, 1e-6, 1e-4])])
+    x = torch.cat([torch.tensor([1.0]), x.clamp(-1, 1)])  # absmax exactly 1: v == x
+    for seed in (0, 12345):
+        q, absmax = quantize_blockwise(x.to(device), code.to(device), 4096, bits, stochastic_rounding=True, seed=seed)
+        q_ref, absmax_ref = quantize_blockwise_ref(x, code, 4096, bits, True, seed, 0)
+        assert torch.equal(q.cpu(), q_ref) and torch.equal(absmax.cpu(), absmax_ref)
+
+
+def test_bad_table_search_variable(monkeypatch):
+    monkeypatch.setenv("LOWRANK_CPU_TABLE_SEARCH", "fast")
+    with pytest.raises(RuntimeError, match="LOWRANK_CPU_TABLE_SEARCH must be 'avx2' or 'portable'"):
+        quantize_blockwise(torch.randn(64), quant.dynamic_code(8), 64, 8)
 
 
 def test_stochastic_rounding_is_unbiased_and_seeded(device):
