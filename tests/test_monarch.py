@@ -73,6 +73,22 @@ def test_forward_matches_dense_matrix(device, shape):
     _assert_close(y, x.cpu() @ dense_by_formula(w1, w2).t(), torch.float64, "y vs x M^T")
 
 
+# nblocks a multiple of 8 with blocks <= 64: the CPU's token-major fp32 forward (taken when h
+# is not saved), N across its 6-row register tiles; mid = 65 is past it (the tiles)
+TOKEN_MAJOR_SHAPES = [(1, 8, 5, 7, 3), (13, 8, 16, 16, 16), (129, 16, 4, 4, 4), (7, 24, 3, 64, 9),
+                      (100, 16, 64, 17, 1), (61, 32, 32, 32, 32), (20, 8, 64, 65, 8)]
+
+
+@pytest.mark.parametrize("shape", TOKEN_MAJOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_forward_without_saved_intermediate(device, shape):
+    x, w1, w2 = _tensors(*shape, torch.float32, device)
+    y, h = monarch_forward(x, w1, w2)
+    assert h.numel() == 0
+    _assert_close(y, x.cpu().double() @ dense_by_formula(w1, w2).t(), torch.float32, "y vs x M^T")
+    y_saved, _ = monarch_forward(x, w1, w2, save_intermediate=True)
+    _assert_close(y, y_saved, torch.float32, "y with and without h saved")
+
+
 def test_output_mask_leaves_others_empty():
     x, w1, w2 = _tensors(50, 4, 8, 8, 8, torch.float32)
     g = torch.randn(50, 32)
