@@ -73,10 +73,11 @@ def test_forward_matches_dense_matrix(device, shape):
     _assert_close(y, x.cpu() @ dense_by_formula(w1, w2).t(), torch.float64, "y vs x M^T")
 
 
-# nblocks a multiple of 8 with blocks <= 64: the CPU's token-major fp32 forward (taken when h
-# is not saved), N across its 6-row register tiles; mid = 65 is past it (the tiles)
-TOKEN_MAJOR_SHAPES = [(1, 8, 5, 7, 3), (13, 8, 16, 16, 16), (129, 16, 4, 4, 4), (7, 24, 3, 64, 9),
-                      (100, 16, 64, 17, 1), (61, 32, 32, 32, 32), (20, 8, 64, 65, 8)]
+# nblocks a multiple of 8, blocks <= 64, nblocks * mid <= 1024: the CPU's token-major fp32
+# forward (taken when h is not saved), N across its 6-row register tiles; mid = 65 and
+# nblocks * mid = 1536 are past it (the tiles)
+TOKEN_MAJOR_SHAPES = [(1, 8, 5, 7, 3), (13, 8, 16, 16, 16), (129, 16, 4, 4, 4), (7, 24, 3, 40, 9),
+                      (100, 16, 64, 17, 1), (61, 32, 32, 32, 32), (20, 8, 64, 65, 8), (9, 24, 3, 64, 9)]
 
 
 @pytest.mark.parametrize("shape", TOKEN_MAJOR_SHAPES, ids=lambda s: "x".join(map(str, s)))

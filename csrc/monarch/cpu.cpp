@@ -119,13 +119,22 @@ void stage1(const MonarchDims& d, int64_t rows, const Acc* x, const Acc* w1, Acc
 //            r, eight consecutive l are eight consecutive floats of both H's row and y's
 //            row, so the interleaving P is the lanes themselves: a vector of H is multiplied
 //            by a vector of w2[l, s, r] over l (packed once per call as w2v[s, r, l]).
-// Measured (N = 4096, d = 1024, interleaved against the tiles): 64-wide blocks 11% faster,
-// 32-wide 30% faster, at or above the same-size bmm GEMMs' rate. A tile of 12 rows (two
+// Measured (N = 4096, d = 1024, interleaved against the tiles): 64-wide blocks 11-21% faster,
+// 32-wide 30-67% faster, at or above the same-size bmm GEMMs' rate. A tile of 12 rows (two
 // register tiles sharing each weight pass) was slower: its intermediate no longer fits L1.
+// An earlier token-major attempt (README) looped the lane groups outermost, so each w2v
+// cache line came from L2 once per lane group; here the groups share it in L1.
 constexpr int kTokenRows = 6;  // token rows per register tile (12 accumulators in stage 2)
 
+// Where it pays: the rows' intermediate (kTokenRows x d_mid fp32) must stay in L1 and both
+// packed weights (re-read for every kTokenRows rows) in L2. Measured (N = 4096, square
+// blocks, interleaved against the tiles): faster at d = 512 with 64-wide blocks (1.09x) and
+// d = 1024 with 64- and 32-wide blocks (1.1-1.6x); slower at d = 2048 (0.63-0.91x: the
+// intermediate is 48 KiB) and at d = 4096 (0.72-0.88x).
 bool token_major_forward(const MonarchDims& d) {
-  return small_gemm_available() && d.nblocks % 8 == 0 && std::max({d.in_bs, d.mid, d.out_bs}) <= kSmallGemmMaxK;
+  const int64_t weight_bytes = 4 * d.nblocks * (d.mid * d.in_bs + d.out_bs * d.mid);
+  return small_gemm_available() && d.nblocks % 8 == 0 && std::max({d.in_bs, d.mid, d.out_bs}) <= kSmallGemmMaxK &&
+         4 * kTokenRows * d.d_mid() <= (24 << 10) && weight_bytes <= (512 << 10);
 }
 
 // y rows [t, t + M) for the output columns s nb + 8 g + [0, 8), s in [s0, s0 + S): M x S
