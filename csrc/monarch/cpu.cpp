@@ -183,20 +183,23 @@ void monarch_forward_token_major(const float* x, const at::Tensor& w1, const at:
   const float* w2p = w2v.const_data_ptr<float>();
   const int64_t tiles = (d.n + kTokenRows - 1) / kTokenRows;
   at::parallel_for(0, tiles, 8, [&](int64_t i0, int64_t i1) {
-    std::vector<float> hbuf(static_cast<size_t>(kTokenRows * d.d_mid()));  // [rows, d_mid]: L1
+    // [rows, d_mid] in L1; rows padded by 16 floats so that they do not share L1 sets (d_mid
+    // is often a multiple of 1024 floats: rows 4 KiB apart all map to the same set)
+    const int64_t ldh = d.d_mid() + 16;
+    std::vector<float> hbuf(static_cast<size_t>(kTokenRows * ldh));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * kTokenRows, m = std::min<int64_t>(kTokenRows, d.n - t0);
       for (int64_t k = 0; k < d.nblocks; ++k)
         small_gemm_f32(m, d.mid, d.in_bs, x + t0 * d.d_in() + k * d.in_bs, d.d_in(), 1, w1p + k * d.in_bs * d.mid,
-                       d.mid, hbuf.data() + k * d.mid, d.d_mid(), /*accumulate=*/false);
+                       d.mid, hbuf.data() + k * d.mid, ldh, /*accumulate=*/false);
       float* yt = y + t0 * d.d_out();
       switch (m) {
-        case 6: lanewise_stage2<6>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
-        case 5: lanewise_stage2<5>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
-        case 4: lanewise_stage2<4>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
-        case 3: lanewise_stage2<3>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
-        case 2: lanewise_stage2<2>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
-        default: lanewise_stage2<1>(hbuf.data(), d.d_mid(), w2p, d, yt, d.d_out()); break;
+        case 6: lanewise_stage2<6>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
+        case 5: lanewise_stage2<5>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
+        case 4: lanewise_stage2<4>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
+        case 3: lanewise_stage2<3>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
+        case 2: lanewise_stage2<2>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
+        default: lanewise_stage2<1>(hbuf.data(), ldh, w2p, d, yt, d.d_out()); break;
       }
     }
   });
