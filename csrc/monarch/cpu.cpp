@@ -125,6 +125,9 @@ void stage1(const MonarchDims& d, int64_t rows, const Acc* x, const Acc* w1, Acc
 // An earlier token-major attempt (README) looped the lane groups outermost, so each w2v
 // cache line came from L2 once per lane group; here the groups share it in L1.
 constexpr int kTokenRows = 6;  // token rows per register tile (12 accumulators in stage 2)
+// The rows of the intermediate are d_mid + kRowPad floats apart: at d_mid = 1024 unpadded rows
+// would be 4 KiB apart and all map to the same L1 set.
+constexpr int64_t kRowPad = 16;
 
 // Where it pays: the rows' intermediate (kTokenRows x d_mid fp32) must stay in L1 and both
 // packed weights (re-read for every kTokenRows rows) in L2. Measured (N = 4096, square
@@ -134,7 +137,7 @@ constexpr int kTokenRows = 6;  // token rows per register tile (12 accumulators 
 bool token_major_forward(const MonarchDims& d) {
   const int64_t weight_bytes = 4 * d.nblocks * (d.mid * d.in_bs + d.out_bs * d.mid);
   return small_gemm_available() && d.nblocks % 8 == 0 && std::max({d.in_bs, d.mid, d.out_bs}) <= kSmallGemmMaxK &&
-         4 * kTokenRows * d.d_mid() <= (24 << 10) && weight_bytes <= (512 << 10);
+         4 * kTokenRows * (d.d_mid() + kRowPad) <= (25 << 10) && weight_bytes <= (512 << 10);
 }
 
 // y rows [t, t + M) for the output columns s nb + 8 g + [0, 8), s in [s0, s0 + S): M x S
@@ -183,9 +186,7 @@ void monarch_forward_token_major(const float* x, const at::Tensor& w1, const at:
   const float* w2p = w2v.const_data_ptr<float>();
   const int64_t tiles = (d.n + kTokenRows - 1) / kTokenRows;
   at::parallel_for(0, tiles, 8, [&](int64_t i0, int64_t i1) {
-    // [rows, d_mid] in L1; rows padded by 16 floats so that they do not share L1 sets (d_mid
-    // is often a multiple of 1024 floats: rows 4 KiB apart all map to the same set)
-    const int64_t ldh = d.d_mid() + 16;
+    const int64_t ldh = d.d_mid() + kRowPad;  // [rows, d_mid] in L1
     std::vector<float> hbuf(static_cast<size_t>(kTokenRows * ldh));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * kTokenRows, m = std::min<int64_t>(kTokenRows, d.n - t0);

@@ -80,11 +80,14 @@ __attribute__((target("avx2"))) int dequantize_nibbles_avx2(const uint8_t* __res
 #endif
 
 // out[i] = code[index of element first + i] * absmax (quant_math.h's dequantize_value), for
-// the n elements of one chunk, which lies in one block. One loop per width so that each
-// vectorizes (8-wide gathers from the code table under AVX2). A 4-bit chunk starts at an
-// even element (blocksizes are even), so element first + i is nibble i & 1 of byte i / 2.
+// the n elements of one chunk, which lies in one block. 8-bit: a loop the compiler
+// vectorizes (a table load per value); 4-bit: the permutes above where `avx2` (the table
+// searches' choice, LOWRANK_CPU_TABLE_SEARCH), else a byte (two nibbles) at a time. A 4-bit
+// chunk starts at an even element (blocksizes are even), so element first + i is nibble
+// i & 1 of byte i / 2.
 LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t first, int n, int bits,
-                                        const float* __restrict code, float absmax, float* __restrict out) {
+                                        const float* __restrict code, float absmax, bool avx2,
+                                        float* __restrict out) {
   if (bits == 8) {
     const uint8_t* qb = q + first;
     for (int i = 0; i < n; ++i) out[i] = code[qb[i]] * absmax;
@@ -92,7 +95,7 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
     const uint8_t* qb = q + first / 2;
     int done = 0;
 #ifdef LOWRANK_X86_AVX2_PATHS
-    if (cpu_has_avx2()) done = dequantize_nibbles_avx2(qb, n, code, absmax, out);
+    if (avx2) done = dequantize_nibbles_avx2(qb, n, code, absmax, out);
 #endif
     const int pairs = n / 2;
     for (int j = done / 2; j < pairs; ++j) {  // a byte at a time: both nibbles
@@ -132,6 +135,7 @@ void requantize(const float* vals, int64_t n, int64_t base, int bits, const Mome
 struct Searches {
   NearestSearch nearest_m, nearest_v;
   quant::FloorSearch floor_m, floor_v;
+  bool avx2;  // quant::table_search_avx2(): the 4-bit dequantize follows the searches' choice
 };
 
 // Superblock sb of tensor t: its first element, length, and param/grad pointers there.
@@ -163,8 +167,8 @@ void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const
     float* mf = scratch.exp_avg.data() + c0;
     float* vf = scratch.exp_avg_sq.data() + c0;
     const int len = static_cast<int>(c1 - c0);
-    dequantize_span(s.exp_avg_q, base + c0, len, p.bits, p.code_exp_avg, absmax_m, mf);
-    dequantize_span(s.exp_avg_sq_q, base + c0, len, p.bits, p.code_exp_avg_sq, absmax_v, vf);
+    dequantize_span(s.exp_avg_q, base + c0, len, p.bits, p.code_exp_avg, absmax_m, search.avx2, mf);
+    dequantize_span(s.exp_avg_sq_q, base + c0, len, p.bits, p.code_exp_avg_sq, absmax_v, search.avx2, vf);
     // fp32 params and grads are updated where they are; other dtypes through fp32 copies
     float* pf = scratch.param.data() + c0;
     const float* gf = scratch.grad.data() + c0;
@@ -221,7 +225,8 @@ void step(const AdamWStepParams& p, const std::vector<int64_t>& offsets) {
     search.reset(new Searches{NearestSearch(p.code_exp_avg, p.stochastic_exp_avg ? 0 : n),
                               NearestSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? 0 : n),
                               quant::FloorSearch(p.code_exp_avg, p.stochastic_exp_avg ? n : 0),
-                              quant::FloorSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? n : 0)});
+                              quant::FloorSearch(p.code_exp_avg_sq, p.stochastic_exp_avg_sq ? n : 0),
+                              quant::table_search_avx2()});
   }
   const int64_t S = superblock_size(p);
   LOWRANK_DISPATCH_FLOAT(p.param_kind, P, [&] {

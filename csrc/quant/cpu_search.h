@@ -68,6 +68,15 @@ inline bool table_search_avx2() {
 }
 
 #ifdef LOWRANK_X86_AVX2_PATHS
+// The 8-byte entries q & 0xffffffff and q >> 32 of table, in one register (low, high half).
+// A function of its own, not a lambda: a lambda would not inherit target("avx2").
+__attribute__((always_inline, target("avx2"))) inline __m128i load_entry_pair(const char* table, uint64_t q) {
+  const char* e0 = table + 8 * (q & 0xffffffffu);
+  const char* e1 = table + 8 * (q >> 32);
+  const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e0)));
+  return _mm_castpd_si128(_mm_loadh_pd(lo, reinterpret_cast<const double*>(e1)));  // movhpd: bits, not a double
+}
+
 // first[k], second[k] = the two 32-bit words of the 8-byte entry table[index[k]] (index >= 0).
 __attribute__((always_inline, target("avx2"))) inline void gather_pairs8(const char* table, __m256i index,
                                                                       __m256i& first, __m256i& second) {
@@ -77,15 +86,11 @@ __attribute__((always_inline, target("avx2"))) inline void gather_pairs8(const c
   const uint64_t q1 = static_cast<uint64_t>(_mm_extract_epi64(lo4, 1));
   const uint64_t q2 = static_cast<uint64_t>(_mm_cvtsi128_si64(hi4));
   const uint64_t q3 = static_cast<uint64_t>(_mm_extract_epi64(hi4, 1));
-  auto entries = [table](uint64_t q) {  // entries q & 0xffffffff and q >> 32, in one register
-    const char* e0 = table + 8 * (q & 0xffffffffu);
-    const char* e1 = table + 8 * (q >> 32);
-    const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e0)));
-    return _mm_castpd_si128(_mm_loadh_pd(lo, reinterpret_cast<const double*>(e1)));
-  };
   // a: entries 0 1 | 4 5, b: entries 2 3 | 6 7; shuffle_ps picks per 128-bit lane
-  const __m256 a = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entries(q0)), entries(q2), 1));
-  const __m256 b = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(entries(q1)), entries(q3), 1));
+  const __m256 a = _mm256_castsi256_ps(
+      _mm256_inserti128_si256(_mm256_castsi128_si256(load_entry_pair(table, q0)), load_entry_pair(table, q2), 1));
+  const __m256 b = _mm256_castsi256_ps(
+      _mm256_inserti128_si256(_mm256_castsi128_si256(load_entry_pair(table, q1)), load_entry_pair(table, q3), 1));
   first = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
   second = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
@@ -105,6 +110,9 @@ __attribute__((always_inline, target("avx2"))) inline void store_bytes8(__m256i 
 // (1 for the built-in codes). Counting with a fixed width and +inf padding keeps the loop
 // free of data-dependent branches; candidates past start[k+1] are >= the next bucket's
 // first key > key, so they never count.
+// Precondition of every count (both paths index the table without a range check): the key
+// comes from a finite v in [-1, 1] (+1 for the floor search), which normalize() guarantees
+// (|x| <= absmax; v = 0 for a zero or non-finite absmax).
 // Keys are integers: for floats that are not NaN, a < b exactly when ordered_key(a) <
 // ordered_key(b), except that -0 and +0 are equal as floats and not as keys; callers
 // store a zero entry as the key that makes their comparison agree with floats.
