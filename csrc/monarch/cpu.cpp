@@ -173,7 +173,10 @@ __attribute__((target("avx2,fma"), always_inline)) inline void lanewise_tile(con
     __m256 w[S];
     for (int j = 0; j < S; ++j) w[j] = _mm256_loadu_ps(wl + (j * mid + r) * nb);
     for (int t = 0; t < M; ++t) {
-      const __m256 hv = _mm256_loadu_ps(hl + t * ldh + r * nb);
+      __m256 hv = _mm256_loadu_ps(hl + t * ldh + r * nb);
+      // one load of h per row into a register: left alone, GCC folds the load into each of
+      // the S FMAs (14 loads per 12 FMAs at S = 2, load-bound on Zen 3)
+      __asm__("" : "+x"(hv));
       for (int j = 0; j < S; ++j) acc[t][j] = _mm256_fmadd_ps(hv, w[j], acc[t][j]);
     }
   }
