@@ -134,6 +134,14 @@ __attribute__((target("avx2,fma"), always_inline)) inline void small_gemm_tile(
   const __m256i m0 = first_lanes(nj), m1 = first_lanes(nj - 8);
   float* cp[MR];
   for (int i = 0; i < MR; ++i) cp[i] = c + (c_rows ? c_rows[i] : i) * ldc;
+  // C is read only after the k loop, too late for out-of-order execution to overlap a miss:
+  // where it is accumulated into (the multilora expand's scattered y rows, from DRAM), its
+  // lines are requested now (64 adapters, d = 4096, rank 64 or 16: expand 3-4% faster)
+  if (accumulate)
+    for (int i = 0; i < MR; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(cp[i]), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(cp[i] + 15), _MM_HINT_T0);
+    }
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_len; ++k) {
