@@ -99,15 +99,21 @@ bool small_block_gemms(const MonarchDims& d) {
 // re-reads a block's rows from L2 for every 16 columns of C). Same sums in the same order.
 // Measured (blockdiag forward, N = 4096, d = 1024, interleaved): 32-wide blocks 1.38x, 64-wide
 // 1.03x faster. A_k = a + k a_block, B_k = b + k b_block, C_k = c + k c_block.
-void block_rows_small_gemm(int64_t rows, int64_t nblocks, int64_t n, int64_t k_len, const float* a, int64_t lda,
-                           int64_t a_block, const float* b, int64_t ldb, int64_t b_block, float* c, int64_t ldc,
+// Only where small_block_gemms<Acc> holds (fp32, a CPU with AVX2 and FMA).
+template <typename Acc>
+void block_rows_small_gemm(int64_t rows, int64_t nblocks, int64_t n, int64_t k_len, const Acc* a, int64_t lda,
+                           int64_t a_block, const Acc* b, int64_t ldb, int64_t b_block, Acc* c, int64_t ldc,
                            int64_t c_block) {
 #ifdef LOWRANK_X86_AVX2_PATHS
-  for (int64_t r = 0; r < rows; r += 6)
-    for (int64_t k = 0; k < nblocks; ++k)
-      small_gemm_f32(std::min<int64_t>(6, rows - r), n, k_len, a + r * lda + k * a_block, lda, 1, b + k * b_block, ldb,
-                     c + r * ldc + k * c_block, ldc, /*accumulate=*/false);
+  if constexpr (std::is_same_v<Acc, float>) {
+    for (int64_t r = 0; r < rows; r += 6)
+      for (int64_t k = 0; k < nblocks; ++k)
+        small_gemm_f32(std::min<int64_t>(6, rows - r), n, k_len, a + r * lda + k * a_block, lda, 1, b + k * b_block,
+                       ldb, c + r * ldc + k * c_block, ldc, /*accumulate=*/false);
+    return;
+  }
 #endif
+  TORCH_INTERNAL_ASSERT(false, "block_rows_small_gemm: needs fp32 and the small-k kernel");
 }
 
 // ht [d_mid, rows] (row stride ld_h) = R x_tile^T: block k is w1[k] [mid, in_bs] times x_k^T.
@@ -153,7 +159,7 @@ constexpr int64_t kRowPad = 16;
 // intermediate is 48 KiB) and at d = 4096 (0.72-0.88x).
 bool token_major_forward(const MonarchDims& d) {
   const int64_t weight_bytes = 4 * d.nblocks * (d.mid * d.in_bs + d.out_bs * d.mid);
-  return small_gemm_available() && d.nblocks % 8 == 0 && std::max({d.in_bs, d.mid, d.out_bs}) <= kSmallGemmMaxK &&
+  return small_block_gemms<float>(d) && d.nblocks % 8 == 0 &&
          4 * kTokenRows * (d.d_mid() + kRowPad) <= (25 << 10) && weight_bytes <= (512 << 10);
 }
 
@@ -210,7 +216,7 @@ void monarch_forward_token_major(const float* x, const at::Tensor& w1, const at:
     std::vector<float> hbuf(static_cast<size_t>(kTokenRows * ldh));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t0 = i * kTokenRows, m = std::min<int64_t>(kTokenRows, d.n - t0);
-      block_rows_small_gemm(m, d.nblocks, d.mid, d.in_bs, x + t0 * d.d_in(), d.d_in(), d.in_bs, w1p, d.mid,
+      block_rows_small_gemm<float>(m, d.nblocks, d.mid, d.in_bs, x + t0 * d.d_in(), d.d_in(), d.in_bs, w1p, d.mid,
                             d.in_bs * d.mid, hbuf.data(), ldh, d.mid);
       float* yt = y + t0 * d.d_out();
       switch (m) {
@@ -358,12 +364,10 @@ void blockdiag_forward_kernel(const at::Tensor& x, const at::Tensor& w, const Mo
       const Acc* xt = rows_as_acc<T, Acc>(xp, r0, rows, d.d_in(), xbuf);
       Acc* yt = out_rows_acc<T, Acc>(yp, r0, rows, d.d_out(), ybuf);
       // y_k [rows, out_bs] = x_k w[k]^T, straight from and into the row-major tensors
-      if constexpr (std::is_same_v<Acc, float>) {
-        if (small)
-          block_rows_small_gemm(rows, d.nblocks, d.out_bs, d.in_bs, xt, d.d_in(), d.in_bs, wp, d.out_bs,
-                                d.out_bs * d.in_bs, yt, d.d_out(), d.out_bs);
-      }
-      if (!small)
+      if (small)
+        block_rows_small_gemm<Acc>(rows, d.nblocks, d.out_bs, d.in_bs, xt, d.d_in(), d.in_bs, wp, d.out_bs,
+                                   d.out_bs * d.in_bs, yt, d.d_out(), d.out_bs);
+      else
         rm_gemm<Acc>(false, true, d.nblocks, rows, d.out_bs, d.in_bs, xt, d.d_in(), d.in_bs, wp, d.in_bs,
                      d.out_bs * d.in_bs, Acc(0), yt, d.d_out(), d.out_bs);
       store_rows<T, Acc>(yp, r0, rows, d.d_out(), ybuf);
@@ -393,15 +397,10 @@ void blockdiag_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, co
       const Acc* gt = rows_as_acc<T, Acc>(gp, r0, rows, d.d_out(), gbuf);
       if (mask[0]) {  // grad x_k = g_k w[k]
         Acc* dxt = out_rows_acc<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
-        bool done = false;
-        if constexpr (std::is_same_v<Acc, float>) {
-          if (small_block_gemms<Acc>(d)) {  // 32-wide blocks: 1.34x, measured as the forward's
-            block_rows_small_gemm(rows, d.nblocks, d.in_bs, d.out_bs, gt, d.d_out(), d.out_bs, wp, d.in_bs,
-                                  d.out_bs * d.in_bs, dxt, d.d_in(), d.in_bs);
-            done = true;
-          }
-        }
-        if (!done)
+        if (small_block_gemms<Acc>(d))  // 32-wide blocks: 1.34x, measured as the forward's
+          block_rows_small_gemm<Acc>(rows, d.nblocks, d.in_bs, d.out_bs, gt, d.d_out(), d.out_bs, wp, d.in_bs,
+                                     d.out_bs * d.in_bs, dxt, d.d_in(), d.in_bs);
+        else
           rm_gemm_small_k<Acc>(false, false, d.nblocks, rows, d.in_bs, d.out_bs, gt, d.d_out(), d.out_bs, wp, d.in_bs,
                                d.out_bs * d.in_bs, Acc(0), dxt, d.d_in(), d.in_bs);
         store_rows<T, Acc>(dxp, r0, rows, d.d_in(), dxbuf);
