@@ -39,7 +39,7 @@ $(VENV)/.bench-deps: | $(VENV)/.deps
 bench-deps: $(VENV)/.bench-deps
 
 bench: build bench-deps
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m lowrank_ext.bench --out $(RESULTS_DIR) $(BENCH_ARGS)
+	$(PY) -m lowrank_ext.bench --out $(RESULTS_DIR) $(BENCH_ARGS)
 
 gpu-check:
 	python3 tools/gpu_check.py --results-dir $(RESULTS_DIR)

@@ -74,20 +74,23 @@ def test_forward_matches_dense_matrix(device, shape):
 
 
 # nblocks a multiple of 8, blocks <= 64, nblocks * mid <= 1024: the CPU's token-major fp32
-# forward (taken when h is not saved), N across its 6-row register tiles; mid = 65 and
-# nblocks * mid = 1536 are past it (the tiles)
+# forward, N across its 6-row register tiles and the 48-row groups whose h it transposes out;
+# mid = 65 and nblocks * mid = 1536 are past it (the tiles)
 TOKEN_MAJOR_SHAPES = [(1, 8, 5, 7, 3), (13, 8, 16, 16, 16), (129, 16, 4, 4, 4), (7, 24, 3, 40, 9),
-                      (100, 16, 64, 17, 1), (61, 32, 32, 32, 32), (20, 8, 64, 65, 8), (9, 24, 3, 64, 9)]
+                      (100, 16, 64, 17, 1), (61, 32, 32, 32, 32), (20, 8, 64, 65, 8), (9, 24, 3, 64, 9),
+                      (97, 16, 8, 8, 8)]
 
 
 @pytest.mark.parametrize("shape", TOKEN_MAJOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_forward_without_saved_intermediate(device, shape):
+def test_fp32_forward_with_and_without_saved_intermediate(device, shape):
     x, w1, w2 = _tensors(*shape, torch.float32, device)
     y, h = monarch_forward(x, w1, w2)
     assert h.numel() == 0
     _assert_close(y, x.cpu().double() @ dense_by_formula(w1, w2).t(), torch.float32, "y vs x M^T")
-    # the two CPU paths (token-major, and the tiles that save h) sum in the same order
-    y_saved, _ = monarch_forward(x, w1, w2, save_intermediate=True)
+    y_saved, h_saved = monarch_forward(x, w1, w2, save_intermediate=True)
+    _, h_ref = monarch_forward_ref(x.cpu().double(), w1.cpu().double(), w2.cpu().double(), True)
+    _assert_close(h_saved, h_ref, torch.float32, "h")
+    # saving h changes only what is written: the same sums in the same order
     if device == "cpu":
         assert torch.equal(y, y_saved)
     else:

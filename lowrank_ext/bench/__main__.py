@@ -11,6 +11,27 @@ import torch
 from . import FAMILIES, get_family
 from .harness import RunConfig, run_and_report
 
+# The host allocator every run measures under (each table's header records it). By default
+# glibc hands freed blocks of >= 32 MiB (mmap'd) and the heap's free top back to the kernel,
+# so an op's fresh output faults its pages in again on every call: on the 2-core dev VMs a
+# new 16 MiB tensor costs 0.4-8 ms of faults (8 with THP's direct compaction) against 0.4 ms
+# to write it, and one kernel's fwd+bwd timed 21-43 ms from process to process (monarch,
+# d = 1024, 32 blocks). With mmap off and no trimming, freed memory stays in the heap and is
+# reused, as with the jemalloc/tcmalloc preload PyTorch's CPU tuning guide recommends: every
+# provider in a run, ours and peers alike, then times its kernels, not the kernel's page
+# faults. THP_MEM_ALLOC_ENABLE=1 puts torch's large CPU tensors on huge pages (fewer TLB misses).
+BENCH_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def bench_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with the allocator settings above (other GLIBC_TUNABLES kept)."""
+    env = dict(environ, THP_MEM_ALLOC_ENABLE="1")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if BENCH_MALLOC_TUNABLES not in tunables:
+        env["GLIBC_TUNABLES"] = f"{tunables}:{BENCH_MALLOC_TUNABLES}" if tunables else BENCH_MALLOC_TUNABLES
+    return env
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -35,11 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="list families and exit")
+    ap.add_argument("--system-allocator", action="store_true",
+                    help="keep this process's allocator settings (default: restart under BENCH_MALLOC_TUNABLES "
+                         "and THP_MEM_ALLOC_ENABLE=1, which glibc reads only at process start)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env = bench_environment(dict(os.environ))
+    if not args.system_allocator and not args.list and env != dict(os.environ):
+        sys.stdout.flush()
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "lowrank_ext.bench", *argv], env)
     if args.list:
         for name in FAMILIES:
             try:

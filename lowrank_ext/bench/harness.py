@@ -264,9 +264,10 @@ def header(device: torch.device) -> dict[str, Any]:
         "commit": git_commit(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        # huge pages for torch's CPU allocations: set by `make bench`; page faults on fresh
-        # outputs otherwise dominate CPU timings on these VMs (affects every provider alike)
+        # the host allocator's settings (python -m lowrank_ext.bench sets both, see __main__):
+        # page faults on fresh outputs otherwise dominate CPU timings on these VMs
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "build_info": build_info(),
         "peak_mem_bw_gbs": round(p.mem_bw_gbs, 1),
         "peak_source": p.source,
@@ -436,7 +437,8 @@ def markdown(family: Family, hdr: dict[str, Any], rows: list[Row], skipped: list
     bi_s = ", ".join(f"{k}={v}" for k, v in bi.items()) if isinstance(bi, dict) else bi
     lines += [
         f"- date: {hdr['date']}  commit: {hdr['commit']}  torch: {hdr['torch']}  "
-        f"threads: {hdr['threads']}  THP_MEM_ALLOC_ENABLE: {hdr.get('thp_mem_alloc', '?')}",
+        f"threads: {hdr['threads']}  THP_MEM_ALLOC_ENABLE: {hdr.get('thp_mem_alloc', '?')}  "
+        f"GLIBC_TUNABLES: {hdr.get('glibc_tunables') or '(none)'}",
         f"- lowrank_ext build: {bi_s}",
         f"- peak memory bandwidth: {hdr['peak_mem_bw_gbs']} GB/s ({hdr['peak_source']})",
         "- ms = median time per call over n timed blocks, IQR = its interquartile range; "
