@@ -1,0 +1,21 @@
+"""The benchmark CLI's allocator environment (lowrank_ext/bench/__main__.py): every run restarts
+under it, so the committed tables are comparable; these check what it sets, and that a caller's
+own settings survive."""
+from __future__ import annotations
+
+from lowrank_ext.bench.__main__ import BENCH_MALLOC_TUNABLES, bench_environment
+
+
+def test_environment_adds_the_tunables_and_huge_pages():
+    env = bench_environment({"PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"] == BENCH_MALLOC_TUNABLES
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert env["PATH"] == "/bin"
+    assert "glibc.malloc.mmap_max=0" in BENCH_MALLOC_TUNABLES  # freed blocks stay in the heap
+
+
+def test_environment_keeps_other_tunables_and_is_idempotent():
+    env = bench_environment({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    assert env["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX512F:" + BENCH_MALLOC_TUNABLES
+    assert bench_environment(env) == env  # already set: no second restart
+
