@@ -64,11 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Only the command line restarts (a caller of main() keeps its process), and only once.
     env = bench_environment(dict(os.environ))
-    if not args.system_allocator and not args.list and env != dict(os.environ):
+    if (argv is None and not args.system_allocator and not args.list and env != dict(os.environ)
+            and "LOWRANK_BENCH_RESTARTED" not in os.environ):
         sys.stdout.flush()
-        argv = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, "-m", "lowrank_ext.bench", *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "lowrank_ext.bench", *sys.argv[1:]],
+                  dict(env, LOWRANK_BENCH_RESTARTED="1"))
     if args.list:
         for name in FAMILIES:
             try:
