@@ -14,8 +14,8 @@ from .harness import RunConfig, run_and_report
 # The host allocator every run measures under (each table's header records it). By default
 # glibc hands freed blocks of >= 32 MiB (mmap'd) and the heap's free top back to the kernel,
 # so an op's fresh output faults its pages in again on every call: on the 2-core dev VMs a
-# new 16 MiB tensor costs 0.4-8 ms of faults (8 with THP's direct compaction) against 0.4 ms
-# to write it, and one kernel's fwd+bwd timed 21-43 ms from process to process (monarch,
+# new 16 MiB tensor can cost 6-8 ms of faults (4 KiB pages; THP with direct compaction) against 0.4 ms
+# to write it, and one kernel's fwd+bwd timed 27-43 ms from process to process (monarch,
 # d = 1024, 32 blocks). With mmap off and no trimming, freed memory stays in the heap and is
 # reused, as with the jemalloc/tcmalloc preload PyTorch's CPU tuning guide recommends: every
 # provider in a run, ours and peers alike, then times its kernels, not the kernel's page
