@@ -7,6 +7,9 @@
 // output tile (AVX2 tiles, common/cpu_transpose.h). The GEMMs are BLAS calls, or for small
 // fp32 blocks the register-blocked small-k kernel of common/cpu_blas.h (see
 // small_block_gemms). fp16/bf16 tiles are widened to fp32 first; fp64 stays fp64.
+// fp32 forwards with small blocks and nblocks a multiple of 8 take a token-major path instead
+// (token_major_forward below: a few token rows at a time in L1, no transposes), which also
+// writes the saved h in the tiles' feature-major layout, so the backward is the same for both.
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>

@@ -51,38 +51,10 @@ LOWRANK_CPU_CLONES void adamw_update_span(float* __restrict p, const float* __re
   }
 }
 
-#ifdef LOWRANK_X86_AVX2_PATHS
-// The 4-bit case of dequantize_span for the first n / 8 * 8 values (returns how many): the
-// 16-entry code sits in two registers, and code[nibble] is two in-register permutes
-// (vpermps, low 3 bits) and a blend on the nibble's bit 3, not a table load per value.
-// Same product code[i] * absmax. 4-bit AdamW step (50M params): ~8% faster, interleaved.
-__attribute__((target("avx2"))) int dequantize_nibbles_avx2(const uint8_t* __restrict qb, int n,
-                                                            const float* __restrict code, float absmax,
-                                                            float* __restrict out) {
-  const __m256 low_entries = _mm256_loadu_ps(code), high_entries = _mm256_loadu_ps(code + 8);
-  const __m256 scale = _mm256_set1_ps(absmax);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {  // four bytes, eight values
-    int32_t word;
-    std::memcpy(&word, qb + i / 2, sizeof(word));
-    const __m128i bytes = _mm_cvtsi32_si128(word);
-    const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(bytes, nibble),  // element order: low, high
-                                              _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
-    const __m256i index = _mm256_cvtepu8_epi32(nibbles);
-    const __m256 entry = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_entries, index),
-                                          _mm256_permutevar8x32_ps(high_entries, index),
-                                          _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(entry, scale));
-  }
-  return i;
-}
-#endif
-
 // out[i] = code[index of element first + i] * absmax (quant_math.h's dequantize_value), for
 // the n elements of one chunk, which lies in one block. 8-bit: a loop the compiler
-// vectorizes (a table load per value); 4-bit: the permutes above where `avx2` (the table
-// searches' choice, LOWRANK_CPU_TABLE_SEARCH), else a byte (two nibbles) at a time. A 4-bit
+// vectorizes (a table load per value); 4-bit: quant::dequantize_nibbles_avx2 where `avx2`
+// (the table searches' choice, LOWRANK_CPU_TABLE_SEARCH), else a byte (two nibbles) at a time. A 4-bit
 // chunk starts at an even element (blocksizes are even), so element first + i is nibble
 // i & 1 of byte i / 2.
 LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t first, int n, int bits,
@@ -95,7 +67,7 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
     const uint8_t* qb = q + first / 2;
     int done = 0;
 #ifdef LOWRANK_X86_AVX2_PATHS
-    if (avx2) done = dequantize_nibbles_avx2(qb, n, code, absmax, out);
+    if (avx2) done = static_cast<int>(quant::dequantize_nibbles_avx2(qb, n, code, absmax, out));
 #endif
     const int pairs = n / 2;
     for (int j = done / 2; j < pairs; ++j) {  // a byte at a time: both nibbles

@@ -80,6 +80,7 @@ void quantize_impl(const QuantizeParams& p) {
 template <typename T>
 void dequantize_impl(const DequantizeParams& p) {
   T* out = static_cast<T*>(p.out);
+  [[maybe_unused]] const bool avx2 = table_search_avx2();  // 4-bit to fp32: dequantize_nibbles_avx2
   const int64_t nblocks = (p.numel + p.blocksize - 1) / p.blocksize;
   const int64_t grain = std::max<int64_t>(1, 32768 / p.blocksize);
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
@@ -93,7 +94,13 @@ void dequantize_impl(const DequantizeParams& p) {
         for (int64_t i = 0; i < n; ++i) ob[i] = static_cast<T>(dequantize_value(p.code, qb[i], absmax));
       } else {
         const uint8_t* qb = p.q + base / 2;
-        for (int64_t i = 0; i + 1 < n; i += 2) {  // a byte holds two values
+        int64_t i = 0;
+#ifdef LOWRANK_X86_AVX2_PATHS
+        if constexpr (std::is_same_v<T, float>) {
+          if (avx2) i = dequantize_nibbles_avx2(qb, n, p.code, absmax, ob);
+        }
+#endif
+        for (; i + 1 < n; i += 2) {  // a byte holds two values
           const uint8_t byte = qb[i >> 1];
           ob[i] = static_cast<T>(dequantize_value(p.code, byte & 0xF, absmax));
           ob[i + 1] = static_cast<T>(dequantize_value(p.code, byte >> 4, absmax));

@@ -95,6 +95,34 @@ __attribute__((always_inline, target("avx2"))) inline void gather_pairs8(const c
   second = _mm256_castps_si256(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// 4-bit dequantize, out[i] = code[nibble i] * absmax for the first n / 8 * 8 values of a
+// block whose element 0 is the low nibble of qb[0] (returns how many were done): the
+// 16-entry code sits in two registers, and code[nibble] is two in-register permutes (vpermps,
+// low 3 bits) and a blend on the nibble's bit 3, not a table load per value. The same
+// product as dequantize_value. Used by the dequantize op and the fused 4-bit AdamW step
+// (step of 50M params ~8% faster, interleaved).
+__attribute__((target("avx2"))) inline int64_t dequantize_nibbles_avx2(const uint8_t* __restrict qb, int64_t n,
+                                                                      const float* __restrict code, float absmax,
+                                                                      float* __restrict out) {
+  const __m256 low_entries = _mm256_loadu_ps(code), high_entries = _mm256_loadu_ps(code + 8);
+  const __m256 scale = _mm256_set1_ps(absmax);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {  // four bytes, eight values
+    int32_t word;
+    std::memcpy(&word, qb + i / 2, sizeof(word));
+    const __m128i bytes = _mm_cvtsi32_si128(word);
+    const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(bytes, nibble),  // element order: low, high
+                                              _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+    const __m256i index = _mm256_cvtepu8_epi32(nibbles);
+    const __m256 entry = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_entries, index),
+                                          _mm256_permutevar8x32_ps(high_entries, index),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(entry, scale));
+  }
+  return i;
+}
+
 // Eight int32 values stored as eight bytes, saturated to [0, 255].
 __attribute__((always_inline, target("avx2"))) inline void store_bytes8(__m256i v, uint8_t* out) {
   const __m128i v16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
