@@ -1,7 +1,8 @@
 # The README's commands. `make bench` (the main job) and `make test` each set everything
 # up on a fresh machine: a virtualenv, pinned dependencies, the build (CUDA kernels when
 # nvcc and a CUDA torch are there), then the benchmarks or the tests.
-# `make gpu-check` is for a GPU machine whose python3 already has torch (nothing fetched).
+# `make gpu-check` is for a GPU machine whose python3 already has torch (nothing fetched);
+# GPU_CHECK_ARGS passes options to tools/gpu_check.py (e.g. --phases bench, or test,sanitize).
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -10,6 +11,7 @@ TORCH_PIN   ?= torch==2.14.1
 BENCH_PEERS ?= peft bitsandbytes torchao galore-torch
 RESULTS_DIR ?= benchmarks/results
 BENCH_ARGS  ?=
+GPU_CHECK_ARGS ?=
 export CCACHE_DIR ?= $(HOME)/.cache/lowrank_ext-ccache
 
 .PHONY: test bench build deps bench-deps gpu-check clean
@@ -42,7 +44,7 @@ bench: build bench-deps
 	$(PY) -m lowrank_ext.bench --out $(RESULTS_DIR) $(BENCH_ARGS)
 
 gpu-check:
-	python3 tools/gpu_check.py --results-dir $(RESULTS_DIR)
+	python3 tools/gpu_check.py --results-dir $(RESULTS_DIR) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build lowrank_ext/_C*.so *.egg-info
