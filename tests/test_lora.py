@@ -496,3 +496,27 @@ def test_peft_accelerated_model_pickles():
     torch.testing.assert_close(loaded(x), model(x))
     assert restore(loaded) == 1
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_lora_linear_with_no_input_features_is_the_bias():
+    # nn.Linear(0, d_out) gives the bias for every row; x of shape [..., 0] holds no elements
+    x, w, b = torch.randn(4, 3, 0, requires_grad=True), torch.randn(5, 0), torch.randn(5, requires_grad=True)
+    a, bb = torch.randn(2, 0, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = lora_linear(x, w, b, a, bb, scale=2.0)
+    assert torch.equal(y, b.detach().expand(4, 3, 5))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(b.grad, torch.full((5,), 12.0))
+    assert torch.equal(bb.grad, torch.zeros(5, 2))
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    x, w, b, a, bb, _, _ = _tensors(6, 10, 4, 2, torch.float64, "plain")
+    for t in (x, a, bb):
+        t.requires_grad_()
+    y = lora_linear(x, w, b, a, bb, scale=1.0)
+    (ga,) = torch.autograd.grad((y ** 2).sum(), a, create_graph=True)
+    a2 = a.detach().requires_grad_()
+    y_dense = x.detach() @ w.t() + b + (x.detach() @ a2.t()) @ bb.detach().t()
+    torch.testing.assert_close(ga, torch.autograd.grad((y_dense ** 2).sum(), a2)[0])  # first order still right
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        ga.sum().backward()

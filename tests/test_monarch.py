@@ -286,3 +286,15 @@ def test_bad_inputs_raise():
         blockdiag_forward(x, torch.randn(5, 3, 3))
     with pytest.raises(RuntimeError, match="grad_y must have shape"):
         blockdiag_backward(torch.randn(5, 3), x, torch.randn(4, 3, 3))
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)
+    (g1,) = torch.autograd.grad((monarch(x, w1, w2) ** 2).sum(), w1, create_graph=True)
+    with pytest.raises(RuntimeError, match="monarch_forward: double backward"):
+        g1.sum().backward()
+    (gx,) = torch.autograd.grad((blockdiag(x, w1) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="blockdiag_forward: double backward"):
+        gx.sum().backward()

@@ -182,6 +182,9 @@ def test_gradcheck_float64():
     b = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a: lora_shrink(x, a, ids, ranks, scales), (x, a))
     assert torch.autograd.gradcheck(lambda y, xa, b: lora_expand(y, xa, b, ids, ranks, scales), (y, xa, b))
+    # the backward is built from these differentiable ops: second derivatives too (the README says so)
+    assert torch.autograd.gradgradcheck(lambda x, a: lora_shrink(x, a, ids, ranks, scales), (x, a))
+    assert torch.autograd.gradgradcheck(lambda y, xa, b: lora_expand(y, xa, b, ids, ranks, scales), (y, xa, b))
 
 
 def test_grouped_outer_is_the_stacks_gradient(device):
@@ -449,3 +452,47 @@ def test_state_dict_keeps_the_adapter_names():
     fresh.load_adapter("es", torch.randn(1, 13), torch.randn(7, 1))  # a free slot, not one of the loaded
     x = torch.randn(4, 13)
     torch.testing.assert_close(fresh(x, ["fr", "de", None, "fr"]), layer(x, ["fr", "de", None, "fr"]))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_feature_dims_are_no_ops(dtype):
+    # d_out = 0 (and d_in = 0 in the shrink's backward): nothing to compute, no crash
+    ids = torch.tensor([0, 1] * 4)
+    y = torch.zeros(8, 0, dtype=dtype)
+    xa = torch.randn(8, 4, dtype=dtype)
+    lora_expand_(y, xa, torch.zeros(2, 0, 4, dtype=dtype), ids)
+    assert lora_expand(y, xa, torch.zeros(2, 0, 4, dtype=dtype), ids).shape == (8, 0)
+    layer = MultiLoRALinear(nn.Linear(16, 0, dtype=dtype), 2, 4)
+    layer.load_adapter("a", torch.randn(4, 16, dtype=dtype), torch.randn(0, 4, dtype=dtype))
+    assert layer(torch.randn(8, 16, dtype=dtype), ids).shape == (8, 0)
+    x = torch.randn(8, 0, dtype=dtype, requires_grad=True)
+    a_stack = torch.randn(2, 4, 0, dtype=dtype, requires_grad=True)
+    xa = lora_shrink(x, a_stack, ids)
+    assert torch.equal(xa, torch.zeros(8, 4, dtype=dtype))
+    xa.sum().backward()
+    assert x.grad.shape == (8, 0) and a_stack.grad.shape == (2, 4, 0)
+
+
+def test_inplace_expand_raises_when_b_stack_overlaps_y():
+    y = torch.randn(300, 8)
+    before = y.clone()
+    b_stack = y[:4].t().unsqueeze(0)  # B read from the rows being written
+    with pytest.raises(RuntimeError, match="single memory location"):
+        lora_expand_(y, torch.randn(300, 4), b_stack, torch.zeros(300, dtype=torch.long))
+    assert torch.equal(y, before)
+
+
+def test_layer_loads_fp64_lora_linear_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, dtype=torch.float64)
+    lora = LoRALinear(base, r=4)
+    with torch.no_grad():
+        lora.lora_B["default"].weight.normal_()
+    multi = MultiLoRALinear(nn.Linear(16, 8, dtype=torch.float64), 1, 4)
+    multi.base_layer.load_state_dict(base.state_dict())
+    multi.load_lora_linear("a", lora)
+    assert torch.equal(multi.lora_b[0], lora.lora_B["default"].weight.detach())
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x, torch.zeros(5, dtype=torch.long)), lora(x), rtol=1e-12, atol=1e-12)

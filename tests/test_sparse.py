@@ -456,3 +456,30 @@ def test_sltrain_compiled_forward_sees_s_from_the_start():
     want = torch.nn.functional.linear(x, layer.to_dense(), layer.bias)
     got = torch.compile(layer, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scatter_raises_when_values_or_indices_overlap_the_weight():
+    # read while the weight is written: the result would depend on the write order (torch's
+    # index_add_ raises on such overlap too); nothing is written
+    w = torch.tensor([10.0, 1.0, 3.0])
+    with pytest.raises(RuntimeError, match="single memory location"):
+        sparse_scatter_add_(w, torch.tensor([1, 0]), w[0:2], 1.0)
+    assert torch.equal(w, torch.tensor([10.0, 1.0, 3.0]))
+    w64 = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        sparse_scatter_add_(w64, w64.view(torch.int64)[:2], torch.ones(2, dtype=torch.float64), 1.0)
+
+
+def test_shira_layer_keeps_fp64_weights_exact():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 4, dtype=torch.float64)
+    w0 = base.weight.detach().clone()
+    layer = SparseAdapterLinear(base, nnz=8)  # values start at 0: W_eff = W bit for bit
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer(x)
+    assert torch.equal(base.weight, w0)
+    with torch.no_grad():
+        layer.values.normal_()
+    mask_w = w0.clone().view(-1)
+    mask_w[layer.indices] += layer.values.detach()
+    torch.testing.assert_close(layer(x), x @ mask_w.view(4, 8).t() + base.bias, rtol=1e-12, atol=1e-12)

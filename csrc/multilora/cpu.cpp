@@ -305,7 +305,7 @@ bool expand_chunks_small_gemm(const TokenGroups& g, const Work& work, const std:
                               const StackOperand& b_op, Acc* yp, int64_t d_out) {
 #ifdef LOWRANK_X86_AVX2_PATHS
   if constexpr (std::is_same_v<Acc, float>) {
-    if (!small_gemm_available() || R < 1 || R > kSmallGemmMaxK) return false;
+    if (!small_gemm_available() || R < 1 || R > kSmallGemmMaxK || d_out == 0) return false;  // 0: nothing to write
     constexpr int64_t kPanelBytes = 32 << 10;  // B^T panel sized for L1 (R <= 64: >= 128 columns)
     const int64_t width = std::min(d_out, kPanelBytes / (4 * R) / 16 * 16);
     const int64_t panels = (d_out + width - 1) / width;
@@ -427,7 +427,7 @@ void expand_into(at::Tensor& y_out, const at::Tensor& xa_in, const at::Tensor& b
 
 void lora_expand_inplace_cpu(at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack, const at::Tensor& ids,
                              const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
-  expand_into(y, inplace_expand_xa(y, xa), b_stack, ids, ranks, scales, "lora_expand_");
+  expand_into(y, inplace_expand_xa(y, xa, b_stack), b_stack, ids, ranks, scales, "lora_expand_");
 }
 
 at::Tensor lora_expand_cpu(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack,

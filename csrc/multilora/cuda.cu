@@ -262,7 +262,7 @@ void lora_expand_inplace_cuda(at::Tensor& y, const at::Tensor& xa, const at::Ten
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& scales) {
   const StackShapes s = check_expand_args(y, xa, b_stack, ids, ranks, scales, "lora_expand_");
   const c10::cuda::OptionalCUDAGuard guard(y.device());
-  const at::Tensor xa_in = inplace_expand_xa(y, xa);
+  const at::Tensor xa_in = inplace_expand_xa(y, xa, b_stack);
   // in place where y's rows are unit-stride and provably disjoint (a row-padded view, e.g.
   // one slice of a fused output, included); anything else goes through a contiguous copy
   const bool disjoint_rows = y.size(0) <= 1 || y.stride(0) >= y.size(1);

@@ -91,8 +91,9 @@ StackShapes check_expand_args(const at::Tensor& y, const at::Tensor& xa, const a
   return s;
 }
 
-at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa) {
+at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack) {
   at::assert_no_internal_overlap(y);
+  at::assert_no_overlap(y, b_stack);
   return xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
 }
 

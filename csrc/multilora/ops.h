@@ -29,11 +29,12 @@ StackShapes check_expand_args(const at::Tensor& y, const at::Tensor& xa, const a
                               const at::Tensor& ids, const std::optional<at::Tensor>& ranks,
                               const std::optional<at::Tensor>& scales, const char* op);
 
-// lora_expand_'s shared precondition and input: y must not overlap itself (the rows of a
-// broadcast y would alias), and an xa that lives in y's memory (one GEMM's output split in
+// lora_expand_'s shared preconditions and input: y must not overlap itself (the rows of a
+// broadcast y would alias) nor b_stack (weights read while y is written: an error, as torch's
+// in-place index ops raise), and an xa that lives in y's memory (one GEMM's output split in
 // two, a view of y) is copied, so that it is read as it was before the call. Returns the xa
 // the kernels read.
-at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa);
+at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack);
 
 // left [N, P], right [N, Q] (float dtypes, may differ), ids [N], num_adapters >= 0, scales [S]?
 void check_outer_args(const at::Tensor& left, const at::Tensor& right, const at::Tensor& ids,

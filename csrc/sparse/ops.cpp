@@ -1,6 +1,8 @@
 // Argument checks of the sparse family (kernels in cpu.cpp and cuda.cu).
 #include "sparse/ops.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 
 #include "common/checks.h"
@@ -39,6 +41,9 @@ void check_scatter_args(const at::Tensor& weight, at::TensorList indices, at::Te
     TORCH_CHECK_TYPE(is_weight_dtype(v.scalar_type()), op, ": values[", a, "] must be a float tensor, got ",
                      v.scalar_type());
     check_same_device(v, weight, op, "values", "weight");
+    // read while weight is written: torch's index_add_ raises on such overlap too
+    at::assert_no_overlap(weight, v);
+    at::assert_no_overlap(weight, indices[a]);
     TORCH_CHECK(std::isfinite(alphas[a]), op, ": alphas[", a, "] must be finite, got ", alphas[a]);
   }
 }

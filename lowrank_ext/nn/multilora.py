@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..ops._common import as_rows
 from ..ops.multilora import multi_lora_linear
 
 __all__ = ["MultiLoRALinear"]
@@ -98,11 +99,12 @@ class MultiLoRALinear(nn.Module):
         """Load the adapter of a :class:`lowrank_ext.nn.LoRALinear` (its core and rank scale, if
         any, folded into B: the same forward)."""
         a, b, core, rank_scale = layer._lora_tensors()
-        b = b.detach().float()
+        acc = torch.float64 if b.dtype == torch.float64 else torch.float32  # fold in the accumulation type
+        b = b.detach().to(acc)
         if core is not None:
-            b = b @ core.detach().float()
+            b = b @ core.detach().to(acc)
         if rank_scale is not None:
-            b = b * rank_scale.detach().float()
+            b = b * rank_scale.detach().to(acc)
         return self.load_adapter(name, a.detach(), b, scale=layer.scaling)
 
     def load_peft_state_dict(self, name: str, state_dict: Mapping[str, torch.Tensor], *, scale: float | None = None,
@@ -152,7 +154,7 @@ class MultiLoRALinear(nn.Module):
             # branch runs in the stacks' dtype, as PEFT's does, and is added to the base output
             # once in x's dtype (an extra [N, d_out] buffer: the fused in-place add needs one dtype)
             dt = self.lora_a.dtype
-            x2, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
+            x2, flat_ids = as_rows(x), ids.reshape(-1)
             xa = torch.ops.lowrank.lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)
             zeros = x2.new_zeros(x2.shape[0], self.base_layer.out_features, dtype=dt)
             delta = torch.ops.lowrank.lora_expand(zeros, xa, self.lora_b, flat_ids, self.ranks, None)

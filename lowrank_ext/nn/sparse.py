@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import as_rows
 from ..ops.sparse import sddmm
 
 __all__ = ["SparseAdapterLinear", "SLTrainLinear", "choose_support"]
@@ -54,7 +55,7 @@ class _FusedSparseLinear(torch.autograd.Function):
         x, weight, rows, cols = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype)
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        grad_bias = as_rows(grad_y).sum(0) if ctx.needs_input_grad[2] else None
         grad_values = sddmm(grad_y, x, rows, cols) if ctx.needs_input_grad[3] else None
         return grad_x, None, grad_bias, grad_values, None, None
 
@@ -125,7 +126,8 @@ class SparseAdapterLinear(nn.Module):
         """Fold the values' change since the last sync into W_eff (W_eff[support] = W + values,
         written from the kept base entries, so rounding never accumulates over steps)."""
         w = self.base_layer.weight.view(-1)
-        w[self.indices] = (self.base_values.float() + self.values.float()).to(w.dtype)
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # the scatter kernel's accumulation type
+        w[self.indices] = (self.base_values.to(acc) + self.values.to(acc)).to(w.dtype)
         self.applied.copy_(self.values)
         self._synced_version = self.values._version
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import as_rows, first_order_only
+
 __all__ = ["lora_linear", "lora_forward", "lora_backward", "lora_merge_"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,7 +67,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                                                        rank_scale))
     with torch.autocast(device_type, enabled=False):
         lead = x.shape[:-1]
-        y, _ = torch.ops.lowrank.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, core,
+        y, _ = torch.ops.lowrank.lora_forward(as_rows(x), weight, bias, lora_a, lora_b, core,
                                               rank_scale, scale, dropout_p, *_seed_args(seed))
     return y.reshape(*lead, weight.shape[0])
 
@@ -129,8 +131,9 @@ def _backward(ctx, grad_y, _grad_xa):
     if any(mask):
         out = torch.ops.lowrank.lora_backward(grad_y.contiguous(), x, weight, lora_a, lora_b, core, rank_scale, xa,
                                               ctx.scale, ctx.dropout_p, ctx.seed, seed_tensor, mask)
-        grads = [g if m else None for g, m in zip(out, mask)]
-    grad_w = grad_y.t().mm(x) if need[1] else None
+        grads = first_order_only("lora_forward", tuple(g if m else None for g, m in zip(out, mask)),
+                                 (grad_y, x, weight, lora_a, lora_b, core, rank_scale))
+    grad_w = grad_y.t().mm(x) if need[1] else None  # ATen ops: differentiable again
     grad_b = grad_y.sum(0) if ctx.has_bias and need[2] else None
     gx, ga, gb, gc, gr = grads
     return gx, grad_w, grad_b, ga, gb, gc, gr, None, None, None, None

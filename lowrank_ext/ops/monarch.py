@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import as_rows, first_order_only
+
 __all__ = ["monarch", "blockdiag", "monarch_forward", "monarch_backward", "blockdiag_forward", "blockdiag_backward"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -72,7 +74,7 @@ def monarch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, save_interme
         save_intermediate = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
     with torch.autocast(x.device.type, enabled=False):
         lead = x.shape[:-1]
-        y, _ = torch.ops.lowrank.monarch_forward(x.reshape(-1, x.shape[-1]), w1, w2, save_intermediate)
+        y, _ = torch.ops.lowrank.monarch_forward(as_rows(x), w1, w2, save_intermediate)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -87,7 +89,7 @@ def blockdiag(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x, w = _autocast(x.device.type, x, w)
     with torch.autocast(x.device.type, enabled=False):
         lead = x.shape[:-1]
-        y = torch.ops.lowrank.blockdiag_forward(x.reshape(-1, x.shape[-1]), w)
+        y = torch.ops.lowrank.blockdiag_forward(as_rows(x), w)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -141,7 +143,8 @@ def _monarch_backward(ctx, grad_y, _grad_h):
     if not any(mask):
         return None, None, None, None
     out = torch.ops.lowrank.monarch_backward(grad_y.contiguous(), x, w1, w2, h if h.numel() else None, mask)
-    return *(g if m else None for g, m in zip(out, mask)), None
+    grads = first_order_only("monarch_forward", tuple(g if m else None for g, m in zip(out, mask)), (grad_y, x, w1, w2))
+    return *grads, None
 
 
 def _blockdiag_setup_context(ctx, inputs, output):
@@ -154,7 +157,7 @@ def _blockdiag_backward(ctx, grad_y):
     if not any(mask):
         return None, None
     out = torch.ops.lowrank.blockdiag_backward(grad_y.contiguous(), x, w, mask)
-    return tuple(g if m else None for g, m in zip(out, mask))
+    return first_order_only("blockdiag_forward", tuple(g if m else None for g, m in zip(out, mask)), (grad_y, x, w))
 
 
 torch.library.register_autograd("lowrank::monarch_forward", _monarch_backward, setup_context=_monarch_setup_context)

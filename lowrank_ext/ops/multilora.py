@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import as_rows
+
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -78,7 +80,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         x, weight, bias, a_stack, b_stack = map(cast, (x, weight, bias, a_stack, b_stack))
     with torch.autocast(device_type, enabled=False):
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = as_rows(x)
         ids = token_adapter_ids.reshape(-1)
         y = torch.nn.functional.linear(x2, weight, bias)
         xa = torch.ops.lowrank.lora_shrink(x2, a_stack, ids, ranks, scales)

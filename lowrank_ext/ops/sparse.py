@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._common import as_rows
+
 __all__ = ["sparse_scatter_add_", "sddmm"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -49,7 +51,7 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: tor
     entries (rows, cols) of a weight W with y = x W^T. Out-of-range rows or cols raise on CPU;
     on CUDA they trip a device assertion (checked in the kernel: no host synchronisation in a
     backward pass)."""
-    return torch.ops.lowrank.sddmm(grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), rows, cols)
+    return torch.ops.lowrank.sddmm(as_rows(grad_out), as_rows(x), rows, cols)
 
 
 @torch.library.register_fake("lowrank::sparse_scatter_add_")

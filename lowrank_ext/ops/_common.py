@@ -1,0 +1,48 @@
+"""Small helpers shared by the op modules."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features], every leading dim flattened into rows (a 1-D x is one row).
+    Unlike reshape(-1, d) it also works for an empty x with d = 0, whose rows reshape cannot infer."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
+    """The grads a backward formula returns, made to raise if they are differentiated again.
+    The formulas here call backward ops that have no autograd kernel of their own: under
+    create_graph=True their outputs would carry no graph, and a second derivative through them
+    would come back as silent zeros. Where grad mode is on (create_graph) and any input of the
+    formula (incoming grads or saved tensors) requires grad, the grads become aliases whose
+    backward raises, as torch.autograd.function.once_differentiable does (which looks at the
+    incoming grads only)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    aliases = _RaiseOnBackward.apply(f"{op}: double backward (a derivative of its gradients) is not supported",
+                                     *[grads[i].detach().requires_grad_() for i in present])
+    out = list(grads)
+    for i, a in zip(present, aliases):
+        out[i] = a
+    return tuple(out)
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """Copies of the grads whose own backward raises (first_order_only)."""
+
+    @staticmethod
+    def forward(ctx, message, *grads):
+        ctx.message = message
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
