@@ -70,7 +70,7 @@ class StreamingSVD:
     >>> a = torch.randn(64, 8, dtype=torch.float64) @ torch.randn(8, 500, dtype=torch.float64)
     >>> svd = StreamingSVD(k=8)
     >>> for block in a.split(100, dim=1):
-    ...     svd.update(block)
+    ...     _ = svd.update(block)  # update returns the StreamingSVD
     >>> bool(torch.allclose(svd.S, torch.linalg.svdvals(a)[:8]))
     True
     """

@@ -25,3 +25,16 @@ def test_quant_module_example_runs():
     example = quant.__doc__.split("Example::", 1)[1]
     code = "\n".join(line[4:] for line in example.splitlines())
     exec(compile(code, "lowrank_ext.quant docstring", "exec"), {})
+
+
+@pytest.mark.parametrize("module", ["lowrank_ext.ops.monarch", "lowrank_ext.ops.sparse", "lowrank_ext.ops.svd",
+                                    "lowrank_ext.init", "lowrank_ext.linalg"])
+def test_module_doctests_pass(module):
+    import doctest
+    import importlib
+
+    import torch
+
+    torch.manual_seed(0)
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result

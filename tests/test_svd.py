@@ -483,3 +483,66 @@ def test_rsvd_of_a_transposed_batch_reads_it_in_place():
                                atol=1e-5, rtol=1e-5)
     for g, w in zip(ops.jacobi_svd(view), ops.jacobi_svd(view.contiguous())):  # the same view path
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- edge cases found by adversarial testing
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [1, 2, 5, 100])
+def test_streaming_on_data_of_lower_rank_than_it_keeps(dtype, block, cpu_orthonormalization):
+    # rank 3 < k + oversample: later blocks lie in span(U), their residual is rounding noise;
+    # U must stay orthonormal and S must not count a direction twice
+    a = (torch.randn(64, 3, dtype=torch.float64) @ torch.randn(3, 60, dtype=torch.float64)).to(dtype)
+    svd = linalg.StreamingSVD(k=6)
+    for b in a.split(block, dim=1):
+        svd.update(b)
+    want = torch.linalg.svdvals(a.double())[:6]
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(svd.S.double(), want, atol=100 * eps * float(want[0]), rtol=0)
+    assert _orth_err(svd._u) < 100 * eps * math.sqrt(64)
+
+
+def test_svd_update_with_x_inside_span_u():
+    u = torch.zeros(5, 1, dtype=torch.float64)
+    u[0, 0] = 1
+    x = torch.zeros(5, 1, dtype=torch.float64)
+    x[0, 0] = 3  # exactly in span(U): a zero residual
+    un, sn = ops.svd_update(u, torch.tensor([2.0], dtype=torch.float64), x, 2)
+    torch.testing.assert_close(sn, torch.tensor([math.sqrt(13.0), 0.0], dtype=torch.float64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(un.t() @ un, torch.eye(2, dtype=torch.float64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(un[:, 0].abs(), u[:, 0])
+
+
+@pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e20, 1e-30)), (torch.float64, (1e160, 1e-160))])
+def test_jacobi_and_rsvd_of_huge_and_tiny_matrices(dtype, scales):
+    # the squares of such entries overflow or underflow; the result must scale with A
+    a = torch.randn(30, 20, dtype=torch.float64)
+    s_ref = torch.linalg.svdvals(a)
+    for scale in scales:
+        s = ops.jacobi_svd((a * scale).to(dtype))[1].double() / scale
+        torch.testing.assert_close(s, s_ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+        s3 = linalg.rsvd((a * scale).to(dtype), 3)[1].double() / scale
+        torch.testing.assert_close(s3, s_ref[:3], rtol=1e-2, atol=0)  # an approximation: top 3 of a random matrix
+    d = torch.diag(torch.tensor([3e20, 1e-25])).to(dtype)
+    s = ops.jacobi_svd(d)[1]
+    assert float(s[0]) == pytest.approx(3e20, rel=1e-6) and 0 <= float(s[1]) <= 1e-6 * 3e20
+
+
+def test_jacobi_of_non_finite_matrices_is_nan_and_leaves_the_others():
+    a = torch.randn(3, 6, 4)
+    a[1, 2, 1] = float("inf")
+    a[2, 0, 0] = float("nan")
+    u, s, vh = ops.jacobi_svd(a)
+    for t in (u, s, vh):
+        assert torch.isnan(t[1]).all() and torch.isnan(t[2]).all()
+    u0, s0, vh0 = ops.jacobi_svd(a[0])
+    assert torch.equal(u[0], u0) and torch.equal(s[0], s0) and torch.equal(vh[0], vh0)
+
+
+def test_galore_step_with_a_huge_gradient_stays_finite():
+    from lowrank_ext.optim import GaLoreAdamW
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    opt = GaLoreAdamW([p], lr=1e-2, rank=4)
+    p.grad = torch.randn(64, 32) * 1e20
+    opt.step()
+    assert torch.isfinite(p).all()

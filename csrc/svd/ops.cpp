@@ -9,7 +9,11 @@
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/exp2.h>
 #include <ATen/ops/eye.h>
+#include <ATen/ops/frexp.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/linalg_cholesky_ex.h>
 #include <ATen/ops/linalg_qr.h>
 #include <ATen/ops/linalg_solve_triangular.h>
@@ -24,6 +28,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -263,14 +268,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
     s = at::zeros({batch, p}, a.options());
     vh = at::zeros({batch, p, p}, a.options());
   } else {
-    // A tall matrix is first reduced to its p x p triangle: Jacobi then rotates p-long columns.
+    // Each matrix is first scaled by a power of two (exact) to a largest |entry| in [0.5, 1), as
+    // LAPACK's gesvj does: the rotations' dot products and the column norms then neither
+    // overflow nor underflow however large or small A is (fp32 entries of 3e20 or 1e-25 gave
+    // S = inf or 0 unscaled); S is scaled back at the end. A matrix holding inf or NaN is run
+    // as the identity (no zero columns to complete: the others' bits do not depend on it) and
+    // gets NaN factors (as rsvd's do): never finite ones. No host synchronisation.
+    const at::Tensor amax = tall.abs().amax({1, 2});  // [batch]: inf or NaN where not finite
+    const at::Tensor finite = at::isfinite(amax);
+    // amax = mantissa 2^exponent, mantissa in [0.5, 1); the clamp keeps 2^-exponent finite for
+    // subnormal amax (whose scaled entries then stay below 0.5)
+    const int min_exponent = a.scalar_type() == at::kDouble ? std::numeric_limits<double>::min_exponent
+                                                             : std::numeric_limits<float>::min_exponent;
+    const at::Tensor exponent = std::get<1>(at::frexp(at::where(finite & (amax > 0), amax, at::ones_like(amax))))
+                                    .clamp_min(min_exponent)
+                                    .to(a.scalar_type());
+    const at::Tensor scale = at::exp2(-exponent).view({-1, 1, 1});
+    const at::Tensor scaled =
+        at::where(finite.view({-1, 1, 1}), tall * scale, at::eye(tall.size(1), p, tall.options()).unsqueeze(0));
+    // A tall matrix is then reduced to its p x p triangle: Jacobi rotates p-long columns.
     at::Tensor q_tall;
-    at::Tensor work = tall;
-    if (tall.size(1) >= 2 * p) std::tie(q_tall, work) = at::linalg_qr(tall, "reduced");
+    at::Tensor work = scaled;
+    if (scaled.size(1) >= 2 * p) std::tie(q_tall, work) = at::linalg_qr(scaled, "reduced");
     at::Tensor cols = work.transpose(1, 2).clone(at::MemoryFormat::Contiguous);  // row j = column j; never A itself
     at::Tensor v = at::eye(p, a.options()).unsqueeze(0).repeat({batch, 1, 1});  // row j = column j of V
     kernel(cols, v);
-    s = at::linalg_vector_norm(cols, 2, {2});
+    s = at::linalg_vector_norm(cols, 2, {2}, /*keepdim=*/false, at::kDouble).to(cols.scalar_type());
     const at::Tensor order = at::argsort(s, /*stable=*/true, /*dim=*/1, /*descending=*/true);
     s = s.gather(1, order);
     cols = cols.gather(1, order.unsqueeze(2).expand_as(cols));
@@ -287,6 +310,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
       u = qc * sign.unsqueeze(1);
     }
     if (q_tall.defined()) u = batched_mm(q_tall, u);
+    s = s / scale.view({-1, 1});
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    u = at::where(finite.view({-1, 1, 1}), u, at::full_like(u, nan));
+    s = at::where(finite.view({-1, 1}), s, at::full_like(s, nan));
+    vh = at::where(finite.view({-1, 1, 1}), vh, at::full_like(vh, nan));
   }
   if (wide) {  // A^T = U S Vh  =>  A = Vh^T S U^T
     std::swap(u, vh);
@@ -397,28 +425,50 @@ std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, con
       (u_in.scalar_type() == at::kDouble || x_in.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   at::Tensor u = u_in.to(wt), s = s_in.to(wt);
   const at::Tensor x = x_in.to(wt);
-  // Columns are taken in blocks of at most max(64, 2k): the small SVD is of a (k0 + c)^2 matrix;
-  // and of at most m, so that the residual's orthonormal basis is [m, c].
+  // Columns are taken in blocks of at most max(64, 2k) (and m): the small SVD is of a matrix of
+  // at most (k0 + c)^2.
   const int64_t block = std::min<int64_t>(std::max<int64_t>(64, 2 * k), m);
   for (int64_t c0 = 0; c0 < x.size(1); c0 += block) {
     const at::Tensor xb = x.narrow(1, c0, std::min(block, x.size(1) - c0));
     const int64_t k0 = u.size(1), c = xb.size(1);
-    // Project out the current basis twice (classical Gram-Schmidt twice is orthogonal to
-    // working precision), then orthonormalise the residual.
+    // Project out the current basis twice (classical Gram-Schmidt twice): C = U^T X and the
+    // residual X - U C, orthogonal to U to working precision.
     at::Tensor coef = at::mm(u.t(), xb);
     at::Tensor resid = xb - at::mm(u, coef);
     const at::Tensor coef2 = at::mm(u.t(), resid);
     resid = resid - at::mm(u, coef2);
     coef = coef + coef2;
-    const Orthonormal qr = orthonormalize(resid.unsqueeze(0));
+    // The residual's basis Q must be orthogonal to U whatever its rank: where X lies (nearly) in
+    // span(U) the residual is rounding noise, and a QR of it alone gives unit columns anywhere,
+    // U's directions included (then [U Q] counts them twice: S doubled, U^T U far from I).
+    // The last columns of a Householder QR of [U, residual] are orthonormal and orthogonal to
+    // span(U) to working precision in every case; R = Q^T residual is then ~0 for noise. It
+    // costs a larger QR (streaming 1024 x 8192, k = 32: ~15% more time), so the CPU takes it
+    // only when the residual's own basis fails the check |U^T Q| <= 16 sqrt(m) u (its Gram is
+    // read on the host); CUDA always takes it (no host synchronisation).
+    // (At most m - k0 columns: with k0 + c > m they complete the basis of R^m.)
+    const int64_t cq = std::max<int64_t>(0, std::min(c, m - k0));
+    at::Tensor q = at::zeros({m, 0}, x.options()), r;  // resid = Q R
+    if (cq == c && x.device().is_cpu()) {
+      const Orthonormal own = orthonormalize(resid.unsqueeze(0));
+      const double tol = 16.0 * std::sqrt(static_cast<double>(m)) * unit_roundoff(wt);
+      if (k0 == 0 || at::mm(u.t(), own.q.squeeze(0)).abs().max().item<double>() <= tol) {
+        q = own.q.squeeze(0);
+        r = own.r.squeeze(0);
+      }
+    }
+    if (cq > 0 && !r.defined()) {
+      q = std::get<0>(at::linalg_qr(at::cat({u, resid}, 1), "reduced")).narrow(1, k0, cq);
+      r = at::mm(q.t(), resid);
+    }
     // [U Q] [[diag(S), C], [0, R]] = [U S, X]: the SVD of the small middle matrix updates U, S.
-    at::Tensor middle = at::zeros({k0 + c, k0 + c}, x.options());
+    at::Tensor middle = at::zeros({k0 + cq, k0 + c}, x.options());
     middle.narrow(0, 0, k0).narrow(1, 0, k0).diagonal().copy_(s);
     middle.narrow(0, 0, k0).narrow(1, k0, c).copy_(coef);
-    middle.narrow(0, k0, c).narrow(1, k0, c).copy_(qr.r.squeeze(0));
+    if (cq > 0) middle.narrow(0, k0, cq).narrow(1, k0, c).copy_(r);
     auto [um, sm, vhm] = call_jacobi_svd(middle);
-    const int64_t keep = std::min(k, k0 + c);
-    u = at::mm(at::cat({u, qr.q.squeeze(0)}, 1), um.narrow(1, 0, keep));
+    const int64_t keep = std::min(k, k0 + cq);
+    u = at::mm(at::cat({u, q}, 1), um.narrow(1, 0, keep));
     s = sm.narrow(0, 0, keep).contiguous();
   }
   fix_signs(u, nullptr);
