@@ -2,7 +2,10 @@
 // contents of the library. Kernels are registered per device in <family>/cpu.cpp and
 // <family>/cuda.cu; fake (meta) and autograd registrations live in lowrank_ext/ops/.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
+
+#include <vector>
 
 namespace {
 
@@ -24,6 +27,44 @@ void bump_written_args(const c10::OperatorHandle& op, c10::DispatchKeySet keys, 
     }
   }
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+// The Autograd kernel of the in-place adapter ops (lora_merge_, lora_expand_,
+// sparse_scatter_add_). They have no derivative, so with grad mode on they refuse what autograd
+// could not record, as torch's index_add_ does: writing a leaf that requires grad (a weight
+// outside torch.no_grad()), or reading a tensor that requires grad (its gradient would be
+// silently lost; the differentiable forms are lora_expand and the layers). A non-leaf that
+// requires grad may be written when nothing read requires grad: the added term is a constant
+// to autograd (multi_lora_linear adds into a base output this way). The optimizer steps
+// (adamw_step_*_, galore_apply_) update leaves in place under any grad mode, as torch's
+// _fused_adamw_ does.
+void refuse_what_autograd_cannot_record(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                        torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const auto* alias = args[i].alias_info();
+      const bool written = alias != nullptr && alias->isWrite();
+      const c10::IValue& v = (*stack)[first + i];
+      std::vector<at::Tensor> tensors;
+      if (v.isTensor()) {
+        tensors.push_back(v.toTensor());
+      } else if (v.isTensorList()) {
+        tensors = v.toTensorList().vec();
+      }
+      for (const at::Tensor& t : tensors) {
+        if (!t.defined() || !t.requires_grad()) continue;
+        TORCH_CHECK(!written || !t.is_leaf(), op.schema().name(), ": ", args[i].name(),
+                    " is a leaf tensor that requires grad and would be written in place; call the op under "
+                    "torch.no_grad() (as optimizers and adapter merges do)");
+        TORCH_CHECK(written, op.schema().name(), ": ", args[i].name(),
+                    " requires grad, but the op has no derivative and its gradient would be lost; call it under "
+                    "torch.no_grad(), or use a differentiable form");
+      }
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
 }  // namespace
@@ -142,10 +183,7 @@ TORCH_LIBRARY(lowrank, m) {
 TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("quantize_blockwise", torch::CppFunction::makeFallthrough());
   m.impl("dequantize_blockwise", torch::CppFunction::makeFallthrough());
-  m.impl("lora_merge_", torch::CppFunction::makeFallthrough());
-  m.impl("lora_expand_", torch::CppFunction::makeFallthrough());  // in place: lora_expand is the differentiable form
   m.impl("lora_grouped_outer", torch::CppFunction::makeFallthrough());
-  m.impl("sparse_scatter_add_", torch::CppFunction::makeFallthrough());
   m.impl("sddmm", torch::CppFunction::makeFallthrough());
   m.impl("gaussian_sketch", torch::CppFunction::makeFallthrough());
   m.impl("jacobi_svd", torch::CppFunction::makeFallthrough());
@@ -154,6 +192,12 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
   m.impl("svd_update", torch::CppFunction::makeFallthrough());
   m.impl("galore_project", torch::CppFunction::makeFallthrough());
   m.impl("galore_apply_", torch::CppFunction::makeFallthrough());
+}
+
+// The in-place adapter ops (lora_expand is lora_expand_'s differentiable form).
+TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
+  for (const char* name : {"lora_merge_", "lora_expand_", "sparse_scatter_add_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_what_autograd_cannot_record>());
 }
 
 // Version counters of the tensors the mutating ops write (see bump_written_args).

@@ -306,6 +306,12 @@ def test_flags_and_state_formats_that_cannot_continue_raise():
     p = torch.nn.Parameter(torch.randn(24, 40))
     with pytest.raises(ValueError, match="maximize"):
         GaLoreAdamW([{"params": [p], "maximize": True}], rank=4)
+    late = GaLoreAdamW([p], rank=4)
+    late.param_groups[0]["maximize"] = True  # set after construction: read at the step, as torch's AdamW does
+    p.grad = torch.randn(24, 40)
+    with pytest.raises(ValueError, match="maximize"):
+        late.step()
+    p.grad = None
     opt32 = GaLoreAdamW([p], rank=4, lr=1e-3)
     p.grad = torch.randn(24, 40)
     opt32.step()

@@ -520,3 +520,20 @@ def test_double_backward_raises_instead_of_returning_zeros():
     torch.testing.assert_close(ga, torch.autograd.grad((y_dense ** 2).sum(), a2)[0])  # first order still right
     with pytest.raises(RuntimeError, match="lora_forward: double backward"):
         ga.sum().backward()
+
+
+def test_merge_refuses_what_autograd_cannot_record():
+    # like torch's in-place ops: a leaf weight that requires grad is written only under no_grad,
+    # and adapters that require grad are not read outside it (their gradient would be lost)
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    a, b = torch.randn(2, 6), torch.randn(4, 2)
+    w0 = w.detach().clone()
+    with pytest.raises(RuntimeError, match="weight is a leaf tensor that requires grad"):
+        lora_merge_(w, a, b, scale=1.0)
+    frozen = w.detach().clone()
+    with pytest.raises(RuntimeError, match="lora_a requires grad"):
+        lora_merge_(frozen, a.requires_grad_(), b, scale=1.0)
+    assert torch.equal(w.detach(), w0) and torch.equal(frozen, w0)
+    with torch.no_grad():
+        lora_merge_(w, a, b, scale=1.0)
+    torch.testing.assert_close(w.detach(), w0 + b @ a.detach())

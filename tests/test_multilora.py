@@ -496,3 +496,19 @@ def test_layer_loads_fp64_lora_linear_exactly():
     x = torch.randn(5, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(multi(x, torch.zeros(5, dtype=torch.long)), lora(x), rtol=1e-12, atol=1e-12)
+
+
+def test_inplace_expand_refuses_what_autograd_cannot_record():
+    ids = torch.zeros(5, dtype=torch.long)
+    b_stack = torch.randn(1, 3, 2)
+    x = torch.randn(5, 3)
+    w = torch.randn(3, 3, requires_grad=True)
+    y = x @ w.t()  # a non-leaf that requires grad: adding a constant (to autograd) into it is fine
+    xa = torch.randn(5, 2)
+    lora_expand_(y, xa, b_stack, ids)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(5, 3).t() @ x)  # the base's gradient is unchanged
+    with pytest.raises(RuntimeError, match="xa requires grad"):
+        lora_expand_(torch.zeros(5, 3), xa.requires_grad_(), b_stack, ids)
+    with pytest.raises(RuntimeError, match="y is a leaf tensor that requires grad"):
+        lora_expand_(torch.zeros(5, 3, requires_grad=True), torch.randn(5, 2), b_stack, ids)

@@ -367,6 +367,13 @@ def test_torch_adamw_keywords_are_accepted_and_unsupported_flags_raise(cls):
         opt = cls([p], lr=0.1)
         with pytest.raises(ValueError, match=flag):
             opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], flag: True})
+        # or set on a group afterwards (torch's AdamW reads its flags at every step)
+        opt.param_groups[0][flag] = True
+        p.grad = torch.ones(8)
+        with pytest.raises(ValueError, match=flag):
+            opt.step()
+        assert torch.equal(p.detach(), torch.zeros(8))  # not stepped
+        p.grad = None
 
 
 def test_loaded_state_does_not_share_tensors_with_the_source():

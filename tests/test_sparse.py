@@ -483,3 +483,16 @@ def test_shira_layer_keeps_fp64_weights_exact():
     mask_w = w0.clone().view(-1)
     mask_w[layer.indices] += layer.values.detach()
     torch.testing.assert_close(layer(x), x @ mask_w.view(4, 8).t() + base.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_refuses_what_autograd_cannot_record():
+    w = torch.nn.Parameter(torch.zeros(6))
+    idx, vals = torch.tensor([1, 4]), torch.tensor([2.0, 3.0])
+    with pytest.raises(RuntimeError, match="weight is a leaf tensor that requires grad"):
+        sparse_scatter_add_(w, idx, vals, 1.0)
+    with pytest.raises(RuntimeError, match="requires grad, but the op has no derivative"):
+        sparse_scatter_add_(torch.zeros(6), idx, vals.clone().requires_grad_(), 1.0)
+    assert torch.equal(w.detach(), torch.zeros(6))
+    with torch.no_grad():
+        sparse_scatter_add_(w, idx, vals, 1.0)
+    assert torch.equal(w.detach(), torch.tensor([0.0, 2.0, 0.0, 0.0, 3.0, 0.0]))

@@ -156,6 +156,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_no, group in enumerate(self.param_groups):
+            check_param_group(group, type(self).__name__)  # also a flag set on the group after construction
             buckets: dict[tuple, list] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:

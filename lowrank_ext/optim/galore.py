@@ -226,6 +226,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         work = []
         due: dict[tuple, list] = defaultdict(list)
         for group in self.param_groups:
+            check_param_group(group, type(self).__name__)  # also a flag set on the group after construction
             for p in group["params"]:
                 if p.grad is None:
                     continue
