@@ -340,6 +340,12 @@ def test_inject_lora():
     assert type(model[0]) is nn.Linear and isinstance(model[1], LoRALinear)
     with pytest.raises(ValueError, match="no nn.Linear"):
         inject_lora(nn.Sequential(nn.Linear(2, 2)), ["q_proj"], r=1)
+    # a module registered under two names (tied) gets one LoRALinear, reached by both names
+    shared = nn.Linear(8, 8)
+    model = nn.Module()
+    model.a, model.b = shared, shared
+    inject_lora(model, ["a", "b"], r=2)
+    assert isinstance(model.a, LoRALinear) and model.b is model.a and model.a.base_layer is shared
 
 
 def test_seed_tensor_is_the_int_seed():

@@ -121,13 +121,17 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, a
                 dropout: float = 0.0, **kwargs) -> nn.Module:
     """Replace every ``nn.Linear`` whose name matches ``target_modules`` (names or name
     suffixes, or one regex over full names, as PEFT reads them) with a :class:`LoRALinear`
-    around it, in place; returns ``model``. Raises if nothing matched."""
-    found = [(name, m) for name, m in model.named_modules()
+    around it, in place; returns ``model``. Raises if nothing matched. A module registered under
+    several names (tied) gets one LoRALinear, set at each of its matching names."""
+    found = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
              if isinstance(m, nn.Linear) and _matches(name, target_modules)]
     if not found:
         raise ValueError(f"no nn.Linear of the model matches target_modules={target_modules!r}")
+    wrapped: dict[int, LoRALinear] = {}
     for name, module in found:
+        if id(module) not in wrapped:
+            wrapped[id(module)] = LoRALinear(module, r, alpha, dropout, **kwargs)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, r, alpha, dropout, **kwargs))
+        setattr(parent, child, wrapped[id(module)])
     return model
