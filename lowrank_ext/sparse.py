@@ -35,7 +35,7 @@ __all__ = ["apply", "remove", "save", "load", "from_model", "Handle"]
 Adapter = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
+@dataclass(eq=False)  # handles compare by identity (remove looks one up in the model's stack)
 class Handle:
     """What :func:`apply` did: per weight, the adapters' indices, values and alphas, and the
     weight's entries there before (restored exactly when this is the last apply not yet removed)."""
@@ -109,7 +109,9 @@ def remove(model: nn.Module, handle: Handle) -> None:
     if not last:
         for later in stack[stack.index(handle) + 1:]:
             later.exact = False
-    for name, (i, v, al, before) in handle.entries.items():
+    # in reverse: where two names share one weight (tied), the later one's saved entries hold
+    # the earlier adapter, so the earlier name must be written back last
+    for name, (i, v, al, before) in reversed(list(handle.entries.items())):
         w = _weight(model, name)
         if last and handle.exact:
             w.view(-1)[torch.cat(i)] = before

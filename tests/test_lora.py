@@ -543,3 +543,48 @@ def test_merge_refuses_what_autograd_cannot_record():
     with torch.no_grad():
         lora_merge_(w, a, b, scale=1.0)
     torch.testing.assert_close(w.detach(), w0 + b @ a.detach())
+
+
+def test_hooks_on_the_base_layer_run_and_the_output_follows_them():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6), r=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 8)
+    plain = layer(x)
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: 2 * o)
+    branch = plain - layer.base_layer.weight.detach().matmul(x.t()).t() - layer.base_layer.bias.detach()
+    torch.testing.assert_close(layer(x), 2 * (plain - branch) + branch)  # the hook doubled the base output
+    handle.remove()
+    torch.testing.assert_close(layer(x), plain)
+
+
+def test_merge_refuses_a_parametrized_base_weight():
+    from torch.nn.utils.parametrizations import weight_norm
+    layer = LoRALinear(weight_norm(nn.Linear(8, 8)), r=2)
+    with pytest.raises(ValueError, match="parametrized"):
+        layer.merge()
+    assert not layer.merged
+
+
+def test_layers_run_on_the_meta_device():
+    from lowrank_ext.nn import MonarchLinear, MultiLoRALinear
+    x = torch.empty(3, 16, device="meta")
+    assert LoRALinear(nn.Linear(16, 6), r=2).to("meta")(x).shape == (3, 6)
+    assert MonarchLinear(16, 16, nblocks=4).to("meta")(x).shape == (3, 16)
+    multi = MultiLoRALinear(nn.Linear(16, 6), 2, 4).to("meta")
+    assert multi(x, torch.zeros(3, dtype=torch.long, device="meta")).shape == (3, 6)
+
+
+def test_peft_accelerate_defers_to_peft_when_the_base_layer_has_hooks():
+    from lowrank_ext.integrations.peft import accelerate
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), peft.LoraConfig(r=2, target_modules=["0"]))
+    lora_layer = model.base_model.model[0]
+    with torch.no_grad():
+        lora_layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 8)
+    lora_layer.base_layer.register_forward_hook(lambda m, i, o: 2 * o)
+    want = model(x)
+    accelerate(model)
+    torch.testing.assert_close(model(x), want)

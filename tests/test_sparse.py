@@ -496,3 +496,42 @@ def test_scatter_refuses_what_autograd_cannot_record():
     with torch.no_grad():
         sparse_scatter_add_(w, idx, vals, 1.0)
     assert torch.equal(w.detach(), torch.tensor([0.0, 2.0, 0.0, 0.0, 3.0, 0.0]))
+
+
+def test_remove_with_alike_handles_and_tied_weights_restores_exactly():
+    # handles holding lists of one length (compared by identity, not field by field)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    w0 = model[0].weight.detach().clone()
+    h1 = sparse.apply(model, {"0": (torch.tensor([1, 5, 9]), torch.randn(3))})
+    h2 = sparse.apply(model, {"0": (torch.tensor([2, 5, 7]), torch.randn(3))})
+    sparse.remove(model, h2)
+    sparse.remove(model, h1)
+    assert torch.equal(model[0].weight, w0)
+    # one weight under two names, adapters overlapping at index 2
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    w0 = model[0].weight.detach().clone()
+    h = sparse.apply(model, {"0": (torch.tensor([1, 2]), torch.ones(2)), "1": (torch.tensor([2, 3]), torch.ones(2))})
+    assert float(model[0].weight.detach().view(-1)[2] - w0.view(-1)[2]) == pytest.approx(2.0)
+    sparse.remove(model, h)
+    assert torch.equal(model[0].weight, w0)
+
+
+@pytest.mark.parametrize("how", ["assign", "data"])
+def test_shira_layer_resyncs_when_its_values_tensor_is_replaced(how):
+    # a new values tensor may carry the same version number as the one last synced
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    layer = SparseAdapterLinear(nn.Linear(16, 8), density=0.2)
+    w = layer.base_layer.weight.detach().clone()
+    layer(x)
+    new = torch.randn(layer.values.numel())
+    if how == "assign":
+        sd = layer.state_dict()
+        sd["values"] = new
+        layer.load_state_dict(sd, assign=True)
+    else:
+        layer.values.data = new
+    want = nn.functional.linear(x, w.view(-1).index_add(0, layer.indices, new).view(8, 16), layer.base_layer.bias)
+    torch.testing.assert_close(layer(x), want)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._common import autocast_on
+from ..nn.lora import calls_hooks
 from ..ops.lora import lora_linear
 
 __all__ = ["accelerate", "restore", "is_fused_call"]
@@ -44,7 +46,11 @@ def is_fused_call(layer, x: torch.Tensor, kwargs: dict) -> bool:
         return False
     if getattr(layer, "lora_bias", {}).get(name, False) or layer.lora_B[name].bias is not None:
         return False  # lora_bias=True: lora_B has a bias the fused op does not add
-    if torch.is_autocast_enabled(x.device.type):
+    if calls_hooks(layer.base_layer, layer.lora_A[name], layer.lora_B[name]):
+        return False  # PEFT's forward calls these modules (and so runs, e.g., accelerate's offload hooks)
+    if layer.base_layer.weight.device != x.device:
+        return False  # e.g. offloaded to meta, brought in by a hook
+    if autocast_on(x.device.type):
         return True
     dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype,
               layer.lora_B[name].weight.dtype}

@@ -6,9 +6,21 @@ import re
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from ..ops.lora import lora_linear, lora_merge_
+
+
+def calls_hooks(*modules: nn.Module) -> bool:
+    """Whether calling any of these modules would run forward hooks (their own or global ones,
+    e.g. accelerate's offload hooks): the fused paths read the weights instead of calling the
+    modules, so they must not stand in for them then."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 __all__ = ["LoRALinear", "inject_lora"]
 
@@ -82,7 +94,16 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        name = self.adapter_name
         a, b, core, rank_scale = self._lora_tensors()
+        if calls_hooks(self.base_layer, self.lora_A[name], self.lora_B[name]):
+            # the same function with the modules called, so that their hooks run (PEFT's form)
+            h = self.lora_A[name](F.dropout(x, self.dropout, self.training))
+            if rank_scale is not None:
+                h = h * rank_scale
+            if core is not None:
+                h = h @ core.t()
+            return self.base_layer(x) + self.scaling * self.lora_B[name](h)
         p = self.dropout if self.training else 0.0
         # a CPU scalar tensor from torch's default generator: no device sync, and traceable
         seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0.0 else 0
@@ -92,6 +113,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``base_layer.weight`` (forward then runs the base alone)."""
+        if parametrize.is_parametrized(self.base_layer, "weight"):
+            # its weight is computed on each access: a merge would write into a temporary
+            raise ValueError("merge: base_layer.weight is parametrized (e.g. weight_norm); the adapter cannot be "
+                             "folded into it")
         if not self.merged:
             a, b, core, rank_scale = self._lora_tensors()
             lora_merge_(self.base_layer.weight, a, b, core, rank_scale, scale=self.scaling)

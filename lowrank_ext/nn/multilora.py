@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..ops._common import as_rows
+from ..ops._common import as_rows, autocast_on
 from ..ops.multilora import multi_lora_linear
 
 __all__ = ["MultiLoRALinear"]
@@ -149,7 +149,7 @@ class MultiLoRALinear(nn.Module):
             else:
                 raise ValueError(f"adapter_ids must have one id per token {lead} or, for x [B, T, d], one per "
                                  f"sequence ({lead[:1]}), got {tuple(ids.shape)}")
-        if self.lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if self.lora_a.dtype != x.dtype and not autocast_on(x.device.type):
             # stacks kept in another dtype than the base (e.g. fp32 adapters on a bf16 model): the
             # branch runs in the stacks' dtype, as PEFT's does, and is added to the base output
             # once in x's dtype (an extra [N, d_out] buffer: the fused in-place add needs one dtype)

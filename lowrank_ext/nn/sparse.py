@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import as_rows
+from ..ops._common import as_rows, autocast_off, autocast_on
 from ..ops.sparse import sddmm
 
 __all__ = ["SparseAdapterLinear", "SLTrainLinear", "choose_support"]
@@ -35,6 +35,18 @@ def choose_support(weight: torch.Tensor, nnz: int, how: str = "random", grad: to
     return idx.sort().values.to(weight.device)
 
 
+def _values_stamp(values: torch.Tensor) -> tuple:
+    """What identifies the values a layer last synced into its weight: the tensor object (kept,
+    so its id cannot be reused), its storage and its version counter. A changed version is an
+    optimizer step; a changed object or storage is load_state_dict(assign=True) or .data = ...,
+    whose new tensor may carry the same version number."""
+    return values, values.data_ptr(), values._version
+
+
+def _is_synced(values: torch.Tensor, stamp: tuple | None) -> bool:
+    return stamp is not None and stamp[0] is values and stamp[1:] == (values.data_ptr(), values._version)
+
+
 class _FusedSparseLinear(torch.autograd.Function):
     """y = x W_eff^T + b, with W_eff = W + S already in place: one GEMM. Backward: grad x by
     the same W_eff, grad of S's values by SDDMM at its support; W gets no gradient."""
@@ -42,12 +54,12 @@ class _FusedSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cols):
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):  # cast as autocast casts nn.Linear's inputs, and save those
+        if autocast_on(device_type):  # cast as autocast casts nn.Linear's inputs, and save those
             dt = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
         ctx.save_for_backward(x, weight, rows, cols)
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             return F.linear(x, weight, bias)
 
     @staticmethod
@@ -107,11 +119,11 @@ class SparseAdapterLinear(nn.Module):
         self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())  # W under the support
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=weight.dtype, device=weight.device))
         self.register_buffer("applied", torch.zeros_like(self.values.detach()))  # what W_eff holds now
-        self._synced_version = -1
+        self._synced = None
 
     def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
         super().__setstate__(state)
-        self._synced_version = -1
+        self._synced = None
 
     @property
     def rows(self) -> torch.Tensor:
@@ -129,10 +141,10 @@ class SparseAdapterLinear(nn.Module):
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # the scatter kernel's accumulation type
         w[self.indices] = (self.base_values.to(acc) + self.values.to(acc)).to(w.dtype)
         self.applied.copy_(self.values)
-        self._synced_version = self.values._version
+        self._synced = _values_stamp(self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.values._version != self._synced_version:
+        if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
             self.sync_()
         w = self.base_layer.weight
         return _FusedSparseLinear.apply(x, w, self.base_layer.bias, self.values, self.rows, self.cols)
@@ -146,7 +158,7 @@ class SparseAdapterLinear(nn.Module):
         """The base layer with W restored exactly (the adapter leaves it)."""
         self.base_layer.weight.view(-1)[self.indices] = self.base_values
         self.applied.zero_()
-        self._synced_version = -1
+        self._synced = None
         return self.base_layer
 
     def extra_repr(self) -> str:
@@ -186,7 +198,7 @@ class SLTrainLinear(nn.Module):
         nnz = max(1, round(density * in_features * out_features))
         self.register_buffer("indices", choose_support(self.sparse_weight, nnz, "random", seed=seed))
         self.values = nn.Parameter(torch.empty(nnz, **kw))
-        self._synced_version = -1
+        self._synced = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -201,10 +213,10 @@ class SLTrainLinear(nn.Module):
     def sync_(self) -> None:
         """Write the current values into the dense S buffer (done by forward when they changed)."""
         self.sparse_weight.view(-1)[self.indices] = self.values.to(self.sparse_weight.dtype)
-        self._synced_version = self.values._version
+        self._synced = _values_stamp(self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self.values._version != self._synced_version:
+        if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
             self.sync_()
         rows, cols = self.indices // self.in_features, self.indices % self.in_features
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
@@ -212,7 +224,7 @@ class SLTrainLinear(nn.Module):
 
     def __setstate__(self, state):  # as SparseAdapterLinear's
         super().__setstate__(state)
-        self._synced_version = -1
+        self._synced = None
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight B A + S."""

@@ -1,6 +1,7 @@
 """Small helpers shared by the op modules."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -46,3 +47,15 @@ class _RaiseOnBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *_):
         raise RuntimeError(ctx.message)
+
+
+def autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), and False on device types without autocast (meta,
+    where torch's check raises): the layers then run there as nn.Linear does."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), or no context on device types without autocast."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()

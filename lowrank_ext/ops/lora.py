@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, first_order_only
+from ._common import as_rows, autocast_off, autocast_on, first_order_only
 
 __all__ = ["lora_linear", "lora_forward", "lora_backward", "lora_merge_"]
 
@@ -58,14 +58,14 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     are. Gradients flow to x, A, B, core, rank_scale, and also to weight and bias if they
     require grad (plain GEMMs; LoRA normally freezes them)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_on(device_type):
         dt = torch.get_autocast_dtype(device_type)
 
         def cast(t):  # autocast's rule for nn.Linear: low-precision floats, fp64 left alone
             return t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
         x, weight, bias, lora_a, lora_b, core, rank_scale = map(cast, (x, weight, bias, lora_a, lora_b, core,
                                                                        rank_scale))
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         lead = x.shape[:-1]
         y, _ = torch.ops.lowrank.lora_forward(as_rows(x), weight, bias, lora_a, lora_b, core,
                                               rank_scale, scale, dropout_p, *_seed_args(seed))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, first_order_only
+from ._common import as_rows, autocast_off, autocast_on, first_order_only
 
 __all__ = ["monarch", "blockdiag", "monarch_forward", "monarch_backward", "blockdiag_forward", "blockdiag_backward"]
 
@@ -51,7 +51,7 @@ def blockdiag_backward(grad_y, x, w, output_mask=(True, True)):
 
 def _autocast(device_type, *tensors):
     """autocast's rule for nn.Linear: fp32/fp16/bf16 inputs cast to the autocast dtype, fp64 left alone."""
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return tensors
     dt = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dt) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
@@ -72,7 +72,7 @@ def monarch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, save_interme
     x, w1, w2 = _autocast(x.device.type, x, w1, w2)
     if save_intermediate is None:
         save_intermediate = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         lead = x.shape[:-1]
         y, _ = torch.ops.lowrank.monarch_forward(as_rows(x), w1, w2, save_intermediate)
     return y.reshape(*lead, y.shape[-1])
@@ -87,7 +87,7 @@ def blockdiag(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     torch.Size([3, 2, 32])
     """
     x, w = _autocast(x.device.type, x, w)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         lead = x.shape[:-1]
         y = torch.ops.lowrank.blockdiag_forward(as_rows(x), w)
     return y.reshape(*lead, y.shape[-1])

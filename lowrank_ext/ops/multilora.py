@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows
+from ._common import as_rows, autocast_off, autocast_on
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
 
@@ -72,13 +72,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"token_adapter_ids must have shape {tuple(x.shape[:-1])} (one id per token), "
                          f"got {tuple(token_adapter_ids.shape)}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_on(device_type):
         dt = torch.get_autocast_dtype(device_type)
 
         def cast(t):  # autocast's rule for nn.Linear: low-precision floats, fp64 left alone
             return t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
         x, weight, bias, a_stack, b_stack = map(cast, (x, weight, bias, a_stack, b_stack))
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         lead = x.shape[:-1]
         x2 = as_rows(x)
         ids = token_adapter_ids.reshape(-1)
