@@ -321,3 +321,21 @@ def test_flags_and_state_formats_that_cannot_continue_raise():
     opt8.step()
     with pytest.raises(ValueError, match="quantized moments"):
         GaLoreAdamW([p], rank=4).load_state_dict(opt8.state_dict())
+    # projections in another format: a clear error at load, not a KeyError at the next step
+    q = torch.nn.Parameter(torch.randn(64, 600))  # 4 x 64 projection entries: the 8- and 4-bit counts differ
+    states = {}
+    for bits in (32, 8, 4):
+        opt = GaLoreAdamW([q], rank=4, proj_bits=bits)
+        q.grad = torch.randn(64, 600)
+        opt.step()
+        states[bits] = opt.state_dict()
+    for saved in (32, 8, 4):
+        for bits in (32, 8, 4):
+            fresh = GaLoreAdamW([q], rank=4, proj_bits=bits)
+            if saved == bits:
+                fresh.load_state_dict(states[saved])
+                fresh.step()
+            else:
+                with pytest.raises(ValueError, match="projections in another format"):
+                    fresh.load_state_dict(states[saved])
+    q.grad = None

@@ -81,6 +81,22 @@ _FIRA_GAMMA = 1.01  # Fira's norm-growth limit
 _PROJ_BLOCKSIZE = {8: 256, 4: 128}  # proj_bits -> block size of the INT8 / INT4 (linear code) projections
 
 
+def _proj_state_fits(state: dict, proj_bits: int) -> bool:
+    """Whether a saved param state's projection (if any) can be read with proj_bits: 32-bit is
+    "proj"; 8- and 4-bit are "proj_q" + "proj_absmax", whose counts must agree with that format
+    (one byte per entry or two entries per byte, blocks of _PROJ_BLOCKSIZE)."""
+    if "proj" in state:
+        return proj_bits == 32
+    if "proj_q" not in state:
+        return True  # no projection yet
+    if proj_bits == 32 or "proj_absmax" not in state:
+        return False
+    q, blocks = state["proj_q"].numel(), state["proj_absmax"].numel()
+    entries = q * (8 // proj_bits)  # the entries, or one more for an odd count at 4 bits
+    bs = _PROJ_BLOCKSIZE[proj_bits]
+    return blocks in (-(-entries // bs), -(-(entries - 1) // bs))
+
+
 def _mix(*values: int) -> int:
     h = 0x243F6A8885A308D3
     for v in values:
@@ -326,6 +342,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if kind is not None and (kind == "fp32") != (self.state_bits == 32):
                 raise ValueError(f"this state_dict holds {kind} moments; this GaLoreAdamW has "
                                  f"state_bits={self.state_bits}")
+            if not _proj_state_fits(saved_state, self.proj_bits):
+                raise ValueError(f"this state_dict holds projections in another format than proj_bits="
+                                 f"{self.proj_bits} ({'32-bit' if 'proj' in saved_state else 'quantized'})")
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
