@@ -16,9 +16,9 @@ Example::
     idx = torch.randperm(64 * 64)[:80].sort().values
     adapter = {"0": (idx, torch.randn(80) * 0.01)}
     handle = sparse.apply(model, adapter, alpha=1.0)      # W[idx] += alpha * values
-    sparse.save(adapter, "/tmp/adapter.safetensors")
+    sparse.save(adapter, "/tmp/adapter.safetensors", model=model)  # records the weights' shapes
     sparse.remove(model, handle)                         # the weights back bit for bit
-    again = sparse.load("/tmp/adapter.safetensors")
+    again = sparse.load("/tmp/adapter.safetensors", model=model)   # checks them
 """
 from __future__ import annotations
 
@@ -127,22 +127,39 @@ def from_model(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return {name: m.adapter() for name, m in model.named_modules() if isinstance(m, SparseAdapterLinear)}
 
 
-def save(adapter: Adapter, path: str) -> None:
-    """Writes ``{name}.indices`` and ``{name}.values`` tensors to a safetensors file."""
+def save(adapter: Adapter, path: str, model: nn.Module | None = None) -> None:
+    """Writes ``{name}.indices`` and ``{name}.values`` tensors to a safetensors file. With the
+    model the adapter belongs to, each weight's shape is recorded too, so that :func:`load` with
+    a model can refuse one whose weights have other shapes (flat indices would land elsewhere
+    in a weight of another shape, even of the same size)."""
     from safetensors.torch import save_file
-    tensors = {}
+    tensors, metadata = {}, {}
     for name, (idx, val) in adapter.items():
         tensors[f"{name}.indices"] = idx.detach().to("cpu", torch.int64).contiguous()
         tensors[f"{name}.values"] = val.detach().cpu().contiguous()
-    save_file(tensors, path)
+        if model is not None:
+            metadata[f"{name}.shape"] = ",".join(str(d) for d in _weight(model, name).shape)
+    save_file(tensors, path, metadata=metadata or None)
 
 
-def load(path: str, device: str | torch.device = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Reads an adapter written by :func:`save`."""
+def load(path: str, device: str | torch.device = "cpu",
+         model: nn.Module | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Reads an adapter written by :func:`save`. With a model, checks that every named layer is
+    there and, where the file recorded shapes, that the weights have them."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     tensors = load_file(path, device=str(device))
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     missing = [n for n in names if f"{n}.indices" not in tensors or f"{n}.values" not in tensors]
     if missing:
         raise ValueError(f"{path}: no indices or values for {missing}")
+    if model is not None:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        for n in names:
+            shape = tuple(_weight(model, n).shape)  # raises for a missing or non-Linear layer
+            saved = metadata.get(f"{n}.shape")
+            if saved is not None and tuple(int(d) for d in saved.split(",")) != shape:
+                raise ValueError(f"{path}: the adapter for {n!r} was saved for a weight of shape "
+                                 f"({saved}), but the model's is {shape}")
     return {n: (tensors[f"{n}.indices"], tensors[f"{n}.values"]) for n in names}

@@ -535,3 +535,18 @@ def test_shira_layer_resyncs_when_its_values_tensor_is_replaced(how):
         layer.values.data = new
     want = nn.functional.linear(x, w.view(-1).index_add(0, layer.indices, new).view(8, 16), layer.base_layer.bias)
     torch.testing.assert_close(layer(x), want)
+
+
+def test_load_with_a_model_checks_the_saved_weight_shapes(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 8))
+    adapter = {"0": (torch.tensor([3, 100]), torch.ones(2))}
+    path = str(tmp_path / "a.safetensors")
+    sparse.save(adapter, path, model=model)
+    assert torch.equal(sparse.load(path, model=model)["0"][0], adapter["0"][0])
+    # the same number of weights in another shape: the flat indices would land elsewhere
+    with pytest.raises(ValueError, match=r"saved for a weight of shape \(8,32\)"):
+        sparse.load(path, model=nn.Sequential(nn.Linear(16, 16)))
+    with pytest.raises(AttributeError):
+        sparse.load(path, model=nn.Sequential())  # no layer "0"
+    sparse.save(adapter, path)  # without the model: no shapes recorded, nothing to compare
+    assert "0" in sparse.load(path, model=nn.Sequential(nn.Linear(16, 16)))
