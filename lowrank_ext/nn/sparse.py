@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import as_rows, autocast_off, autocast_on
+from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
 from ..ops.sparse import sddmm
 
 __all__ = ["SparseAdapterLinear", "SLTrainLinear", "choose_support"]
@@ -69,6 +69,13 @@ class _FusedSparseLinear(torch.autograd.Function):
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
         grad_bias = as_rows(grad_y).sum(0) if ctx.needs_input_grad[2] else None
         grad_values = sddmm(grad_y, x, rows, cols) if ctx.needs_input_grad[3] else None
+        # second derivatives that autograd cannot see raise instead of coming back as zeros:
+        # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative)
+        if ctx.needs_input_grad[3]:
+            (grad_x,) = first_order_only("SparseAdapterLinear/SLTrainLinear (through the values)", (grad_x,), (),
+                                         depends_on_trained=True)
+            (grad_values,) = first_order_only("SparseAdapterLinear/SLTrainLinear (the values' gradient)",
+                                              (grad_values,), (grad_y, x))
         return grad_x, None, grad_bias, grad_values, None, None
 
 

@@ -13,17 +13,18 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
+def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained: bool = False) -> tuple:
     """The grads a backward formula returns, made to raise if they are differentiated again.
     The formulas here call backward ops that have no autograd kernel of their own: under
     create_graph=True their outputs would carry no graph, and a second derivative through them
     would come back as silent zeros. Where grad mode is on (create_graph) and any input of the
     formula (incoming grads or saved tensors) requires grad, the grads become aliases whose
     backward raises, as torch.autograd.function.once_differentiable does (which looks at the
-    incoming grads only)."""
+    incoming grads only). depends_on_trained: the grads depend on a tensor that requires grad
+    but is not among `inputs` (e.g. values held in a weight outside the graph)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+    if not depends_on_trained and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         return grads
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:

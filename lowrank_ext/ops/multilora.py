@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, autocast_off, autocast_on
+from ._common import as_rows, autocast_off, autocast_on, first_order_only
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
 
@@ -176,6 +176,8 @@ def _shrink_backward(ctx, grad_xa):
     if need_a:  # the padding of the stack gets no gradient: xa does not depend on it
         g = grad_xa * _rank_mask(ids, ranks, a_stack.shape[1], grad_xa.dtype)
         grad_a = torch.ops.lowrank.lora_grouped_outer(g, x, ids, a_stack.shape[0], scales).to(a_stack.dtype)
+        # lora_grouped_outer has no derivative: a second one through the stack's gradient raises
+        (grad_a,) = first_order_only("lora_shrink (the stack's gradient)", (grad_a,), (grad_xa, x))
     return grad_x, grad_a, None, None, None
 
 
@@ -196,6 +198,7 @@ def _expand_backward(ctx, grad_out):
     if need_b:
         xm = xa * _rank_mask(ids, ranks, b_stack.shape[2], xa.dtype)
         grad_b = torch.ops.lowrank.lora_grouped_outer(grad_out, xm, ids, b_stack.shape[0], scales).to(b_stack.dtype)
+        (grad_b,) = first_order_only("lora_expand (the stack's gradient)", (grad_b,), (grad_out, xa))
     return grad_out if need_y else None, grad_xa, grad_b, None, None, None
 
 
