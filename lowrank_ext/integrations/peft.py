@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops._common import autocast_on
 from ..nn.lora import calls_hooks
+from ..ops._common import autocast_on
 from ..ops.lora import lora_linear
 
 __all__ = ["accelerate", "restore", "is_fused_call"]

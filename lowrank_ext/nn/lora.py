@@ -13,6 +13,8 @@ from torch.nn.utils import parametrize
 
 from ..ops.lora import lora_linear, lora_merge_
 
+__all__ = ["LoRALinear", "inject_lora"]
+
 
 def calls_hooks(*modules: nn.Module) -> bool:
     """Whether calling any of these modules would run forward hooks (their own or global ones,
@@ -21,8 +23,6 @@ def calls_hooks(*modules: nn.Module) -> bool:
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-__all__ = ["LoRALinear", "inject_lora"]
 
 
 class LoRALinear(nn.Module):
