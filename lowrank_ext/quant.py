@@ -137,6 +137,22 @@ class QuantizedTensor:
         """Storage of q and absmax (the code is shared and not counted)."""
         return self.q.numel() + 4 * self.absmax.numel()
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "QuantizedTensor":
+        """The same quantized values on ``device`` (q, absmax and the code move; nothing is
+        re-quantized). The dequantized dtype is chosen by :meth:`dequantize`."""
+        move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        return QuantizedTensor(move(self.q), move(self.absmax), move(self.code), self.blocksize, self.bits,
+                               self.shape, self.dtype)
+
+
+# torch.load's default (weights_only=True) unpickles only allow-listed classes; a
+# QuantizedTensor holds tensors, ints, a Size and a dtype, and building one runs no user code
+torch.serialization.add_safe_globals([QuantizedTensor])
+
 
 def quantize(x: torch.Tensor, bits: int = 8, blocksize: int | None = None, code: str | torch.Tensor = "dynamic",
              signed: bool = True, stochastic_rounding: bool = False, seed: int | None = None,

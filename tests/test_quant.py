@@ -268,6 +268,20 @@ def test_quantized_tensor_api():
     assert qt.dequantize(torch.float32).dtype == torch.float32
 
 
+def test_quantized_tensor_saves_loads_with_default_weights_only_and_moves(tmp_path):
+    x = torch.randn(7, 300)
+    qt = quant.quantize(x, bits=8, blocksize=256)
+    want = dequantize_blockwise_ref(*quantize_blockwise_ref(x, quant.dynamic_code(8), 256, 8), quant.dynamic_code(8),
+                                    256, 8, x.shape, x.dtype)
+    torch.save({"m": qt}, tmp_path / "qt.pt")
+    loaded = torch.load(tmp_path / "qt.pt")  # weights_only=True is torch's default
+    assert isinstance(loaded["m"], quant.QuantizedTensor) and loaded["m"].shape == x.shape
+    assert torch.equal(loaded["m"].dequantize(), want)
+    moved = qt.to("meta")
+    assert moved.device.type == "meta" and moved.q.device.type == "meta" and moved.code.device.type == "meta"
+    assert qt.device.type == "cpu" and torch.equal(qt.to("cpu").dequantize(), want)
+
+
 def test_compile_fullgraph():
     code = quant.dynamic_code(8)
 
