@@ -234,6 +234,44 @@ def test_state_dict_resume_is_identical(bits, extra):
         assert torch.equal(pa, pc)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_settings_and_continue_identically(how):
+    import pickle
+    a = _params()
+    opt = GaLoreAdamW(a, rank=4, update_proj_gap=2, state_bits=8, proj_bits=4, mode="fira", seed=3, **HYPER)
+    for p, g in zip(a, _low_rank_grads(a, 0)):
+        p.grad = g
+    opt.step()
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (clone.proj_bits, clone.mode, clone.seed, clone.state_bits) == (4, "fira", 3, 8)
+    b = clone.param_groups[0]["params"]
+    for step in (1, 2, 3):  # a refresh at step 2, with the copy's seed and proj_bits
+        for pa, pb, g in zip(a, b, _low_rank_grads(a, step)):
+            pa.grad, pb.grad = g, g.clone()
+        opt.step()
+        clone.step()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+
+
+def test_8bit_state_small_gradients_that_stop_do_not_blow_up():
+    # AdamW8bit's second-moment code had a 0: v of entries whose gradient was 1e-4 of their
+    # block's and then stopped rounded to 0 while m did not, and they moved by m / eps
+    def run(make):
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = make(p)
+        gen = torch.Generator().manual_seed(1)
+        for k in range(60):
+            g = 1 + 0.1 * torch.randn(4096, generator=gen)
+            g[1::2] = 1e-4 if k < 5 else 0.0
+            p.grad = g
+            opt.step()
+        return p.detach()
+    want = run(lambda p: torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0))
+    got = run(lambda p: GaLoreAdamW([p], lr=1e-3, rank=None, state_bits=8))
+    assert float(got[1::2].abs().max()) < 5 * float(want[1::2].abs().max())
+
+
 def test_bf16_params_keep_fp32_state_through_state_dict():
     p = torch.nn.Parameter(torch.randn(32, 20).bfloat16())
     opt = GaLoreAdamW([p], rank=4, **HYPER)

@@ -155,6 +155,7 @@ void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const
       for (int i = 0; i < len; ++i) scratch.grad[c0 + i] = static_cast<float>(grad[c0 + i]);
     }
     adamw_update_span(pf, gf, mf, vf, len, p.c);
+    for (int i = 0; i < len; ++i) vf[i] = storable_exp_avg_sq(vf[i]);
     if constexpr (!std::is_same_v<P, float>) {
       for (int i = 0; i < len; ++i) param[c0 + i] = store_param<P>(pf[i], p, t, base + c0 + i);
     }

@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
                                            quant::dequantize_value(code_v, iv[k], old_av), p.c);
         param[k] = r.param;
         m[k] = r.exp_avg;
-        v[k] = r.exp_avg_sq;
+        v[k] = storable_exp_avg_sq(r.exp_avg_sq);
         quant::absmax_step(m[k], amax_m, bad_m);
         quant::absmax_step(v[k], amax_v, bad_v);
       } else {

@@ -5,6 +5,7 @@
 // reference agree bit for bit and re-quantized state is identical everywhere.
 //   m' = b1*m + (1-b1)*g            v' = b2*v + ((1-b2)*g)*g
 //   p' = p*(1 - lr*wd) - step_size * (m' / (sqrt(v')/sqrt(bc2) + eps)),  step_size = lr/bc1
+#include <cfloat>
 #include <cmath>
 
 #include "common/host_device.h"
@@ -48,6 +49,13 @@ LOWRANK_HD AdamWResult adamw_update(float p, float g, float m, float v, const Ad
   const float p_new = add_rn(mul_rn(p, c.decay), -mul_rn(c.step_size, m_new / denom));
   return {p_new, m_new, v_new};
 }
+
+// The second moment as a quantized state stores it. v overflows to inf where g*g does
+// (|g| > ~1.8e19), and a block holding inf would quantize to NaN and stay NaN for good; FLT_MAX
+// keeps the block finite, like any huge finite v (which squashes its block's other entries
+// toward the code's floor until it decays). The step just taken used the unclamped v, so that
+// entry's update was 0, as in torch's AdamW. NaN stays NaN.
+LOWRANK_HD float storable_exp_avg_sq(float v) { return v > FLT_MAX ? FLT_MAX : v; }
 
 }  // namespace lowrank::optim
 

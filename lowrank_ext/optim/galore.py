@@ -70,7 +70,7 @@ __all__ = ["GaLoreAdamW"]
 
 # bits -> (first-moment code, second-moment code, block sizes, stochastic rounding (m, v)): AdamW8bit's / AdamW4bit's
 _STATE_FORMATS = {
-    8: (lambda: quant.dynamic_code(8, signed=True), lambda: quant.log_code(8, decades=8.0), (256, 2048),
+    8: (lambda: quant.dynamic_code(8, signed=True), lambda: quant.log_code(8, decades=8.0, zero=False), (256, 2048),
         (False, True)),
     4: (lambda: quant.dynamic_code(4, signed=True), lambda: quant.log_code(4, decades=3.0, zero=False), (128, 256),
         (True, True)),
@@ -148,6 +148,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         check_param_group(param_group, type(self).__name__)
         super().add_param_group(param_group)
+
+    # as AdamW8bit's: the settings kept as attributes are pickled (and deep-copied) too
+    _SETTINGS = ("state_bits", "proj_method", "oversample", "n_iter", "seed", "mode", "proj_bits",
+                 "adaptive_refresh", "refresh_patience")
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._SETTINGS}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._proj_codes, self._codes = {}, {}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

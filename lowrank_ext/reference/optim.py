@@ -108,6 +108,7 @@ def adamw_step_quantized_ref(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_s
         v = dequantize_blockwise_ref(exp_avg_sq_q[i], exp_avg_sq_absmax[i], code_exp_avg_sq, blocksize_exp_avg_sq,
                                      bits, shape)
         p_new, m_new, v_new = adamw_update_ref(p.float(), grads[i].float(), m, v, c)
+        v_new = v_new.clamp(max=torch.finfo(torch.float32).max)  # an overflowed v is stored as FLT_MAX
         mq, ma = quantize_blockwise_ref(m_new, code_exp_avg, blocksize_exp_avg, bits, stochastic_exp_avg, seed,
                                         stream_offset(i, 1))
         vq, va = quantize_blockwise_ref(v_new, code_exp_avg_sq, blocksize_exp_avg_sq, bits, stochastic_exp_avg_sq,
