@@ -588,3 +588,102 @@ def test_peft_accelerate_defers_to_peft_when_the_base_layer_has_hooks():
     want = model(x)
     accelerate(model)
     torch.testing.assert_close(model(x), want)
+
+
+class _HalvedLinear(nn.Linear):
+    """A Linear subclass with a forward of its own (as fake-quantized or custom Linears have)."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def _peft_model_with_b(base_linear, seed=0, **config):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(nn.Sequential(base_linear), peft.LoraConfig(r=2, target_modules=["0"], **config))
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_()
+    return model
+
+
+def _halve_output_hook():
+    from accelerate.hooks import ModelHook
+
+    class Halve(ModelHook):
+        def post_forward(self, module, output):
+            return 0.5 * output
+    return Halve()
+
+
+def test_base_layer_with_a_forward_of_its_own_is_called():
+    import copy
+    from lowrank_ext.integrations.peft import accelerate
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    layer = LoRALinear(_HalvedLinear(8, 6), r=2)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: the base alone, halved
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling * x @ a.t() @ b.t())
+    model = _peft_model_with_b(_HalvedLinear(8, 6))
+    plain = copy.deepcopy(model)
+    accelerate(model)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_peft_accelerate_keeps_accelerate_hooks_on_every_module():
+    import copy
+    from accelerate.hooks import add_hook_to_module
+    from lowrank_ext.integrations.peft import accelerate, restore
+    x = torch.randn(3, 8)
+    # a hook (accelerate's: forward replaced on the instance) on the base layer, on the dropout,
+    # on the PEFT layer before accelerate(), and on the PEFT layer after it
+    for where in ("base", "dropout", "layer_before", "layer_after"):
+        plain = _peft_model_with_b(nn.Linear(8, 6), lora_dropout=0.5 if where == "dropout" else 0.0)
+        plain.eval()
+        model = copy.deepcopy(plain)
+        for m in (plain, model):
+            layer = m.base_model.model[0]
+            target = {"base": layer.base_layer, "dropout": layer.lora_dropout["default"]}.get(where, layer)
+            if where != "layer_after":
+                add_hook_to_module(target, _halve_output_hook())
+        patched = accelerate(model)
+        assert patched == (0 if where == "layer_before" else 1), where
+        if where == "layer_after":
+            for m in (plain, model):
+                add_hook_to_module(m.base_model.model[0], _halve_output_hook())
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0, msg=where)
+        restore(model)  # a hook installed after accelerate() stays
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0, msg=where)
+
+
+def test_peft_accelerate_falls_back_for_dropout_one_and_fp64_under_autocast():
+    import copy
+    from lowrank_ext.integrations.peft import accelerate
+    x = torch.randn(3, 8)
+    plain = _peft_model_with_b(nn.Linear(8, 6), lora_dropout=1.0)  # PEFT accepts p = 1: the branch is 0
+    model = copy.deepcopy(plain)
+    accelerate(model)
+    torch.testing.assert_close(model.train()(x), plain.base_model.model[0].base_layer(x))
+    plain = _peft_model_with_b(nn.Linear(8, 6))
+    plain.base_model.model[0].lora_A.double()  # autocast leaves fp64 alone: PEFT casts x to it
+    plain.base_model.model[0].lora_B.double()
+    model = copy.deepcopy(plain)
+    accelerate(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(x), model(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_inject_lora_skips_its_own_linears_and_refuses_the_root():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    inject_lora(model, r".*", r=2)
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    assert names == ["0", "1"]
+    with pytest.raises(ValueError, match="outside its LoRALinear layers"):
+        inject_lora(model, r".*", r=2)  # again: the LoRALinears' own base, A and B are not targets
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear)) == names
+    assert type(model[0].base_layer) is nn.Linear and type(model[0].lora_A["default"]) is nn.Linear
+    with pytest.raises(ValueError, match="model itself is an nn.Linear"):
+        inject_lora(nn.Linear(4, 4), r".*", r=2)

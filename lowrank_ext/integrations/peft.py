@@ -7,10 +7,14 @@
 Only the forward method of each ``peft.tuners.lora.layer.Linear`` instance is replaced:
 parameters, state_dict, merge/unmerge and adapter management stay PEFT's. A call runs
 fused when exactly one active adapter is plain LoRA (no DoRA or other variant, no
-``lora_bias``) on an
-``nn.Linear`` base (not ``fan_in_fan_out``), with x, the base weight and the adapter in one
-dtype (or under autocast, which casts them to one) and no per-call ``adapter_names``;
-otherwise that call runs PEFT's own forward, which computes the same function.
+``lora_bias``, dropout p < 1) on an ``nn.Linear`` base (not ``fan_in_fan_out``), with x, the
+base weight and the adapter in one dtype (or under autocast, which casts them to one) and no
+per-call ``adapter_names``, and when calling the base layer, the adapter's Linears and its
+dropout would run no code of their own (hooks, a subclass's forward, a forward replaced on
+the instance: see ``calls_module_code``); otherwise that call runs PEFT's own forward, which
+computes the same function. A layer whose forward was already replaced on the instance
+(accelerate's ``add_hook_to_module``, as ``cpu_offload`` / ``dispatch_model`` use) is not
+patched; one hooked after :func:`accelerate` keeps its hook through :func:`restore`.
 """
 from __future__ import annotations
 
@@ -18,13 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.lora import calls_hooks
+from ..nn.lora import calls_module_code
 from ..ops._common import autocast_on
 from ..ops.lora import lora_linear
 
 __all__ = ["accelerate", "restore", "is_fused_call"]
 
-_ORIGINAL = "_lowrank_ext_original_forward"
+_PATCHED = "_lowrank_ext_fused_forward"  # the layer's _FusedForward while accelerated
 
 
 def _lora_linear_class():
@@ -42,30 +46,28 @@ def is_fused_call(layer, x: torch.Tensor, kwargs: dict) -> bool:
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
         return False
     name = active[0]
-    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return False
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p >= 1.0:
+        return False  # p = 1 zeroes the branch: the op takes p in [0, 1)
     if getattr(layer, "lora_bias", {}).get(name, False) or layer.lora_B[name].bias is not None:
         return False  # lora_bias=True: lora_B has a bias the fused op does not add
-    if calls_hooks(layer.base_layer, layer.lora_A[name], layer.lora_B[name]):
+    if calls_module_code(layer.base_layer, layer.lora_A[name], layer.lora_B[name], dropout):
         return False  # PEFT's forward calls these modules (and so runs, e.g., accelerate's offload hooks)
     if layer.base_layer.weight.device != x.device:
         return False  # e.g. offloaded to meta, brought in by a hook
-    if autocast_on(x.device.type):
-        return True
     dtypes = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype,
               layer.lora_B[name].weight.dtype}
+    if autocast_on(x.device.type):
+        # autocast casts fp32/fp16/bf16 to one dtype but leaves fp64 alone: all fp64 or none
+        return torch.float64 not in dtypes or len(dtypes) == 1
     return len(dtypes) == 1
 
 
-def _original_forward(layer):
-    saved = getattr(layer, _ORIGINAL)  # an instance-level forward that was there before, or None
-    return saved if saved is not None else type(layer).forward.__get__(layer)
-
-
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    original = _original_forward(self)
     if args or not is_fused_call(self, x, kwargs):
-        return original(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own
     name = next(a for a in self.active_adapters if a in self.lora_A)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
@@ -77,38 +79,45 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 class _FusedForward:
     """A patched layer's ``forward``: an object of an importable class (a bound method of a
-    plain function would not pickle with the model)."""
+    plain function would not pickle with the model). After :func:`restore` it runs PEFT's
+    forward: a wrapper installed on top of it (accelerate's hooks) may still call it."""
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self.active = True
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.active:
+            return type(self.module).forward(self.module, x, *args, **kwargs)
         return _fused_forward(self.module, x, *args, **kwargs)
 
 
 def accelerate(model: nn.Module) -> int:
     """Route every PEFT LoRA ``Linear`` in ``model`` through the fused ops; returns how many
-    layers were patched (0 if already accelerated). Reversible with :func:`restore`."""
+    layers were patched (0 if already accelerated). Reversible with :func:`restore`. A layer
+    whose forward is already replaced on the instance (accelerate's hooks) is left as it is."""
     linear_cls = _lora_linear_class()
     count = 0
     for module in model.modules():
-        if isinstance(module, linear_cls) and not hasattr(module, _ORIGINAL):
-            setattr(module, _ORIGINAL, module.__dict__.get("forward"))
-            module.forward = _FusedForward(module)
+        if isinstance(module, linear_cls) and "forward" not in module.__dict__ and not hasattr(module, _PATCHED):
+            fused = _FusedForward(module)
+            setattr(module, _PATCHED, fused)
+            module.forward = fused
             count += 1
     return count
 
 
 def restore(model: nn.Module) -> int:
-    """Undo :func:`accelerate`; returns how many layers were restored."""
+    """Undo :func:`accelerate`; returns how many layers were restored. A hook installed on a
+    layer after :func:`accelerate` stays, and then wraps PEFT's forward."""
     count = 0
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
-            saved = getattr(module, _ORIGINAL)
-            delattr(module, _ORIGINAL)
-            if saved is None:
-                del module.forward  # the class's forward shows through again
-            else:
-                module.forward = saved
-            count += 1
+        fused = module.__dict__.get(_PATCHED)
+        if fused is None:
+            continue
+        fused.active = False
+        delattr(module, _PATCHED)
+        if module.__dict__.get("forward") is fused:
+            del module.forward  # the class's forward shows through again
+        count += 1
     return count

@@ -16,13 +16,21 @@ from ..ops.lora import lora_linear, lora_merge_
 __all__ = ["LoRALinear", "inject_lora"]
 
 
-def calls_hooks(*modules: nn.Module) -> bool:
-    """Whether calling any of these modules would run forward hooks (their own or global ones,
-    e.g. accelerate's offload hooks): the fused paths read the weights instead of calling the
+# the forwards the fused paths compute: a module whose forward is another runs code they skip
+_FUSABLE_FORWARDS = (nn.Linear.forward, nn.Dropout.forward, nn.Identity.forward)
+
+
+def calls_module_code(*modules: nn.Module) -> bool:
+    """Whether calling any of these modules would run code of its own beyond the plain
+    ``nn.Linear`` / ``nn.Dropout`` / ``nn.Identity`` forward: forward hooks (the module's or
+    global ones), a forward replaced on the instance (accelerate's ``add_hook_to_module``, as
+    ``cpu_offload`` and ``dispatch_model`` use), or a subclass's own forward (fake
+    quantization, a custom Linear). The fused paths read the weights instead of calling the
     modules, so they must not stand in for them then."""
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+               or type(m).forward not in _FUSABLE_FORWARDS for m in modules)
 
 
 class LoRALinear(nn.Module):
@@ -96,7 +104,7 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         name = self.adapter_name
         a, b, core, rank_scale = self._lora_tensors()
-        if calls_hooks(self.base_layer, self.lora_A[name], self.lora_B[name]):
+        if calls_module_code(self.base_layer, self.lora_A[name], self.lora_B[name]):
             # the same function with the modules called, so that their hooks run (PEFT's form)
             h = self.lora_A[name](F.dropout(x, self.dropout, self.training))
             if rank_scale is not None:
@@ -147,11 +155,20 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, a
     """Replace every ``nn.Linear`` whose name matches ``target_modules`` (names or name
     suffixes, or one regex over full names, as PEFT reads them) with a :class:`LoRALinear`
     around it, in place; returns ``model``. Raises if nothing matched. A module registered under
-    several names (tied) gets one LoRALinear, set at each of its matching names."""
-    found = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-             if isinstance(m, nn.Linear) and _matches(name, target_modules)]
+    several names (tied) gets one LoRALinear, set at each of its matching names; the Linears of
+    a LoRALinear already there (its base layer, A and B) are never targets."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    # the Linears inside a LoRALinear (its base layer and A, B) are its own, not targets
+    # (a second call with a broad pattern would wrap them again)
+    inside_lora = tuple(name + "." for name, m in modules if isinstance(m, LoRALinear))
+    found = [(name, m) for name, m in modules
+             if isinstance(m, nn.Linear) and name and not name.startswith(inside_lora) and _matches(name, target_modules)]
     if not found:
-        raise ValueError(f"no nn.Linear of the model matches target_modules={target_modules!r}")
+        if isinstance(model, nn.Linear) and _matches("", target_modules):
+            raise ValueError("the model itself is an nn.Linear and cannot be replaced in place: wrap it as "
+                             "LoRALinear(model, r, ...) instead")
+        already = " outside its LoRALinear layers" if inside_lora else ""
+        raise ValueError(f"no nn.Linear of the model{already} matches target_modules={target_modules!r}")
     wrapped: dict[int, LoRALinear] = {}
     for name, module in found:
         if id(module) not in wrapped:
