@@ -254,6 +254,18 @@ def test_copies_keep_the_settings_and_continue_identically(how):
         assert torch.equal(pa, pb)
 
 
+def test_param_groups_added_later_are_checked():
+    opt = GaLoreAdamW([torch.nn.Parameter(torch.randn(8, 8))], rank=2)
+    for bad in (dict(rank=0), dict(rank=2.5), dict(update_proj_gap=0)):
+        with pytest.raises(ValueError, match="rank|update_proj_gap"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(8, 8))], **bad})
+    assert len(opt.param_groups) == 1
+    saved = opt.state_dict()
+    saved["param_groups"][0]["update_proj_gap"] = 0
+    with pytest.raises(ValueError, match="cannot continue this state_dict"):
+        GaLoreAdamW([torch.nn.Parameter(torch.randn(8, 8))], rank=2).load_state_dict(saved)
+
+
 def test_8bit_state_small_gradients_that_stop_do_not_blow_up():
     # AdamW8bit's second-moment code had a 0: v of entries whose gradient was 1e-4 of their
     # block's and then stopped rounded to 0 while m did not, and they moved by m / eps

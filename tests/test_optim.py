@@ -368,6 +368,21 @@ def test_refuses_amsgrad_state_dict():
         AdamW8bit([p]).load_state_dict(torch_opt.state_dict())
 
 
+@pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
+def test_refuses_adam_l2_weight_decay(cls):
+    # torch.optim.Adam's weight_decay is an L2 term in the gradient, not AdamW's decoupled decay
+    p = torch.nn.Parameter(torch.randn(10))
+    adam = torch.optim.Adam([p], weight_decay=0.1)
+    p.grad = torch.randn_like(p)
+    adam.step()
+    with pytest.raises(ValueError, match="L2 weight decay"):
+        cls([p]).load_state_dict(adam.state_dict())
+    no_decay = torch.optim.Adam([p], weight_decay=0.0)
+    cls([p]).load_state_dict(no_decay.state_dict())  # without decay the two agree
+    with pytest.raises(ValueError, match="L2 weight decay"):
+        cls([p]).add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "decoupled_weight_decay": False})
+
+
 def test_op_input_checks():
     code_m, code_v = quant.dynamic_code(8), quant.dynamic_code(8, signed=False)
     p, g = [torch.randn(1000)], [torch.randn(1000)]

@@ -54,6 +54,11 @@ def check_param_group(group: dict, optimizer: str) -> None:
     for flag in _UNSUPPORTED_FLAGS:
         if group.get(flag, False):
             raise ValueError(f"{optimizer} does not support {flag}=True")
+    # torch.optim.Adam's groups say decoupled_weight_decay=False: their weight_decay is an L2
+    # term in the gradient, which these AdamW steps would apply as decoupled decay instead
+    if group.get("decoupled_weight_decay", True) is False and group.get("weight_decay", 0.0) != 0.0:
+        raise ValueError(f"{optimizer} applies decoupled weight decay (AdamW's); this group asks for Adam's L2 "
+                         f"weight decay (decoupled_weight_decay=False, weight_decay={group['weight_decay']})")
 
 
 class _BlockwiseAdamW(torch.optim.Optimizer):
@@ -105,7 +110,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
-        check_param_group(param_group, type(self).__name__)
+        check_param_group({**self.defaults, **param_group}, type(self).__name__)  # as the group will step
         super().add_param_group(param_group)
 
     # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups:
@@ -212,9 +217,10 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         """As torch's, except that state keeps its dtypes: torch casts every floating state
         tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
         for group in state_dict["param_groups"]:
-            for flag in _UNSUPPORTED_FLAGS:
-                if group.get(flag, False):
-                    raise ValueError(f"{type(self).__name__} cannot continue a state_dict saved with {flag}=True")
+            try:
+                check_param_group(group, type(self).__name__)
+            except ValueError as e:
+                raise ValueError(f"cannot continue this state_dict: {e}") from None
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):

@@ -105,6 +105,15 @@ def _mix(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _check_galore_group(group: dict) -> None:
+    """The GaLore options of a group (or of the constructor); absent ones take the defaults."""
+    rank, gap = group.get("rank"), group.get("update_proj_gap", 1)
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if not (isinstance(gap, int) and gap >= 1):
+        raise ValueError(f"update_proj_gap must be a positive int, got {gap!r}")
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
@@ -120,10 +129,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if rank is not None and not (isinstance(rank, int) and rank >= 1):
-            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
-        if not (isinstance(update_proj_gap, int) and update_proj_gap >= 1):
-            raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
+        _check_galore_group(dict(rank=rank, update_proj_gap=update_proj_gap))
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
         if proj_bits not in (32, 8, 4):
@@ -146,7 +152,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
-        check_param_group(param_group, type(self).__name__)
+        check_param_group({**self.defaults, **param_group}, type(self).__name__)  # as the group will step
+        _check_galore_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     # as AdamW8bit's: the settings kept as attributes are pickled (and deep-copied) too
@@ -348,6 +355,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes (torch casts floating state to the
         param's dtype: bf16 params would get bf16 moments and projections)."""
+        for group in state_dict["param_groups"]:
+            try:
+                check_param_group(group, type(self).__name__)
+                _check_galore_group(group)
+            except ValueError as e:
+                raise ValueError(f"cannot continue this state_dict: {e}") from None
         for saved_state in state_dict["state"].values():  # moments in another format would restart from zero
             kind = "fp32" if "exp_avg" in saved_state else "quantized" if "exp_avg_q" in saved_state else None
             if kind is not None and (kind == "fp32") != (self.state_bits == 32):
