@@ -147,7 +147,8 @@ def lora_sb_init(layer: nn.Module, grad: torch.Tensor, lr: float, r: int | None 
     w = lora.base_layer.weight
     if grad.shape != w.shape:
         raise ValueError(f"grad has shape {tuple(grad.shape)}, the base weight {tuple(w.shape)}")
-    u, s, vh = _top_r(-lr * grad.float(), lora.r, n_iter, oversample, seed)
+    g = grad.double() if grad.dtype == torch.float64 else grad.float()  # fp64 layers keep fp64 accuracy
+    u, s, vh = _top_r(-lr * g, lora.r, n_iter, oversample, seed)
     name = lora.adapter_name
     lora.lora_B[name].weight.copy_(u)
     lora.lora_A[name].weight.copy_(vh)

@@ -298,3 +298,27 @@ def test_double_backward_raises_instead_of_returning_zeros():
     (gx,) = torch.autograd.grad((blockdiag(x, w1) ** 2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="blockdiag_forward: double backward"):
         gx.sum().backward()
+
+
+def test_monarch_linear_compiles_with_a_data_dependent_batch():
+    # backward decided whether h was saved from h.numel(), a guard on a size only known at run time
+    import torch._dynamo
+    torch.manual_seed(0)
+    layer = MonarchLinear(12, 8, nblocks=2)
+    x = torch.randn(6, 12)
+    keep = torch.tensor([True, False, True, True, False, True])
+    want = layer(x[keep])
+    gw_want = torch.autograd.grad(want.sum(), layer.blkdiag1)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(lambda x, m: layer(x[m]), fullgraph=True, backend="aot_eager")
+        got = compiled(x, keep)
+        gw = torch.autograd.grad(got.sum(), layer.blkdiag1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(gw[0], gw_want[0], rtol=0, atol=0)
+    for n in (0, 3):  # eager, with h saved and not
+        for save in (True, False):
+            xs = torch.randn(n, 12, requires_grad=True)
+            y = monarch(xs, layer.blkdiag1, layer.blkdiag2, save_intermediate=save)
+            y.sum().backward()
+            assert xs.grad.shape == xs.shape

@@ -521,3 +521,36 @@ def test_inplace_expand_refuses_what_autograd_cannot_record():
         lora_expand_(torch.zeros(5, 3), xa.requires_grad_(), b_stack, ids)
     with pytest.raises(RuntimeError, match="y is a leaf tensor that requires grad"):
         lora_expand_(torch.zeros(5, 3, requires_grad=True), torch.randn(5, 2), b_stack, ids)
+
+
+def test_layer_state_dict_round_trips_through_safetensors(tmp_path):
+    # the name -> slot map was a dict in the state_dict, which safetensors cannot write
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(nn.Linear(12, 10), max_adapters=3, max_rank=4)
+    layer.load_adapter("fr", torch.randn(2, 12), torch.randn(10, 2), alpha=4)
+    layer.load_adapter("de", torch.randn(4, 12), torch.randn(10, 4), scale=0.5)
+    layer.unload_adapter("fr")
+    layer.load_adapter("it", torch.randn(3, 12), torch.randn(10, 3))
+    save_file(layer.state_dict(), tmp_path / "multi.safetensors")
+    fresh = MultiLoRALinear(nn.Linear(12, 10), max_adapters=3, max_rank=4)
+    fresh.load_state_dict(load_file(tmp_path / "multi.safetensors"), strict=True)
+    assert fresh.adapter_ids(["de", "it"]).tolist() == layer.adapter_ids(["de", "it"]).tolist()
+    x = torch.randn(4, 12)
+    names = ["de", None, "it", "de"]
+    torch.testing.assert_close(fresh(x, names), layer(x, names), rtol=0, atol=0)
+    # a state_dict saved with the map as a dict (before) still loads; a map that does not fit raises
+    old = {**layer.state_dict(), "_extra_state": {"slots": {"de": 1, "it": 0}}}
+    fresh.load_state_dict(old)
+    assert fresh.adapter_ids(["de", "it"]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="max_adapters"):
+        fresh.load_state_dict({**layer.state_dict(), "_extra_state": {"slots": {"de": 5}}})
+
+
+def test_half_and_bf16_layers_keep_exact_fp32_scales():
+    layer = MultiLoRALinear(nn.Linear(12, 10), max_adapters=2, max_rank=4)
+    layer.load_adapter("a", torch.randn(3, 12), torch.randn(10, 3), alpha=4.0)  # scale 4/3, inexact in bf16
+    want = layer.scales.clone()
+    for convert in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.float()):
+        convert(layer)
+        assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, want)

@@ -567,3 +567,31 @@ def test_load_with_a_model_checks_the_saved_weight_shapes(tmp_path):
         sparse.load(path, model=nn.Sequential())  # no layer "0"
     sparse.save(adapter, path)  # without the model: no shapes recorded, nothing to compare
     assert "0" in sparse.load(path, model=nn.Sequential(nn.Linear(16, 16)))
+
+
+def test_shira_output_of_an_nd_input_can_be_modified_in_place():
+    # F.linear of a 3-D x returns a view; made inside the autograd.Function it could not be
+    # modified in place (y += r, relu_), where nn.Linear's output can
+    torch.manual_seed(0)
+    layer = SparseAdapterLinear(nn.Linear(12, 10), nnz=9)
+    x = torch.randn(2, 3, 12)
+    compiled_add = torch.compile(lambda l, x: l(x).add_(1.0), fullgraph=True, backend="aot_eager")
+    for fn, post in ((lambda l, x: l(x).add_(1.0), lambda y: y + 1.0), (lambda l, x: torch.relu_(l(x)), torch.relu),
+                     (compiled_add, lambda y: y + 1.0)):
+        y = fn(layer, x)
+        with torch.no_grad():  # W_eff = W + S is the base layer's weight
+            want = post(x @ layer.base_layer.weight.t() + layer.base_layer.bias)
+        torch.testing.assert_close(y, want)
+        y.sum().backward()
+        assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+        layer.values.grad = None
+
+
+def test_shira_refuses_a_trainable_base_weight():
+    # its backward never gives W a gradient: an unfrozen W would silently not train
+    layer = SparseAdapterLinear(nn.Linear(12, 10), nnz=9)
+    layer.base_layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="must stay frozen"):
+        layer(torch.randn(3, 12))
+    with torch.no_grad():
+        assert layer(torch.randn(3, 12)).shape == (3, 10)

@@ -447,6 +447,17 @@ def test_lora_sb_starts_at_the_projected_first_step():
         init.lora_sb_init(torch.nn.Linear(4, 3), torch.randn(4, 3), lr=1.0, r=2)
 
 
+def test_lora_sb_keeps_an_fp64_layer_in_fp64():
+    base = torch.nn.Linear(40, 30).double()
+    grad = torch.randn(30, 40, dtype=torch.float64)
+    layer = init.lora_sb_init(base, grad, lr=0.01, r=5, n_iter=None)
+    a, b, core = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_core["default"]
+    u, s, vh = torch.linalg.svd(-0.01 * grad)
+    best = (u[:, :5] * s[:5]) @ vh[:5]
+    # the exact SVD in fp64: fp64 rounding, not the ~1e-7 of a gradient cast to fp32
+    torch.testing.assert_close(layer.scaling * b @ core @ a, best, atol=1e-12, rtol=0)
+
+
 def test_pissa_keeps_an_fp64_weight_in_fp64():
     base = torch.nn.Linear(48, 32).double()
     x = torch.randn(7, 48, dtype=torch.float64)

@@ -154,7 +154,14 @@ class SparseAdapterLinear(nn.Module):
         if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
             self.sync_()
         w = self.base_layer.weight
-        return _FusedSparseLinear.apply(x, w, self.base_layer.bias, self.values, self.rows, self.cols)
+        if w.requires_grad and torch.is_grad_enabled():
+            # the fused backward gives the values their gradient, never W (it holds W + S)
+            raise RuntimeError("SparseAdapterLinear trains its values only: base_layer.weight must stay frozen "
+                               "(requires_grad=False)")
+        # the Function sees rows: F.linear of an N-D x returns a view, and a view made inside
+        # a custom Function cannot be modified in place (y += r, relu_) as nn.Linear's output can
+        y = _FusedSparseLinear.apply(as_rows(x), w, self.base_layer.bias, self.values, self.rows, self.cols)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) of this layer's adapter (flat indices into the weight)."""

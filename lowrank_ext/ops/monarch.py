@@ -131,10 +131,11 @@ def _blockdiag_backward_fake(grad_y, x, w, output_mask):
 
 
 def _monarch_setup_context(ctx, inputs, output):
-    x, w1, w2, _save = inputs
+    x, w1, w2, save_h = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
     ctx.save_for_backward(x, w1, w2, h)
+    ctx.h_saved = bool(save_h)  # not h.numel(): with a data-dependent batch that would guard on it
 
 
 def _monarch_backward(ctx, grad_y, _grad_h):
@@ -142,7 +143,7 @@ def _monarch_backward(ctx, grad_y, _grad_h):
     mask = list(ctx.needs_input_grad[:3])
     if not any(mask):
         return None, None, None, None
-    out = torch.ops.lowrank.monarch_backward(grad_y.contiguous(), x, w1, w2, h if h.numel() else None, mask)
+    out = torch.ops.lowrank.monarch_backward(grad_y.contiguous(), x, w1, w2, h if ctx.h_saved else None, mask)
     grads = first_order_only("monarch_forward", tuple(g if m else None for g, m in zip(out, mask)), (grad_y, x, w1, w2))
     return *grads, None
 
