@@ -37,6 +37,8 @@ def _as_lora(layer: nn.Module, r: int | None, alpha: float | None, **kwargs) -> 
 
 
 def _top_r(w: torch.Tensor, r: int, n_iter: int | None, oversample: int, seed: int):
+    if r > min(w.shape):  # slicing would return fewer columns, then broadcast into A and B
+        raise ValueError(f"r={r} exceeds min(d_out, d_in) = {min(w.shape)} of the weight {tuple(w.shape)}")
     if n_iter is None:  # exact: LAPACK / cuSOLVER through torch
         u, s, vh = torch.linalg.svd(w.double() if w.dtype == torch.float64 else w.float(), full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
@@ -101,6 +103,9 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise ValueError("the model has no LoRALinear layer (use lowrank_ext.nn.inject_lora first)")
+    merged = [name for name, m in layers.items() if m.merged]
+    if merged:  # a new A would be unmerged from a weight that holds the old one
+        raise ValueError(f"unmerge the adapters of {merged} before re-initialising them")
     streams = {name: StreamingSVD(r or m.r, oversample) for name, m in layers.items()}
     hooks = []
     for name, module in layers.items():
@@ -108,7 +113,7 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
             x = args[0] if args else kwargs["x"]  # the layer called as layer(t) or layer(x=t)
             streams[name].update(x.detach().reshape(-1, x.shape[-1]).t())
         hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each submodule's own (a frozen BatchNorm stays in eval)
     model.eval()
     try:
         for batch in batches:
@@ -116,18 +121,20 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    values = {}
-    for name, module in layers.items():
+        for m, training in modes.items():
+            m.training = training
+    for name, module in layers.items():  # every layer checked before any A is written
         stream, rank = streams[name], r or module.r
         if stream.U is None or stream.U.shape[1] < rank:
             seen = 0 if stream.U is None else stream.columns_seen
             raise ValueError(f"eva_init: layer {name} saw {seen} input vectors, fewer than r={rank}")
-        a = module.lora_A[module.adapter_name].weight
-        if rank != a.shape[0]:
-            raise ValueError(f"eva_init: r={rank} but layer {name} has rank {a.shape[0]}")
-        a.copy_(stream.U[:, :rank].t())
-        values[name] = stream.S[:rank].clone()
+        if rank != module.lora_A[module.adapter_name].weight.shape[0]:
+            raise ValueError(f"eva_init: r={rank} but layer {name} has rank {module.r}")
+    values = {}
+    for name, module in layers.items():
+        rank = r or module.r
+        module.lora_A[module.adapter_name].weight.copy_(streams[name].U[:, :rank].t())
+        values[name] = streams[name].S[:rank].clone()
     return values
 
 
@@ -144,6 +151,8 @@ def lora_sb_init(layer: nn.Module, grad: torch.Tensor, lr: float, r: int | None 
     lora = _as_lora(layer, r, None, core=True)
     if lora.lora_core is None:
         raise ValueError("lora_sb_init needs a LoRALinear with core=True (LoRA-XS)")
+    if lora.merged:
+        raise ValueError("unmerge the adapter before re-initialising it")
     w = lora.base_layer.weight
     if grad.shape != w.shape:
         raise ValueError(f"grad has shape {tuple(grad.shape)}, the base weight {tuple(w.shape)}")

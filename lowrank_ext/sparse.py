@@ -54,10 +54,34 @@ def _weight(model: nn.Module, name: str) -> torch.Tensor:
     return module.weight
 
 
-def _stack(model: nn.Module) -> list[Handle]:
-    if not hasattr(model, "_lowrank_sparse_handles"):
-        object.__setattr__(model, "_lowrank_sparse_handles", [])
-    return model._lowrank_sparse_handles
+def _applied(w: torch.Tensor) -> list[Handle]:
+    """The handles applied to weight ``w`` and not removed, oldest first: an attribute of the
+    weight, not of the model (a weight reached through a wrapper and through the inner model is
+    one weight, and a handle is restored exactly only if no later handle touched its weights)."""
+    if "_lowrank_sparse_handles" not in w.__dict__:
+        w._lowrank_sparse_handles = []
+    return w._lowrank_sparse_handles
+
+
+def _unique_weights(model: nn.Module, names) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for name in names:
+        w = _weight(model, name)
+        seen.setdefault(id(w), w)
+    return list(seen.values())
+
+
+def _check_adapter_entry(name: str, w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
+    if not w.is_contiguous():
+        raise RuntimeError(f"the weight of {name!r} is not contiguous: flat indices do not address it; "
+                           "nothing was written")
+    if idx.dim() != 1 or val.dim() != 1 or idx.numel() != val.numel():
+        raise ValueError(f"adapter for {name!r}: indices and values must be 1-D of one length, got "
+                         f"{tuple(idx.shape)} and {tuple(val.shape)}; nothing was written")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"adapter indices for {name!r} must be integers, got {idx.dtype}; nothing was written")
+    if not val.is_floating_point():
+        raise TypeError(f"adapter values for {name!r} must be floating point, got {val.dtype}; nothing was written")
 
 
 @torch.no_grad()
@@ -72,25 +96,35 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
         raise ValueError(f"{len(adapters)} adapters but {len(alphas)} alphas")
     handle = Handle()
     per_weight: dict[str, tuple[list, list, list]] = {}
-    for adapter, a in zip(adapters, alphas):
+    for adapter, a in zip(adapters, alphas):  # everything is checked before the first write
         for name, (idx, val) in adapter.items():
             w = _weight(model, name)
+            _check_adapter_entry(name, w, idx, val)
             i, v, al = per_weight.setdefault(name, ([], [], []))
             i.append(idx.to(device=w.device, dtype=torch.int64))
             v.append(val.to(w.device))
             al.append(a)
-    for name, (i, v, al) in per_weight.items():  # validate everything before the first write
+    for name, (i, v, al) in per_weight.items():
         numel = _weight(model, name).numel()
         for t in i:
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
                 raise RuntimeError(f"adapter indices for {name!r} are out of range for its {numel} weights; "
                                    "nothing was written")
-    for name, (i, v, al) in per_weight.items():
-        w = _weight(model, name)
-        before = w.view(-1)[torch.cat(i)].clone()
-        sparse_scatter_add_(w, i, v, al)
-        handle.entries[name] = (i, v, al, before)
-    _stack(model).append(handle)
+    written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        for name, (i, v, al) in per_weight.items():
+            w = _weight(model, name)
+            idx = torch.cat(i)
+            before = w.view(-1)[idx].clone()
+            sparse_scatter_add_(w, i, v, al)
+            written.append((w, idx, before))
+            handle.entries[name] = (i, v, al, before)
+    except BaseException:  # whatever stopped the writes: the weights go back as they were
+        for w, idx, before in reversed(written):
+            w.view(-1)[idx] = before
+        raise
+    for w in _unique_weights(model, handle.entries):
+        _applied(w).append(handle)
     return handle
 
 
@@ -102,13 +136,15 @@ def remove(model: nn.Module, handle: Handle) -> None:
     still hold it)."""
     if handle.removed:
         raise ValueError("this adapter handle was already removed")
-    stack = _stack(model)
-    if handle not in stack:
+    weights = _unique_weights(model, handle.entries)
+    if any(handle not in _applied(w) for w in weights):
         raise ValueError("this handle was not applied to this model")
-    last = stack[-1] is handle
+    last = all(_applied(w)[-1] is handle for w in weights)
     if not last:
-        for later in stack[stack.index(handle) + 1:]:
-            later.exact = False
+        for w in weights:
+            stack = _applied(w)
+            for later in stack[stack.index(handle) + 1:]:
+                later.exact = False
     # in reverse: where two names share one weight (tied), the later one's saved entries hold
     # the earlier adapter, so the earlier name must be written back last
     for name, (i, v, al, before) in reversed(list(handle.entries.items())):
@@ -117,7 +153,8 @@ def remove(model: nn.Module, handle: Handle) -> None:
             w.view(-1)[torch.cat(i)] = before
         else:
             sparse_scatter_add_(w, i, v, [-a for a in al])
-    stack.remove(handle)
+    for w in weights:
+        _applied(w).remove(handle)
     handle.removed = True
 
 
@@ -135,8 +172,10 @@ def save(adapter: Adapter, path: str, model: nn.Module | None = None) -> None:
     from safetensors.torch import save_file
     tensors, metadata = {}, {}
     for name, (idx, val) in adapter.items():
-        tensors[f"{name}.indices"] = idx.detach().to("cpu", torch.int64).contiguous()
-        tensors[f"{name}.values"] = val.detach().cpu().contiguous()
+        # copies: layers may share one tensor, and safetensors refuses tensors sharing memory
+        tensors[f"{name}.indices"] = idx.detach().to("cpu", torch.int64, memory_format=torch.contiguous_format,
+                                                     copy=True)
+        tensors[f"{name}.values"] = val.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         if model is not None:
             metadata[f"{name}.shape"] = ",".join(str(d) for d in _weight(model, name).shape)
     save_file(tensors, path, metadata=metadata or None)

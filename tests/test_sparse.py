@@ -595,3 +595,82 @@ def test_shira_refuses_a_trainable_base_weight():
         layer(torch.randn(3, 12))
     with torch.no_grad():
         assert layer(torch.randn(3, 12)).shape == (3, 10)
+
+
+def test_apply_checks_shapes_and_layout_first_and_writes_nothing():
+    # checked only by the scatter before: layer "0" had been written when layer "2" raised
+    cases = [({"2": (torch.tensor([0, 1, 2]), torch.ones(2))}, ValueError, "1-D of one length"),
+             ({"2": (torch.tensor([[0, 1]]), torch.ones(1, 2))}, ValueError, "1-D of one length"),
+             ({"2": (torch.tensor([0.0, 1.0]), torch.ones(2))}, TypeError, "integers")]
+    for later, error, match in cases:
+        model = _model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=match):
+            sparse.apply(model, {"0": (torch.tensor([0, 1]), torch.ones(2)), **later})
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = _model()
+    before = model[0].weight.detach().clone()
+    model[2].weight = nn.Parameter(model[2].weight.detach().t().contiguous().t())  # a transposed view
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        sparse.apply(model, {"0": (torch.tensor([0, 1]), torch.ones(2)), "2": (torch.tensor([0]), torch.ones(1))})
+    assert torch.equal(model[0].weight, before)
+
+
+def test_apply_remove_through_a_wrapper_and_the_inner_model():
+    # the stack of applied handles was per model object: removing the wrapper's handle "exactly"
+    # wiped out the inner model's adapter applied after it
+    inner = _model()
+    outer = nn.Sequential(inner)
+    w0 = inner[0].weight.detach().clone()
+    a = {"0.0": (torch.tensor([0, 5]), torch.tensor([10.0, 20.0]))}
+    b = {"0": (torch.tensor([0, 5]), torch.tensor([1.0, 2.0]))}
+    h1 = sparse.apply(outer, a)
+    h2 = sparse.apply(inner, b)
+    sparse.remove(outer, h1)  # not the last on that weight: subtracted
+    torch.testing.assert_close((inner[0].weight - w0).view(-1)[[0, 5]], torch.tensor([1.0, 2.0]))
+    sparse.remove(inner, h2)
+    torch.testing.assert_close(inner[0].weight, w0, rtol=0, atol=1e-5)
+    h3 = sparse.apply(inner, b)
+    with pytest.raises(ValueError, match="not applied to this model"):
+        sparse.remove(_model(), h3)
+    sparse.remove(inner, h3)
+    torch.testing.assert_close(inner[0].weight, w0, rtol=0, atol=1e-5)
+
+
+def test_save_an_adapter_whose_layers_share_tensors(tmp_path):
+    model = _model()
+    idx, val = torch.tensor([1, 4, 9]), torch.tensor([0.5, -1.0, 2.0])
+    adapter = {"0": (idx, val), "2": (idx, val)}  # one tensor pair for both layers
+    sparse.save(adapter, tmp_path / "shared.safetensors")
+    loaded = sparse.load(tmp_path / "shared.safetensors")
+    for name in ("0", "2"):
+        assert torch.equal(loaded[name][0], idx) and torch.equal(loaded[name][1], val)
+
+
+def test_sltrain_materialised_from_meta_gets_its_support_back():
+    # reset_parameters() after to_empty() left the support (and S's buffer) uninitialised
+    torch.manual_seed(0)
+    want = SLTrainLinear(24, 16, rank=4, density=0.1, seed=5)
+    layer = SLTrainLinear(24, 16, rank=4, density=0.1, seed=5, device="meta").to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(layer.indices, want.indices)
+    dense = torch.zeros(16 * 24)
+    dense[layer.indices] = layer.values.detach()
+    torch.testing.assert_close(layer.sparse_weight.view(-1), dense, rtol=0, atol=0)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias)
+
+
+def test_shira_support_as_a_bool_mask_or_indices():
+    # a dense bool mask (PEFT's SHiRA mask_fn) was read as the flat indices {0, 1}
+    base = nn.Linear(12, 10)
+    mask = torch.zeros(10, 12, dtype=torch.bool)
+    mask[2, 3] = mask[7, 0] = mask[9, 11] = True
+    layer = SparseAdapterLinear(base, support=mask)
+    assert layer.indices.tolist() == [2 * 12 + 3, 7 * 12 + 0, 9 * 12 + 11]
+    same = SparseAdapterLinear(nn.Linear(12, 10), support=torch.tensor([84, 27, 119, 27]))
+    assert same.indices.tolist() == layer.indices.tolist()
+    with pytest.raises(ValueError, match="weight's shape"):
+        SparseAdapterLinear(nn.Linear(12, 10), support=torch.ones(12, 10, dtype=torch.bool))
+    with pytest.raises(TypeError, match="integer flat indices or a bool mask"):
+        SparseAdapterLinear(nn.Linear(12, 10), support=mask.float())

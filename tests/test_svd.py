@@ -557,3 +557,57 @@ def test_galore_step_with_a_huge_gradient_stays_finite():
     p.grad = torch.randn(64, 32) * 1e20
     opt.step()
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (6, 1), (3, 5)])
+def test_inits_refuse_a_rank_above_the_weight_s_smaller_side(shape):
+    # the exact SVD's u[:, :r] returned fewer columns, broadcast r times into A and B
+    d_out, d_in = shape
+    for make in (lambda: init.pissa_init(torch.nn.Linear(d_in, d_out), r=4, n_iter=None),
+                 lambda: init.lora_sb_init(torch.nn.Linear(d_in, d_out), torch.randn(d_out, d_in), lr=0.1, r=4,
+                                           n_iter=None)):
+        with pytest.raises(ValueError, match="exceeds min"):
+            make()
+
+
+def test_eva_restores_each_submodule_s_mode_and_writes_nothing_on_error():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8),
+                                torch.nn.BatchNorm1d(8))
+    inject_lora(model, ["0", "2"], r=2)
+    model.train()
+    model[3].eval()  # a frozen BatchNorm inside a training model
+    modes = {name: m.training for name, m in model.named_modules()}
+    init.eva_init(model, [torch.randn(6, 8) for _ in range(2)])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    # a layer that saw too few inputs: no A is written, not even the layers' that saw enough
+
+    class OneCalled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.called, self.idle = LoRALinear(torch.nn.Linear(8, 8), r=2), LoRALinear(torch.nn.Linear(8, 8), r=2)
+
+        def forward(self, x):
+            return self.called(x)
+
+    partial = OneCalled()
+    a0 = partial.called.lora_A["default"].weight.detach().clone()
+    with pytest.raises(ValueError, match="idle saw 0 input vectors"):
+        init.eva_init(partial, [torch.randn(6, 8)])
+    assert torch.equal(partial.called.lora_A["default"].weight, a0)
+
+
+def test_inits_refuse_a_merged_adapter():
+    # a new A / B / core written into a merged layer: unmerge() then took the new adapter out of
+    # a weight that held the old one
+    layer = LoRALinear(torch.nn.Linear(8, 6), r=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    layer.merge()
+    w = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="unmerge"):
+        init.eva_init(torch.nn.Sequential(layer), [torch.randn(4, 8)])
+    sb = LoRALinear(torch.nn.Linear(8, 6), r=2, core=True)
+    sb.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        init.lora_sb_init(sb, torch.randn(6, 8), lr=0.1)
+    assert torch.equal(layer.base_layer.weight, w)

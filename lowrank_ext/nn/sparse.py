@@ -92,6 +92,10 @@ class SparseAdapterLinear(nn.Module):
     optimizers), e.g. through ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries
     under the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
 
+    ``support``: ``"random"`` (seeded), ``"magnitude"`` or ``"gradient"`` (with ``grad``) and
+    ``density`` or ``nnz``; or a tensor: integer flat indices into the weight, or a bool mask of
+    the weight's shape (as PEFT's SHiRA ``mask_fn`` gives).
+
     Example::
 
         layer = SparseAdapterLinear(nn.Linear(256, 256), density=0.02)    # random support
@@ -110,6 +114,13 @@ class SparseAdapterLinear(nn.Module):
         if not weight.is_contiguous():
             raise ValueError("the base layer's weight must be contiguous")
         if isinstance(support, torch.Tensor):
+            if support.dtype == torch.bool:  # a mask: read as indices, it would be the support {0, 1}
+                if support.shape != weight.shape:
+                    raise ValueError(f"a bool support mask must have the weight's shape {tuple(weight.shape)}, "
+                                     f"got {tuple(support.shape)}")
+                support = support.flatten().nonzero().flatten()
+            elif support.is_floating_point() or support.is_complex():
+                raise TypeError(f"support must be integer flat indices or a bool mask, got {support.dtype}")
             idx = support.to(device=weight.device, dtype=torch.int64).flatten().unique(sorted=True)
             if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= weight.numel()):
                 raise ValueError(f"support indices out of range for a weight of {weight.numel()} elements")
@@ -210,12 +221,18 @@ class SLTrainLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.register_buffer("sparse_weight", torch.zeros(out_features, in_features, **kw))
         nnz = max(1, round(density * in_features * out_features))
-        self.register_buffer("indices", choose_support(self.sparse_weight, nnz, "random", seed=seed))
+        self.seed = seed
+        self.register_buffer("indices", torch.empty(nnz, dtype=torch.int64, device=device))
         self.values = nn.Parameter(torch.empty(nnz, **kw))
         self._synced = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # the support too (from the seed) and S's buffer: a layer made on the meta device and
+        # materialised with to_empty() holds garbage in both until this runs
+        with torch.no_grad():
+            self.sparse_weight.zero_()
+            self.indices.copy_(choose_support(self.sparse_weight, self.values.numel(), "random", seed=self.seed))
         # W = B A + S starts like a kaiming-uniform dense layer split between the two parts
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))
