@@ -27,8 +27,8 @@ and the randomized SVD's seed is a function of ``seed`` and the step).
 (left projection) or row (right) of R by ||Adam direction|| / ||R|| and limited to 1.01x
 norm growth per step (Fira, Chen et al. 2024); ``mode="frugal"`` adds a state-free signSGD
 step lr * sign(G - back(R)) there (FRUGAL), both inside the same op: G is read once
-(Fira: twice on CUDA, or once plus an [m, n] temporary on the CPU, since the limiter needs
-the scaled residual's norm before anything is written).
+(Fira: twice, on CPU and CUDA, since the limiter needs the scaled residual's norm before
+anything is written; no [m, n] temporary on either).
 
 ``proj_bits`` 8 or 4 stores each projection block-wise quantized with a linear (integer)
 code, dequantized each step for the two projection GEMMs (Q-GaLore's INT8/INT4
@@ -335,7 +335,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                low: torch.Tensor) -> None:
         """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): for GaLore
         params one ``galore_apply_`` call, which reads W, the projection (dequantized as it
-        loads) and, for Fira / FRUGAL, G once, with no [m, n] temporary on CUDA (the published
+        loads) and, for Fira / FRUGAL, G (twice for Fira), with no [m, n] temporary (the published
         code's decoupled weight decay, applied after the update)."""
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         if proj is None:  # not a GaLore parameter: Adam on the full gradient
