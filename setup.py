@@ -150,8 +150,14 @@ def find_tool(name):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        import pybind11
-        import torch
+        try:
+            import pybind11
+            import torch
+        except ImportError as e:  # e.g. `pip install .` with build isolation: a fresh env without them
+            raise RuntimeError(
+                f"lowrank_ext builds against the torch installed in this environment ({e}): install torch, "
+                "pybind11, cmake and ninja first (pip install -r requirements-dev.txt), then run "
+                "`pip install --no-build-isolation .` (or `make build`)") from e
 
         with_cuda, cuda_home = cuda_enabled(torch)
         build_dir = os.path.join(ROOT, "build", "cmake")

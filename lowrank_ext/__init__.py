@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (torch's libraries must be loaded before _C)
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:
+    import glob as _glob
+    import os as _os
+    if not _glob.glob(_os.path.join(_os.path.dirname(__file__), "_C*")):
+        raise ImportError("lowrank_ext's compiled module _C is not built: run `pip install --no-build-isolation -e .` "
+                          "(or `make build`) with the torch you will use") from e
+    raise ImportError(f"lowrank_ext's compiled module _C did not load ({e}); it may have been built against "
+                      f"another torch than this one ({torch.__version__}): rebuild it") from e
 # noqa below: importing registers the fakes; the modules are the user-facing helpers
 from . import init, linalg, nn, ops, optim, quant, reference, sparse  # noqa: F401
 

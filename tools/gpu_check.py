@@ -300,7 +300,11 @@ class GpuCheck:
 
 
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree)."""
+    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree), or
+    LOWRANK_EXT_COMMIT where set (the device machines' copies carried a stale .git: name the
+    commit sent, as the benchmarks also read it)."""
+    if os.environ.get("LOWRANK_EXT_COMMIT"):
+        return os.environ["LOWRANK_EXT_COMMIT"]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() or "unknown"

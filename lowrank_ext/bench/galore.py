@@ -68,7 +68,11 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[
         if r["op"] == OPS_CASE:
             params.update(proj_bits=int(r["proj_bits"]), galore_mode=r["galore_mode"])
             g_reads = 1 if r["galore_mode"] == "galore" else 2
+            # GEMMs of 2 m n r each: project G, back-project the update (and, for the residual
+            # modes, back-project R for G - back(R)): GEMM-bound, so both roofs are given
+            products = 2 if r["galore_mode"] == "galore" else 3
             out.append(Case(family="galore", op=r["op"], params=params, bytes=layers * m * n * 4.0 * (2 + g_reads),
+                            flops=layers * products * 2.0 * m * n * rank,
                             label=f"{layers} x {m}x{n} r={rank} {r['galore_mode']} P {r['proj_bits']}-bit"))
             continue
         out.append(Case(family="galore", op=r["op"], label=f"{layers} x {m}x{n} r={rank}", params=params))

@@ -74,6 +74,9 @@ class Timed:
     fn: Callable[[], Any]
     output: Any = None
     note: str = ""                  # shown in the table, e.g. "nf4 code"
+    # this provider's own FLOP count where it does other work than the case's (a dense GEMM
+    # beside a structured one, a full SVD beside a truncated one); 0: none (no FLOP rate)
+    flops: float | None = None
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Row:
     tflops: float | None = None
     extra_gbs: dict[str, float] = field(default_factory=dict)
     frac_peak: float | None = None
+    flops: float | None = None               # Timed.flops: overrides the case's
     vs_ref: float | None = None              # reference time / this time (>1: faster)
     vs_peer: dict[str, float] = field(default_factory=dict)   # peer time / this time
 
@@ -238,7 +242,11 @@ def load_shapes(family: str) -> list[dict[str, str]]:
 
 
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree)."""
+    """HEAD, with "-dirty" when tracked files differ from it (a copied working tree), or
+    LOWRANK_EXT_COMMIT where set: a working tree copied to another machine may carry a stale
+    .git (the GPU machines' copies did), so the caller names the commit it sent."""
+    if os.environ.get("LOWRANK_EXT_COMMIT"):
+        return os.environ["LOWRANK_EXT_COMMIT"]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)
@@ -271,6 +279,8 @@ def header(device: torch.device) -> dict[str, Any]:
         "build_info": build_info(),
         "peak_mem_bw_gbs": round(p.mem_bw_gbs, 1),
         "peak_source": p.source,
+        # the FLOP/s peak of each dtype the run used ("% peak" divides by these)
+        "peak_tflops": {},
         "peers": {name: _peers.version(name) or _peers.load(name)[1] for name in _peers.PEERS},
     }
 
@@ -297,8 +307,9 @@ def _fill_metrics(row: Row, device: torch.device) -> None:
     if case.bytes:
         row.gbs = case.bytes / t / 1e9
         fracs.append(row.gbs / _device.peaks(device).mem_bw_gbs)
-    if case.flops:
-        row.tflops = case.flops / t / 1e12
+    flops = case.flops if row.flops is None else row.flops
+    if flops:
+        row.tflops = flops / t / 1e12
         peak, _ = _device.peak_tflops(device, case.dtype)
         fracs.append(row.tflops / peak)
     row.extra_gbs = {name: b / t / 1e9 for name, b in case.extra_bytes.items()}
@@ -389,6 +400,7 @@ def _run_one(family: Family, cfg: RunConfig, case: Case, inputs: Any, p: Provide
         row.status, row.message = "skipped", str(e)
         return None
     row.note = timed.note
+    row.flops = timed.flops
     out = timed.output if timed.output is not None else timed.fn()
     synchronize(cfg.device)
     if p.kind != "reference" and ref_out is None:
@@ -440,7 +452,8 @@ def markdown(family: Family, hdr: dict[str, Any], rows: list[Row], skipped: list
         f"threads: {hdr['threads']}  THP_MEM_ALLOC_ENABLE: {hdr.get('thp_mem_alloc', '?')}  "
         f"GLIBC_TUNABLES: {hdr.get('glibc_tunables') or '(none)'}",
         f"- lowrank_ext build: {bi_s}",
-        f"- peak memory bandwidth: {hdr['peak_mem_bw_gbs']} GB/s ({hdr['peak_source']})",
+        f"- peak memory bandwidth: {hdr['peak_mem_bw_gbs']} GB/s ({hdr['peak_source']})"
+        + "".join(f"; peak {dt} TFLOP/s: {v}" for dt, v in hdr.get("peak_tflops", {}).items()),
         "- ms = median time per call over n timed blocks, IQR = its interquartile range; "
         "vs X = X's time / this row's time (>1: this row is faster)",
         "",
@@ -547,6 +560,9 @@ def run_and_report(family: Family, cfg: RunConfig) -> bool:
     """Run one family, print its table, write its files; True if nothing FAILED."""
     hdr = header(cfg.device)
     rows, skipped = run_family(family, cfg)
+    for dtype in sorted({str(r.case.dtype).removeprefix("torch.") for r in rows if r.case.flops}):
+        tflops, source = _device.peak_tflops(cfg.device, getattr(torch, dtype))
+        hdr["peak_tflops"][dtype] = f"{tflops:.3g} ({source})"
     summary = family.summary(rows, cfg.device) if family.summary else []
     md = markdown(family, hdr, rows, skipped, summary)
     print(md, flush=True)

@@ -97,7 +97,10 @@ def _dense(case: Case, inputs: dict) -> Timed:
     d = case.params["d"]
     x = inputs["x"].clone().requires_grad_(case.params["backward"])
     w = (torch.randn(d, d, device=x.device) * d ** -0.5).to(x.dtype).requires_grad_(case.params["backward"])
-    return _timed(case, inputs, lambda: F.linear(x, w), [x, w])
+    timed = _timed(case, inputs, lambda: F.linear(x, w), [x, w])
+    n = case.params["n"]
+    timed.flops = 2.0 * n * d * d * (3 if case.params["backward"] else 1)  # its own rate, not Monarch's
+    return timed
 
 
 def _gemms(case: Case, inputs: dict) -> Timed:

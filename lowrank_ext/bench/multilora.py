@@ -4,9 +4,10 @@ Cases (benchmarks/shapes/multilora.csv): a frozen [d, d] linear with `adapters` 
 stack padded to the largest rank; ranks either one value for all or "8-64" (8, 16, 32, 64 in
 turn); token ids either ``shuffled`` (each token its own random adapter: decode batches) or
 ``sequences`` (equal contiguous runs: prefill). ``forward`` is serving (no autograd);
-``lora branch`` times the adapter part of that forward alone (shrink + expand into a copy
-of the base output: on 2 CPU cores the base GEMM's own run-to-run noise is larger than the
-whole branch); ``fwd+bwd`` trains every adapter at once (grads of x and both stacks).
+``lora branch`` times the adapter part of that forward alone (shrink + expand added into
+one persistent base output, as serving adds into the base GEMM's output: on 2 CPU cores the
+base GEMM's own run-to-run noise is larger than the whole branch; before 2026-11-24 each call
+added into a fresh copy, whose ~5 ms copy of 64 MB sat in every provider's time); ``fwd+bwd`` trains every adapter at once (grads of x and both stacks).
 
 Providers:
 
@@ -59,12 +60,14 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[
         ranks = _ranks(r["ranks"], s)
         # each token at its adapter's rank (tokens spread evenly over adapters)
         lora_flops = 2.0 * n * 2 * d * sum(ranks) / s
-        passes = 3.0 if r["op"] == "fwd+bwd" else 1.0  # backward: grad x and the stacks' grads
-        base_flops = 0.0 if r["op"] == "lora branch" else 2.0 * n * d * d
+        # backward: the frozen base GEMM adds grad x only (one more GEMM), the adapters add grad x
+        # and both stacks' grads (two more of each product)
+        bwd = r["op"] == "fwd+bwd"
+        base_flops = 0.0 if r["op"] == "lora branch" else (2.0 if bwd else 1.0) * 2.0 * n * d * d
         params = {"op": r["op"], "n": n, "d": d, "adapters": s, "ranks": ranks, "layout": r["layout"], "dtype": dt}
         label = f"N={n} d={d} {s} adapters r={r['ranks']} {r['layout']}"
         out.append(Case(family="multilora", op=r["op"], label=label, params=params, dtype=dt,
-                        flops=passes * (base_flops + lora_flops)))
+                        flops=base_flops + (3.0 if bwd else 1.0) * lora_flops))
     return out
 
 
@@ -93,13 +96,18 @@ def make_inputs(case: Case, device: torch.device) -> dict:
 
 def _timed(case: Case, inputs: dict, forward, branch=None) -> Timed:
     """forward(x, a, b) -> y; fwd+bwd cases also take the grads of x, a and b; "lora branch"
-    cases run branch(y) on a fresh copy of the base output instead."""
+    cases run branch(y), adding into one persistent output when timed (the output checked is
+    a fresh copy's)."""
     if case.params["op"] == "lora branch":
-        def add():
+        def add_fresh():
             with torch.no_grad():
-                y = inputs["base_out"].clone()
-                return (branch(y),)
-        return Timed(fn=add, output=add())
+                return (branch(inputs["base_out"].clone()),)
+        into = inputs["base_out"].clone()
+
+        def add_into():  # values grow by one branch per call: timing only
+            with torch.no_grad():
+                branch(into)
+        return Timed(fn=add_into, output=add_fresh())
     if case.params["op"] == "forward":
         def run():
             with torch.no_grad():
@@ -151,16 +159,20 @@ def _single(case: Case, inputs: dict) -> Timed:
 
 
 def _floor(case: Case, inputs: dict) -> Timed:
+    n, d = case.params["n"], case.params["d"]
+
     def fwd(x, a, b):
         return torch.nn.functional.linear(x, inputs["w"], inputs["bias"])
     if case.params["op"] == "forward":
-        return _timed(case, inputs, fwd)
+        timed = _timed(case, inputs, fwd)
+        timed.flops = 2.0 * n * d * d  # the base GEMM alone: its own rate
+        return timed
     x = inputs["x"].clone().requires_grad_(True)
 
     def step():
         y = fwd(x, None, None)
         return (y.detach(), *torch.autograd.grad(y, [x], inputs["g"]))
-    return Timed(fn=step, output=step())
+    return Timed(fn=step, output=step(), flops=4.0 * n * d * d)
 
 
 def _loop(case: Case, inputs: dict) -> Timed:

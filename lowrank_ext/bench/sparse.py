@@ -57,8 +57,12 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype | None) -> list[
                             params=params, flops=4.0 * n * d * d))
         elif op == "apply+remove":
             label = f"{layers} x {d}x{d} ({layers * d * d / 1e6:.0f}M params) {dens:.0%}"
+            # per pass (apply, then remove): indices (8 B) and values (4 B) read, and every 64-byte
+            # line of W holding a support entry read and written (at 1% random density nearly
+            # every entry has its own line: counting 8 B per entry would understate the traffic ~8x)
+            lines = (d * d * 4 / 64) * (1.0 - (1.0 - 64 / (d * d * 4)) ** nnz)
             out.append(Case(family="sparse", op=op, label=label, params=params,
-                            bytes=2.0 * layers * nnz * (8 + 4 + 4 + 4)))
+                            bytes=2.0 * layers * (nnz * (8 + 4) + lines * 64 * 2)))
         else:
             out.append(Case(family="sparse", op=op, label=f"N={n} {d}x{d} {dens:.0%}", params=params,
                             flops=2.0 * n * nnz))
