@@ -611,3 +611,18 @@ def test_inits_refuse_a_merged_adapter():
     with pytest.raises(ValueError, match="unmerge"):
         init.lora_sb_init(sb, torch.randn(6, 8), lr=0.1)
     assert torch.equal(layer.base_layer.weight, w)
+
+
+def test_batched_qr_after_set_num_threads_does_not_hang():
+    # torch.set_num_threads (also what torch.utils.benchmark.Timer does) made MKL's geqrf, called
+    # on each thread of the batch's parallel QRs, wait for a nested thread team for ever
+    import subprocess
+    import sys
+    code = ("import torch, lowrank_ext\n"
+            "from lowrank_ext.linalg import batched_rsvd\n"
+            "torch.set_num_threads(2)\n"
+            "out = batched_rsvd([torch.randn(512, 256) for _ in range(8)], 16)\n"
+            "print(all(bool(torch.isfinite(s).all()) and float(s[0]) > 0 for _, s, _ in out))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("True")

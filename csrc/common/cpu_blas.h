@@ -39,6 +39,34 @@ blas_gemm_fn<Acc> find_blas_gemm() {
   return fn;
 }
 
+// MKL's LAPACK on a worker of a parallel region, single-threaded for the guard's lifetime.
+// After torch.set_num_threads (which calls mkl_set_num_threads), an MKL geqrf called inside
+// an OpenMP parallel region opens its own thread team and waits for threads that nested
+// OpenMP never gives it: it hangs (seen: every rsvd of a batch). mkl_set_num_threads_local
+// is per thread and returns the previous value, restored on exit; with another BLAS the
+// symbol is missing and nothing is done. The exported symbol is the Fortran entry point
+// (the C name is an alias of it in torch's static MKL): its argument goes by pointer.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    int one = 1;
+    if (set_local_ != nullptr) previous_ = set_local_(&one);
+  }
+  ~SingleThreadedBlas() {
+    if (set_local_ != nullptr) set_local_(&previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  using set_local_fn = int (*)(const int*);
+  static inline const set_local_fn set_local_ = [] {
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    return reinterpret_cast<set_local_fn>(lib ? dlsym(lib, "mkl_set_num_threads_local_") : nullptr);
+  }();
+  int previous_ = 0;
+};
+
 inline bool fits_blas_int(std::initializer_list<int64_t> v) {
   return std::all_of(v.begin(), v.end(), [](int64_t x) { return x <= std::numeric_limits<int>::max(); });
 }

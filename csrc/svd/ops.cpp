@@ -34,6 +34,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/cpu_blas.h"
 #include "common/cpu_parallel.h"
 
 namespace lowrank::svd {
@@ -162,6 +163,7 @@ Orthonormal householder_qr_cpu(const at::Tensor& y) {
   at::Tensor q = at::empty({b, p, m}, y.options()).transpose(1, 2);  // column-major, as LAPACK writes it
   at::Tensor r = at::empty({b, p, l}, y.options());
   parallel_for_as_caller(0, b, 1, [&](int64_t b0, int64_t b1) {
+    const SingleThreadedBlas one_thread;  // else MKL's geqrf can wait for a nested team: a hang
     for (int64_t i = b0; i < b1; ++i) {
       at::Tensor qi = q.select(0, i), ri = r.select(0, i);
       at::linalg_qr_out(qi, ri, y.select(0, i), "reduced");  // qi is column-major: LAPACK's layout
