@@ -288,8 +288,9 @@ def header(device: torch.device) -> dict[str, Any]:
 def measure(fn: Callable[[], Any], device: torch.device, cfg: RunConfig, slow: bool):
     """Median/IQR of `fn` per call, from torch.utils.benchmark (which syncs the device)."""
     # The correctness call already ran fn once (compiles, allocator warm-up); a couple
-    # more calls settle caches and clocks. Slow references skip this: one call is seconds.
-    for _ in range(0 if slow else 2):
+    # more calls settle caches and clocks. Slow providers skip this on CPU, where one call is
+    # seconds; on a GPU they warm up too (a cold cuBLAS handshake would inflate their time).
+    for _ in range(0 if slow and device.type != "cuda" else 2):
         fn()
     synchronize(device)
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())

@@ -159,7 +159,11 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
         case = ours.case
         parts = [f"{case.label}: ours {ours.median_s * 1e3:.2f} ms"]
         if frozen and frozen.status == "ok":
-            parts.append(f"{ours.median_s / frozen.median_s:.2f}x the frozen linear")
+            vs_frozen = ours.median_s / frozen.median_s
+            # the GPU target (H100, bf16, N = 8192, d = 4096, r = 16) is stated for every GPU case
+            target = (f" (GPU target <= {CUDA_TARGET_VS_FROZEN:g}x: {met(vs_frozen <= CUDA_TARGET_VS_FROZEN)})"
+                      if device.type == "cuda" else "")
+            parts.append(f"{vs_frozen:.2f}x the frozen linear{target}")
         if peft and peft.status == "ok":
             vs = peft.median_s / ours.median_s
             target = CPU_TARGET_VS_PEFT if device.type == "cpu" else CUDA_TARGET_VS_PEFT

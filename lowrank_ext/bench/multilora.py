@@ -262,8 +262,8 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             target = f" (target <= {target_single:g}x at {TARGET_ADAPTERS} adapters: {met(vs <= target_single)})" \
                 if case.params["adapters"] == TARGET_ADAPTERS else ""
             parts.append(f"{vs:.2f}x the one-adapter batch's time{target}")
-        for name in (LOOP, PEFT):
-            text = faster(ours, rs.get(name), name, TARGET_VS_LOOP)
+        for name in (LOOP, PEFT):  # the issue's >= 4x is stated against the per-adapter loop only
+            text = faster(ours, rs.get(name), name, TARGET_VS_LOOP if name == LOOP else None)
             if text:
                 parts.append(text)
         lines.append("; ".join(parts))
