@@ -652,8 +652,10 @@ def test_sltrain_materialised_from_meta_gets_its_support_back():
     torch.manual_seed(0)
     want = SLTrainLinear(24, 16, rank=4, density=0.1, seed=5)
     layer = SLTrainLinear(24, 16, rank=4, density=0.1, seed=5, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        layer.bias.fill_(float("nan"))  # what to_empty() may leave
     layer.reset_parameters()
-    assert torch.equal(layer.indices, want.indices)
+    assert torch.equal(layer.indices, want.indices) and torch.equal(layer.bias, torch.zeros(16))
     dense = torch.zeros(16 * 24)
     dense[layer.indices] = layer.values.detach()
     torch.testing.assert_close(layer.sparse_weight.view(-1), dense, rtol=0, atol=0)

@@ -233,6 +233,8 @@ class SLTrainLinear(nn.Module):
         with torch.no_grad():
             self.sparse_weight.zero_()
             self.indices.copy_(choose_support(self.sparse_weight, self.values.numel(), "random", seed=self.seed))
+            if self.bias is not None:
+                self.bias.zero_()  # as built (to_empty() leaves it garbage, NaN included)
         # W = B A + S starts like a kaiming-uniform dense layer split between the two parts
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))
