@@ -41,13 +41,14 @@ struct Scratch {
 // adamw_update over fp32 arrays, in place (p, m, v). Compiled twice on x86-64 (AVX2 and the
 // baseline, picked at load time) so it runs 8-wide: same IEEE operations in either (AVX2
 // without FMA), so results do not depend on the CPU. Needs -fno-math-errno to vectorize sqrt.
+// quantized_v: v is about to be re-quantized, so it is written as storable_exp_avg_sq stores it.
 LOWRANK_CPU_CLONES void adamw_update_span(float* __restrict p, const float* __restrict g, float* __restrict m,
-                                          float* __restrict v, int n, const AdamWConstants c) {
+                                          float* __restrict v, int n, const AdamWConstants c, bool quantized_v) {
   for (int i = 0; i < n; ++i) {
     const AdamWResult r = adamw_update(p[i], g[i], m[i], v[i], c);
     p[i] = r.param;
     m[i] = r.exp_avg;
-    v[i] = r.exp_avg_sq;
+    v[i] = quantized_v ? storable_exp_avg_sq(r.exp_avg_sq) : r.exp_avg_sq;
   }
 }
 
@@ -154,8 +155,7 @@ void quantized_superblock(const AdamWStepParams& p, int64_t t, int64_t sb, const
     } else {
       for (int i = 0; i < len; ++i) scratch.grad[c0 + i] = static_cast<float>(grad[c0 + i]);
     }
-    adamw_update_span(pf, gf, mf, vf, len, p.c);
-    for (int i = 0; i < len; ++i) vf[i] = storable_exp_avg_sq(vf[i]);
+    adamw_update_span(pf, gf, mf, vf, len, p.c, /*quantized_v=*/true);
     if constexpr (!std::is_same_v<P, float>) {
       for (int i = 0; i < len; ++i) param[c0 + i] = store_param<P>(pf[i], p, t, base + c0 + i);
     }
@@ -183,7 +183,7 @@ void fp32_superblock(const AdamWStepParams& p, int64_t t, int64_t sb) {
       pf[i] = static_cast<float>(param[c0 + i]);
       gf[i] = static_cast<float>(grad[c0 + i]);
     }
-    adamw_update_span(pf, gf, m + c0, v + c0, len, p.c);
+    adamw_update_span(pf, gf, m + c0, v + c0, len, p.c, /*quantized_v=*/false);
     for (int i = 0; i < len; ++i) param[c0 + i] = store_param<P>(pf[i], p, t, base + c0 + i);
   }
 }

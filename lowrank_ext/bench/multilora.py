@@ -7,7 +7,8 @@ turn); token ids either ``shuffled`` (each token its own random adapter: decode 
 ``lora branch`` times the adapter part of that forward alone (shrink + expand added into
 one persistent base output, as serving adds into the base GEMM's output: on 2 CPU cores the
 base GEMM's own run-to-run noise is larger than the whole branch; before 2026-11-24 each call
-added into a fresh copy, whose ~5 ms copy of 64 MB sat in every provider's time); ``fwd+bwd`` trains every adapter at once (grads of x and both stacks).
+added into a fresh copy, whose ~5 ms copy of 64 MB sat in every provider's time); ``fwd+bwd``
+trains every adapter at once (grads of x and both stacks).
 
 Providers:
 

@@ -162,7 +162,8 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, a
     # (a second call with a broad pattern would wrap them again)
     inside_lora = tuple(name + "." for name, m in modules if isinstance(m, LoRALinear))
     found = [(name, m) for name, m in modules
-             if isinstance(m, nn.Linear) and name and not name.startswith(inside_lora) and _matches(name, target_modules)]
+             if isinstance(m, nn.Linear) and name and not name.startswith(inside_lora)
+             and _matches(name, target_modules)]
     if not found:
         if isinstance(model, nn.Linear) and _matches("", target_modules):
             raise ValueError("the model itself is an nn.Linear and cannot be replaced in place: wrap it as "

@@ -52,8 +52,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=device))
         self._slots: dict[str, int] = {}
 
-    # the name -> slot map travels with the state_dict, as a uint8 tensor of JSON: a state_dict
-    # of tensors only is what safetensors (save_file / save_model) can write
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(dtype) convert every floating buffer; the scales stay exact in fp32
         # (16/12 in bf16 would put a systematic +0.2% on every adapter's term)
@@ -63,6 +61,8 @@ class MultiLoRALinear(nn.Module):
             self.scales = scales.to(device=self.scales.device)
         return out
 
+    # the name -> slot map travels with the state_dict, as a uint8 tensor of JSON: a state_dict
+    # of tensors only is what safetensors (save_file / save_model) can write
     def get_extra_state(self) -> torch.Tensor:
         text = json.dumps({"slots": self._slots}).encode()
         return torch.frombuffer(bytearray(text), dtype=torch.uint8)

@@ -218,8 +218,9 @@ class SLTrainLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self.register_buffer("sparse_weight", torch.zeros(out_features, in_features, **kw))
+        # all set by reset_parameters (also after a meta-device build and to_empty())
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.register_buffer("sparse_weight", torch.empty(out_features, in_features, **kw))
         nnz = max(1, round(density * in_features * out_features))
         self.seed = seed
         self.register_buffer("indices", torch.empty(nnz, dtype=torch.int64, device=device))
@@ -234,7 +235,7 @@ class SLTrainLinear(nn.Module):
             self.sparse_weight.zero_()
             self.indices.copy_(choose_support(self.sparse_weight, self.values.numel(), "random", seed=self.seed))
             if self.bias is not None:
-                self.bias.zero_()  # as built (to_empty() leaves it garbage, NaN included)
+                self.bias.zero_()
         # W = B A + S starts like a kaiming-uniform dense layer split between the two parts
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))

@@ -61,7 +61,35 @@ def check_param_group(group: dict, optimizer: str) -> None:
                          f"weight decay (decoupled_weight_decay=False, weight_decay={group['weight_decay']})")
 
 
-class _BlockwiseAdamW(torch.optim.Optimizer):
+def check_saved_groups(state_dict: dict, optimizer: str, *more_checks) -> None:
+    """The param groups of a state_dict about to be loaded pass the groups' checks (torch's
+    load_state_dict takes the saved groups' hyperparameters as they are)."""
+    for group in state_dict["param_groups"]:
+        try:
+            check_param_group(group, optimizer)
+            for check in more_checks:
+                check(group)
+        except ValueError as e:
+            raise ValueError(f"cannot continue this state_dict: {e}") from None
+
+
+class SettingsPickle:
+    """torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups:
+    the settings an optimizer keeps as attributes (``_SETTINGS``) travel too, and its
+    per-device caches (``_CACHES``) start empty in the copy."""
+    _SETTINGS: tuple[str, ...] = ()
+    _CACHES: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._SETTINGS}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for k in self._CACHES:
+            setattr(self, k, {})
+
+
+class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
     # re-quantize (exp_avg, exp_avg_sq) with stochastic rounding
@@ -113,16 +141,8 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
         check_param_group({**self.defaults, **param_group}, type(self).__name__)  # as the group will step
         super().add_param_group(param_group)
 
-    # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups:
-    # the settings kept as attributes travel too, the per-device code caches are rebuilt
     _SETTINGS = ("blocksizes", "min_quant_size", "stochastic_rounding", "stochastic_moments", "seed", "_codes_cpu")
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._SETTINGS}}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._codes = {}
+    _CACHES = ("_codes",)
 
     def _default_code(self, first_moment: bool) -> torch.Tensor:
         if first_moment:
@@ -216,11 +236,7 @@ class _BlockwiseAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes: torch casts every floating state
         tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
-        for group in state_dict["param_groups"]:
-            try:
-                check_param_group(group, type(self).__name__)
-            except ValueError as e:
-                raise ValueError(f"cannot continue this state_dict: {e}") from None
+        check_saved_groups(state_dict, type(self).__name__)
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):

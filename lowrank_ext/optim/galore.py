@@ -63,7 +63,7 @@ from .. import quant
 from ..ops.svd import batched_rsvd
 from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
-from .adamw import check_param_group, check_steppable
+from .adamw import SettingsPickle, check_param_group, check_saved_groups, check_steppable
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
@@ -114,7 +114,7 @@ def _check_galore_group(group: dict) -> None:
         raise ValueError(f"update_proj_gap must be a positive int, got {gap!r}")
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
@@ -152,20 +152,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_param_group(self, param_group: dict) -> None:
-        check_param_group({**self.defaults, **param_group}, type(self).__name__)  # as the group will step
-        _check_galore_group({**self.defaults, **param_group})
+        stepped = {**self.defaults, **param_group}  # the group as it will step
+        check_param_group(stepped, type(self).__name__)
+        _check_galore_group(stepped)
         super().add_param_group(param_group)
 
-    # as AdamW8bit's: the settings kept as attributes are pickled (and deep-copied) too
     _SETTINGS = ("state_bits", "proj_method", "oversample", "n_iter", "seed", "mode", "proj_bits",
                  "adaptive_refresh", "refresh_patience")
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._SETTINGS}}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._proj_codes, self._codes = {}, {}
+    _CACHES = ("_proj_codes", "_codes")
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -355,12 +349,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its dtypes (torch casts floating state to the
         param's dtype: bf16 params would get bf16 moments and projections)."""
-        for group in state_dict["param_groups"]:
-            try:
-                check_param_group(group, type(self).__name__)
-                _check_galore_group(group)
-            except ValueError as e:
-                raise ValueError(f"cannot continue this state_dict: {e}") from None
+        check_saved_groups(state_dict, type(self).__name__, _check_galore_group)
         for saved_state in state_dict["state"].values():  # moments in another format would restart from zero
             kind = "fp32" if "exp_avg" in saved_state else "quantized" if "exp_avg_q" in saved_state else None
             if kind is not None and (kind == "fp32") != (self.state_bits == 32):
