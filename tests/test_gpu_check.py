@@ -56,7 +56,9 @@ def test_dry_run_isolates_steps_and_keeps_the_deadline(tmp_path):
         files.append(str(tmp_path / name))
     results = tmp_path / "results"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--allow-cpu", "--phases", "test,bench",
-           "--results-dir", str(results), "--deadline-s", "12", "--min-step-s", "3", "--report-margin-s", "2",
+           # a deadline that leaves the quick files room on a loaded 2-core machine (at 12 s, a CI
+           # run saw the passing file's steps themselves time out), while the hang still hits it
+           "--results-dir", str(results), "--deadline-s", "40", "--min-step-s", "3", "--report-margin-s", "2",
            "--jobs", "4", "--test-files", *files, "--bench-families", "no-such-family"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
