@@ -135,6 +135,30 @@ def test_bad_arguments_raise():
         torch.ops.lowrank.galore_apply_(w, d, p, None, None, 3, 0, False, 0.1, 1.0, 0.0, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_refuses_overlap_before_writing_anything(dtype):
+    m, n, r = 8, 6, 2
+    p = torch.linalg.qr(torch.randn(m, r)).Q.contiguous()
+    g = torch.randn(m, n)
+    low, d = p.t() @ g, torch.randn(r, n)
+    # a param with internally overlapping rows: raised halfway, after Fira's norm was advanced
+    base = torch.randn(1, n).to(dtype)
+    before, prev = base.clone(), torch.tensor([0.5])
+    with pytest.raises(RuntimeError, match="single memory location"):
+        galore_apply_(base.expand(m, n), d, p, rank=r, right=False, lr=1e-2, scale=0.25, mode="fira",
+                      grad=g.to(dtype), low=low, residual_prev_norm=prev)
+    assert torch.equal(base, before) and float(prev) == 0.5
+    # grad aliasing param: the fp32 kernel read the already-updated param as the gradient
+    for mode in ("fira", "frugal"):
+        w = torch.randn(m, n).to(dtype)
+        w0 = w.clone()
+        prev = torch.tensor([0.0]) if mode == "fira" else None
+        with pytest.raises(RuntimeError, match="single memory location"):
+            galore_apply_(w, d, p, rank=r, right=False, lr=0.1, scale=1.0, mode=mode, grad=w,
+                          low=p.t() @ w.float(), residual_prev_norm=prev)
+        assert torch.equal(w, w0)
+
+
 def test_apply_updates_a_leaf_param_that_requires_grad(device):
     # called directly with grad mode on (as a user might, outside the optimizer's no_grad):
     # the op's own ATen calls must stay off the autograd tape on every device

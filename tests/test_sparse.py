@@ -37,6 +37,22 @@ def test_unique_indices_match_the_formula_exactly(device, dtype):
     assert torch.equal(w, want)
 
 
+def test_subnormal_weights_and_sums_are_kept(device):
+    # fp32 on CUDA: atomicAdd (atom.add.f32) would flush these to 0; the CPU keeps them
+    tiny = torch.finfo(torch.float32).tiny
+    w0 = (torch.rand(4096) - 0.5) * tiny * 0.5           # subnormal weights, |w| < tiny / 4
+    idx = torch.randperm(w0.numel())[:512]
+    v = (torch.rand(512) - 0.5) * tiny * 0.5             # sums subnormal too: exact, no rounding
+    want = w0.clone()
+    want[idx] = w0[idx] + v
+    assert (want[idx] != 0).all() and (want[idx].abs() < tiny).all()
+    w = w0.to(device)
+    sparse_scatter_add_(w, idx.to(device), v.to(device), 1.0)
+    assert torch.equal(w.cpu(), want)
+    sparse_scatter_add_(w, idx.to(device), v.to(device), -1.0)
+    assert torch.equal(w.cpu(), w0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("order", ["sorted", "unsorted"])
 def test_repeated_indices_equal_a_serial_loop(dtype, order):
@@ -447,6 +463,30 @@ def test_sparse_layers_resync_after_a_copy():
     want = torch.nn.functional.linear(x, w.view(7, 13), layer.base_layer.bias)
     clone = copy.deepcopy(layer)  # its values' version counter restarts at 0
     torch.testing.assert_close(clone(x), want)
+
+
+@pytest.mark.parametrize("kind", ["shira", "sltrain"])
+def test_state_dict_right_after_a_step_holds_the_stepped_values(kind):
+    # opt.step(); torch.save(model.state_dict()) with no forward in between: the dense tensor
+    # (W_eff / S's buffer) saved must hold the values saved beside it, not the step before's
+    torch.manual_seed(0)
+    layer = SparseAdapterLinear(nn.Linear(16, 8), nnz=20) if kind == "shira" else SLTrainLinear(16, 8, 2, 0.2)
+    opt = torch.optim.AdamW([layer.values], lr=1e-2)
+    for _ in range(3):
+        layer(torch.randn(5, 16)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    sd = layer.state_dict()
+    if kind == "shira":
+        got = sd["base_layer.weight"].view(-1)[sd["indices"]]
+        want = sd["base_values"] + sd["values"]
+    else:
+        got, want = sd["sparse_weight"].view(-1)[sd["indices"]], sd["values"]
+    assert torch.equal(got, want)
+    fresh = SparseAdapterLinear(nn.Linear(16, 8), nnz=20) if kind == "shira" else SLTrainLinear(16, 8, 2, 0.2)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fresh(x), layer(x))
 
 
 def test_sltrain_compiled_forward_sees_s_from_the_start():

@@ -393,6 +393,25 @@ def test_streaming_errors_and_small_first_block():
         linalg.StreamingSVD(0)
 
 
+def test_svd_update_without_new_columns_truncates_into_new_tensors():
+    # c = 0: the top k of [U diag(S)], as the reference and the fake kernel say, in fresh
+    # tensors (it returned S itself, untruncated)
+    u0, s0, _ = torch.linalg.svd(torch.randn(20, 6, dtype=torch.float64), full_matrices=False)
+    u, s = ops.svd_update(u0, s0, torch.zeros(20, 0, dtype=torch.float64), 3)
+    ur, sr = svd_update_ref(u0, s0, torch.zeros(20, 0, dtype=torch.float64), 3)
+    assert u.shape == (20, 3) and s.shape == (3,)
+    torch.testing.assert_close(s, sr, atol=1e-12, rtol=0)
+    torch.testing.assert_close(u, ur, atol=1e-10, rtol=0)
+    assert s.data_ptr() != s0.data_ptr() and u.data_ptr() != u0.data_ptr()
+    torch.library.opcheck(torch.ops.lowrank.svd_update.default, (u0, s0, torch.zeros(20, 0, dtype=torch.float64), 3))
+
+
+def test_rsvd_huge_oversample_is_capped_not_overflowed():
+    a = torch.randn(30, 20, dtype=torch.float64)
+    u, s, vh = ops.rsvd(a, 4, 2 ** 63 - 1)  # k + oversample overflowed int64 (l < 0 error)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a)[:4], atol=1e-10, rtol=0)
+
+
 # ---------------------------------------------------------------------------- init
 
 def test_pissa_keeps_the_function_and_takes_the_principal_part():

@@ -4,11 +4,42 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <optional>
+
 namespace lowrank {
 
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
+}
+
+// The device a CUDA op's guard selects: that of its first CUDA tensor argument (the dispatcher
+// chose the CUDA kernel because one is on a GPU). Guarding on a fixed argument instead fails
+// inside the guard ("CUDAGuardImpl initialized with non-CUDA DeviceType") when that argument
+// is on the CPU, before the op's own device check can name it.
+inline void find_cuda_device(std::optional<c10::Device>&) {}
+template <typename... Rest>
+void find_cuda_device(std::optional<c10::Device>& d, const at::Tensor& t, const Rest&... rest);
+template <typename... Rest>
+void find_cuda_device(std::optional<c10::Device>& d, const std::optional<at::Tensor>& t, const Rest&... rest) {
+  if (t.has_value()) find_cuda_device(d, *t);
+  find_cuda_device(d, rest...);
+}
+template <typename... Rest>
+void find_cuda_device(std::optional<c10::Device>& d, at::TensorList ts, const Rest&... rest) {
+  for (const at::Tensor& t : ts) find_cuda_device(d, t);
+  find_cuda_device(d, rest...);
+}
+template <typename... Rest>
+void find_cuda_device(std::optional<c10::Device>& d, const at::Tensor& t, const Rest&... rest) {
+  if (!d.has_value() && t.defined() && t.is_cuda()) d = t.device();
+  find_cuda_device(d, rest...);
+}
+template <typename... Ts>
+std::optional<c10::Device> first_cuda_device(const Ts&... ts) {
+  std::optional<c10::Device> d;
+  find_cuda_device(d, ts...);
+  return d;
 }
 
 // Reduction over the 32 lanes of a warp; every lane gets the result.

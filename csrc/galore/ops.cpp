@@ -1,11 +1,13 @@
 // Checks of the galore ops (see ops.h), shared by the CPU and CUDA kernels.
 #include "galore/ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/linalg_vector_norm.h>
 
 #include <cmath>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -63,6 +65,29 @@ Projection check_projection(const at::Tensor& proj, const std::optional<at::Tens
   return p;
 }
 
+namespace {
+
+// param (and Fira's residual_prev_norm) are written while every other argument is read: any
+// overlap raises here, before a write (the kernels would read updated values, or fail halfway
+// with residual_prev_norm already advanced).
+void check_apply_overlap(const at::Tensor& param, const at::Tensor& direction, const Projection& p,
+                         const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& low,
+                         const std::optional<at::Tensor>& residual_prev_norm) {
+  std::vector<at::Tensor> read = {direction};
+  for (const at::Tensor& t : {p.dense, p.q, p.absmax, p.code})
+    if (t.defined()) read.push_back(t);
+  for (const auto* t : {&grad, &low})
+    if (t->has_value()) read.push_back(**t);
+  at::assert_no_internal_overlap(param);
+  for (const at::Tensor& t : read) at::assert_no_overlap(param, t);
+  if (residual_prev_norm.has_value()) {
+    at::assert_no_overlap(param, *residual_prev_norm);
+    for (const at::Tensor& t : read) at::assert_no_overlap(*residual_prev_norm, t);
+  }
+}
+
+}  // namespace
+
 Mode check_apply_args(const at::Tensor& param, const at::Tensor& direction, const Projection& p, bool right,
                       double lr, double scale, double weight_decay, int64_t residual_mode,
                       const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& low,
@@ -75,6 +100,7 @@ Mode check_apply_args(const at::Tensor& param, const at::Tensor& direction, cons
               ": lr, scale and weight_decay must be finite, got ", lr, ", ", scale, ", ", weight_decay);
   TORCH_CHECK(residual_mode >= 0 && residual_mode <= 2, op,
               ": residual_mode must be 0 (galore), 1 (fira) or 2 (frugal), got ", residual_mode);
+  check_apply_overlap(param, direction, p, grad, low, residual_prev_norm);
   if (residual_mode == 0) return Mode::Galore;
   TORCH_CHECK(grad && low, op, ": the fira and frugal modes need grad and low (the projected gradient)");
   check_grad(*grad, op, "grad");

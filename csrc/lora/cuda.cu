@@ -154,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& rank_scale, double scale,
                                                      double dropout_p, int64_t seed,
                                                      const std::optional<at::Tensor>& seed_tensor) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(
+      first_cuda_device(x, weight, bias, lora_a, lora_b, core, rank_scale, seed_tensor));
   return lora_forward(x, weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p, seed, seed_tensor,
                       kCudaKernels);
 }
@@ -164,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     const at::Tensor& lora_b, const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale,
     const at::Tensor& xa, double scale, double dropout_p, int64_t seed, const std::optional<at::Tensor>& seed_tensor,
     std::array<bool, 5> output_mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(
+      first_cuda_device(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, seed_tensor));
   return lora_backward(grad_y, x, weight, lora_a, lora_b, core, rank_scale, xa, scale, dropout_p, seed, seed_tensor,
                        output_mask, kCudaKernels);
 }
@@ -172,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
 void lora_merge_cuda(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                      const std::optional<at::Tensor>& core, const std::optional<at::Tensor>& rank_scale,
                      double scale) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(weight, lora_a, lora_b, core, rank_scale));
   lora_merge_(weight, lora_a, lora_b, core, rank_scale, scale);
 }
 

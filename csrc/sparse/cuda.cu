@@ -5,9 +5,10 @@
 // results the host must read to raise before anything is written: one synchronisation per
 // call, by design (nothing may be written when an index is out of range).
 // Then one thread per entry adds alpha * value atomically, computed in fp32 and rounded once
-// into the weight's dtype as on the CPU (fp16/bf16: a compare-and-swap on the 32-bit word
-// holding the value); repeated indices accumulate in an unspecified order, so bitwise
-// results may differ from the CPU's only where indices repeat.
+// into the weight's dtype as on the CPU: a compare-and-swap loop for fp16/bf16 (on the 32-bit
+// word holding the value) and for fp32 (atomicAdd would flush subnormals to zero), atomicAdd
+// for fp64. Repeated indices accumulate in an unspecified order, so bitwise results may
+// differ from the CPU's only where indices repeat.
 // sddmm: grad_out and x are transposed in chunks of tokens (ATen copies, bounded memory), then
 // one warp per entry reads the two feature rows coalesced and reduces their dot product with
 // shuffles, accumulating over chunks in fp32 (fp64 for fp64). Its output
@@ -53,8 +54,18 @@ __device__ __forceinline__ void atomic_add_rounded_once(W* addr, acc_t<W> delta)
       const unsigned int replaced = (assumed & ~(0xffffu << shift)) | (static_cast<unsigned int>(ub) << shift);
       old = atomicCAS(word, assumed, replaced);
     } while (old != assumed);
+  } else if constexpr (std::is_same_v<W, float>) {
+    // Not atomicAdd: PTX's atom.add.f32 flushes subnormal inputs and results to zero, so a
+    // subnormal weight (or sum) would come out as 0 where the CPU keeps it, and an adapter's
+    // remove would not restore the weight bit for bit. A compare-and-swap with an IEEE add.
+    auto* word = reinterpret_cast<unsigned int*>(addr);
+    unsigned int old = *word, assumed;
+    do {
+      assumed = old;
+      old = atomicCAS(word, assumed, __float_as_uint(__fadd_rn(__uint_as_float(assumed), delta)));
+    } while (old != assumed);
   } else {
-    atomicAdd(addr, delta);  // float, double: the add is the one rounding
+    atomicAdd(addr, delta);  // double: atom.add.f64 is IEEE (no flush); the add is the one rounding
   }
 }
 

@@ -184,26 +184,25 @@ void jacobi_columns_cuda(at::Tensor& cols, at::Tensor& v) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor& a) {
-  const c10::cuda::CUDAGuard guard(a.device());
+  const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(a));
   return jacobi_svd_driver(a, jacobi_columns_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, int64_t k, int64_t oversample,
                                                          int64_t n_iter, int64_t seed) {
-  const c10::cuda::CUDAGuard guard(a.device());
+  const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(a));
   return rsvd_driver(a, k, oversample, n_iter, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_cuda(at::TensorList a, int64_t k, int64_t oversample,
                                                                  int64_t n_iter, int64_t seed) {
-  TORCH_CHECK(!a.empty(), "batched_rsvd: needs at least one matrix");
-  const c10::cuda::CUDAGuard guard(a.front().device());
+  const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(a));  // the driver checks the list
   return batched_rsvd_driver(a, k, oversample, n_iter, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> svd_update_cuda(const at::Tensor& u, const at::Tensor& s, const at::Tensor& x,
                                                    int64_t k) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(u, s, x));
   return svd_update_driver(u, s, x, k);
 }
 

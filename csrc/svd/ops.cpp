@@ -340,7 +340,7 @@ void check_rsvd_args(int64_t m, int64_t n, int64_t k, int64_t oversample, int64_
 // rsvd of b matrices [m, n] (in the work dtype): U [b, m, k], S [b, k], Vh [b, k, n].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, int64_t m, int64_t n, int64_t k,
                                                              int64_t oversample, int64_t n_iter, int64_t seed) {
-  const int64_t l = std::min(k + oversample, std::min(m, n));
+  const int64_t l = k + std::min(oversample, std::min(m, n) - k);  // k <= min(m, n): no overflow
   // Range finder with power iterations, re-conditioned after every product (Halko et al.,
   // Algorithm 4.4): in fp32 an unorthonormalised (A A^T)^q A Omega loses all but the top
   // directions to rounding. Only the final basis needs to be orthonormal.
@@ -358,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, 
   at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
   at::Tensor s = sr.narrow(1, 0, k).contiguous();
   // Vh^T = Q2 V_r, formed as that product: MKL's vhr Q2^T (k rows only) rounds differently
-  // with the thread count at small k; this way a CPU batch of at least as many matrices as
-  // threads (each QR single-threaded) gives the same bits for any thread count
+  // with the thread count at small k. Results are reproducible per thread count only (as the
+  // docs say): the multi-threaded GEMMs above may split their sums differently (measured: 1
+  // and 2 threads agree on a batch of 6, 3 and 5 do not)
   at::Tensor vh = batched_mm(z.q, vhr.narrow(1, 0, k).transpose(1, 2)).transpose(1, 2);
   fix_signs(u, &vh);
   return {u, s, vh};
@@ -430,7 +431,9 @@ std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, con
   // Columns are taken in blocks of at most max(64, 2k) (and m): the small SVD is of a matrix of
   // at most (k0 + c)^2.
   const int64_t block = std::min<int64_t>(std::max<int64_t>(64, 2 * k), m);
-  for (int64_t c0 = 0; c0 < x.size(1); c0 += block) {
+  // With no new columns (c = 0) the loop still runs once, on an empty block: the result is then
+  // the top k of [U diag(S)] in new tensors, as for any other X (not the inputs themselves).
+  for (int64_t c0 = 0; c0 == 0 || c0 < x.size(1); c0 += block) {
     const at::Tensor xb = x.narrow(1, c0, std::min(block, x.size(1) - c0));
     const int64_t k0 = u.size(1), c = xb.size(1);
     // Project out the current basis twice (classical Gram-Schmidt twice): C = U^T X and the
@@ -451,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> svd_update_driver(const at::Tensor& u_in, con
     // (At most m - k0 columns: with k0 + c > m they complete the basis of R^m.)
     const int64_t cq = std::max<int64_t>(0, std::min(c, m - k0));
     at::Tensor q = at::zeros({m, 0}, x.options()), r;  // resid = Q R
-    if (cq == c && x.device().is_cpu()) {
+    if (cq == c && cq > 0 && x.device().is_cpu()) {
       const Orthonormal own = orthonormalize(resid.unsqueeze(0));
       const double tol = 16.0 * std::sqrt(static_cast<double>(m)) * unit_roundoff(wt);
       if (k0 == 0 || at::mm(u.t(), own.q.squeeze(0)).abs().max().item<double>() <= tol) {

@@ -24,7 +24,12 @@ class MultiLoRALinear(nn.Module):
     one per sequence (``[B]``): slot indices from :meth:`adapter_ids` (``-1``: base layer
     only), or a list of adapter names (``None``: base only). Both stacks are parameters, so
     several adapters train at once (each slot's gradient comes from its own tokens only);
-    the base layer is frozen. No dropout on the adapter branch.
+    the base layer is frozen. No dropout on the adapter branch. An optimizer steps each stack
+    as one parameter: slots without tokens get a zero gradient, not none, so weight decay
+    (and momentum left from earlier steps) still moves them, and an adapter loaded into a
+    freed slot inherits that slot's optimizer state. Train with ``weight_decay=0`` on the
+    stacks (a zero-gradient slot with no history then stays exactly as loaded), and keep
+    serve-only adapters in a layer whose stacks no optimizer steps.
 
     Example::
 

@@ -47,6 +47,21 @@ def _is_synced(values: torch.Tensor, stamp: tuple | None) -> bool:
     return stamp is not None and stamp[0] is values and stamp[1:] == (values.data_ptr(), values._version)
 
 
+class _LazySync:
+    """The lazy fold of a sparse layer's values into its dense tensor (W_eff or S's buffer):
+    before a forward, and before the layer's state is saved, so that ``opt.step();
+    torch.save(model.state_dict())`` saves the dense tensor of the values it saves."""
+
+    def _sync_if_stale(self) -> None:
+        if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
+            self.sync_()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # runs before the children's (SHiRA's base_layer holds W_eff): both see the synced state
+        self._sync_if_stale()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
 class _FusedSparseLinear(torch.autograd.Function):
     """y = x W_eff^T + b, with W_eff = W + S already in place: one GEMM. Backward: grad x by
     the same W_eff, grad of S's values by SDDMM at its support; W gets no gradient."""
@@ -79,18 +94,26 @@ class _FusedSparseLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_values, None, None
 
 
-class SparseAdapterLinear(nn.Module):
+class SparseAdapterLinear(_LazySync, nn.Module):
     """SHiRA: a frozen ``nn.Linear`` plus trainable values on a fixed sparse support, with
     zero forward overhead: the layer keeps ``W_eff = W + S`` in ``base_layer.weight`` itself
     (no clone of W, one GEMM per forward) and the values' gradient comes from SDDMM (no dense
     weight gradient).
 
-    W_eff follows the values lazily: each forward first folds in what changed since the last
-    one (the parameter's version counter tells), so an optimizer step needs no extra call.
-    Call :meth:`sync_` after each step yourself under ``torch.compile`` and with optimizers
-    that write params without bumping their version counters (torch's ``fused=True``
-    optimizers), e.g. through ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries
-    under the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
+    W_eff follows the values lazily: each forward, and ``state_dict()``, first folds in what
+    changed since the last one (the parameter's version counter tells), so an optimizer step
+    needs no extra call; ``base_layer.weight`` read directly is current after a forward or
+    :meth:`sync_`. Call :meth:`sync_` after each step yourself under ``torch.compile`` and
+    with code that writes the values without bumping their version counter: torch's
+    ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
+    third-party optimizers do), e.g. through
+    ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
+    the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
+
+    The base weight must not be shared with another module (e.g. an ``lm_head`` tied to the
+    input embedding): W_eff is written into it in place, so the other user would see S too,
+    and the values' gradient would miss its path. Untie it first
+    (``head.weight = nn.Parameter(head.weight.detach().clone())``).
 
     ``support``: ``"random"`` (seeded), ``"magnitude"`` or ``"gradient"`` (with ``grad``) and
     ``density`` or ``nnz``; or a tensor: integer flat indices into the weight, or a bool mask of
@@ -162,8 +185,7 @@ class SparseAdapterLinear(nn.Module):
         self._synced = _values_stamp(self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
-            self.sync_()
+        self._sync_if_stale()
         w = self.base_layer.weight
         if w.requires_grad and torch.is_grad_enabled():
             # the fused backward gives the values their gradient, never W (it holds W + S)
@@ -191,15 +213,16 @@ class SparseAdapterLinear(nn.Module):
         return f"nnz={self.indices.numel()} ({self.indices.numel() / w.numel():.2%} of {tuple(w.shape)})"
 
 
-class SLTrainLinear(nn.Module):
+class SLTrainLinear(_LazySync, nn.Module):
     """SLTrain: ``W = B A + S`` trained from scratch, with B [out, r], A [r, in] and S sparse
     on a random fixed support (``density`` of the entries). ``y = (x A^T) B^T + x S^T``: the
     sparse part runs as one GEMM against a dense buffer holding S in place (zeros elsewhere)
     and its values' gradient comes from SDDMM, so there is no dense weight gradient and no
     optimizer state of weight size (the buffer is weight-sized).
 
-    S's buffer follows the values as SparseAdapterLinear's W_eff does (call :meth:`sync_`
-    after each step under ``torch.compile`` or with ``fused=True`` optimizers).
+    S's buffer follows the values as SparseAdapterLinear's W_eff does (synced before a forward
+    and a ``state_dict()``; call :meth:`sync_` after each step under ``torch.compile``, with
+    ``fused=True`` optimizers or after writes through ``values.data``).
 
     Example::
 
@@ -250,8 +273,7 @@ class SLTrainLinear(nn.Module):
         self._synced = _values_stamp(self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
-            self.sync_()
+        self._sync_if_stale()
         rows, cols = self.indices // self.in_features, self.indices % self.in_features
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
