@@ -17,28 +17,19 @@ __host__ __device__ constexpr T ceil_div(T a, T b) {
 // chose the CUDA kernel because one is on a GPU). Guarding on a fixed argument instead fails
 // inside the guard ("CUDAGuardImpl initialized with non-CUDA DeviceType") when that argument
 // is on the CPU, before the op's own device check can name it.
-inline void find_cuda_device(std::optional<c10::Device>&) {}
-template <typename... Rest>
-void find_cuda_device(std::optional<c10::Device>& d, const at::Tensor& t, const Rest&... rest);
-template <typename... Rest>
-void find_cuda_device(std::optional<c10::Device>& d, const std::optional<at::Tensor>& t, const Rest&... rest) {
-  if (t.has_value()) find_cuda_device(d, *t);
-  find_cuda_device(d, rest...);
-}
-template <typename... Rest>
-void find_cuda_device(std::optional<c10::Device>& d, at::TensorList ts, const Rest&... rest) {
-  for (const at::Tensor& t : ts) find_cuda_device(d, t);
-  find_cuda_device(d, rest...);
-}
-template <typename... Rest>
-void find_cuda_device(std::optional<c10::Device>& d, const at::Tensor& t, const Rest&... rest) {
+inline void note_cuda_device(std::optional<c10::Device>& d, const at::Tensor& t) {
   if (!d.has_value() && t.defined() && t.is_cuda()) d = t.device();
-  find_cuda_device(d, rest...);
+}
+inline void note_cuda_device(std::optional<c10::Device>& d, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) note_cuda_device(d, *t);
+}
+inline void note_cuda_device(std::optional<c10::Device>& d, at::TensorList ts) {
+  for (const at::Tensor& t : ts) note_cuda_device(d, t);
 }
 template <typename... Ts>
 std::optional<c10::Device> first_cuda_device(const Ts&... ts) {
   std::optional<c10::Device> d;
-  find_cuda_device(d, ts...);
+  (note_cuda_device(d, ts), ...);
   return d;
 }
 

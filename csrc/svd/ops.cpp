@@ -357,10 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, 
   auto [ur, sr, vhr] = call_jacobi_svd(z.r.transpose(1, 2));
   at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
   at::Tensor s = sr.narrow(1, 0, k).contiguous();
-  // Vh^T = Q2 V_r, formed as that product: MKL's vhr Q2^T (k rows only) rounds differently
-  // with the thread count at small k. Results are reproducible per thread count only (as the
-  // docs say): the multi-threaded GEMMs above may split their sums differently (measured: 1
-  // and 2 threads agree on a batch of 6, 3 and 5 do not)
+  // Vh^T = Q2 V_r, formed as that product (MKL's vhr Q2^T, k rows only, rounds differently with
+  // the thread count at small k). Bits are still reproducible per thread count only, as the
+  // docs say: the GEMMs above split their sums by thread count (3 or 5 threads differ from 1, 2)
   at::Tensor vh = batched_mm(z.q, vhr.narrow(1, 0, k).transpose(1, 2)).transpose(1, 2);
   fix_signs(u, &vh);
   return {u, s, vh};
