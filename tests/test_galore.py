@@ -389,3 +389,19 @@ def test_flags_and_state_formats_that_cannot_continue_raise():
                 with pytest.raises(ValueError, match="projections in another format"):
                     fresh.load_state_dict(states[saved])
     q.grad = None
+
+
+def test_refuses_state_dicts_it_cannot_continue():
+    # torch AdamW's state loaded and failed at the first step (KeyError 'rank'); 8-bit moments
+    # loaded into a 4-bit optimizer failed inside the kernel
+    params = _params()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch_opt = torch.optim.AdamW(params)
+    torch_opt.step()
+    with pytest.raises(ValueError, match="not saved by a GaLoreAdamW"):
+        GaLoreAdamW(params, rank=4).load_state_dict(torch_opt.state_dict())
+    eight = GaLoreAdamW(params, rank=4, state_bits=8)
+    eight.step()
+    with pytest.raises(ValueError, match="another format"):
+        GaLoreAdamW(params, rank=4, state_bits=4).load_state_dict(eight.state_dict())

@@ -687,3 +687,135 @@ def test_inject_lora_skips_its_own_linears_and_refuses_the_root():
     assert type(model[0].base_layer) is nn.Linear and type(model[0].lora_A["default"]) is nn.Linear
     with pytest.raises(ValueError, match="model itself is an nn.Linear"):
         inject_lora(nn.Linear(4, 4), r".*", r=2)
+
+
+def _lora_with_adapter(seed: int = 0) -> LoRALinear:
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(16, 12), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    return layer
+
+
+def _plain_lora(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """x W^T + b + s x A^T B^T from the unmerged tensors (independent of the layer's forward)."""
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return x @ layer.base_layer.weight.T + layer.base_layer.bias + layer.scaling * (x @ a.T) @ b.T
+
+
+def test_state_dict_carries_merged_and_loads_take_the_saved_form():
+    # merged was a plain attribute: a merged checkpoint loaded into a fresh layer added the
+    # adapter twice, an unmerged one loaded into a merged layer dropped it
+    x = torch.randn(5, 16)
+    src = _lora_with_adapter()
+    want = _plain_lora(src, x).detach()
+    src.merge()
+    merged_sd = src.state_dict()
+    assert bool(merged_sd["lora_merged"])
+    dst = _lora_with_adapter(seed=1)
+    dst.load_state_dict(merged_sd)
+    assert dst.merged
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+    dst.unmerge()
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+
+    src = _lora_with_adapter(seed=2)
+    want = _plain_lora(src, x).detach()
+    unmerged_sd = src.state_dict()
+    assert "lora_merged" not in unmerged_sd  # PEFT's keys alone
+    dst = _lora_with_adapter(seed=3)
+    dst.merge()
+    dst.load_state_dict(unmerged_sd)
+    assert not dst.merged
+    torch.testing.assert_close(dst(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_layer_refuses_a_partial_load():
+    layer = _lora_with_adapter()
+    layer.merge()
+    w = layer.base_layer.weight.detach().clone()
+    adapter_only = {k: v for k, v in _lora_with_adapter(seed=1).state_dict().items() if k.startswith("lora_")}
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.load_state_dict(adapter_only, strict=False)
+    assert torch.equal(layer.base_layer.weight, w) and layer.merged
+
+
+def _materialise(module: nn.Module) -> nn.Module:
+    """torch's recipe for a model built on the meta device: to_empty(), then reset_parameters()
+    on every module that has one (FSDP's default)."""
+    module = module.to_empty(device="cpu")
+    for m in module.modules():
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    return module
+
+
+@pytest.mark.parametrize("variant", [{}, {"core": True}, {"rank_scale": True}, {"core": True, "rank_scale": True}])
+def test_layer_built_on_meta_starts_as_its_base_after_materialising(variant):
+    # B got nn.Linear's random init, the core and rank scale stayed uninitialised memory
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(16, 12), r=4, **variant)
+    layer = _materialise(layer)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    if "core" in variant:
+        assert torch.equal(layer.lora_core["default"], torch.zeros(4, 4))
+    if "rank_scale" in variant:
+        want = torch.ones(4) if "core" in variant else torch.zeros(4)
+        assert torch.equal(layer.lora_rank_scale["default"], want)
+
+
+def test_fp16_backward_stays_finite_where_g_b_passes_fp16_range():
+    # g B was formed in fp16 and scaled after: with scale < 1 it overflowed (inf in grad A and x)
+    # where scale g B, and PEFT's (scale g) B, fit in fp16
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 1024), r=4, alpha=1.0).half()  # scale 0.25
+    with torch.no_grad():
+        layer.lora_A["default"].weight.uniform_(0.0, 0.1)
+        layer.lora_B["default"].weight.uniform_(0.5, 1.0)
+    x = (torch.rand(2, 16) * 0.01).half().requires_grad_()
+    g = torch.full((2, 1024), 100.0, dtype=torch.float16)  # a loss-scaled gradient
+    assert float((g.double() @ layer.lora_B["default"].weight.detach().double()).abs().max()) > 65504
+    layer(x).backward(g)
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = (t.detach().double().requires_grad_() for t in (layer.lora_A["default"].weight,
+                                                             layer.lora_B["default"].weight))
+    w64, bias64 = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    (x64 @ w64.T + bias64 + 0.25 * (x64 @ a64.T) @ b64.T).backward(g.double())
+    for got, want in ((x.grad, x64.grad), (layer.lora_A["default"].weight.grad, a64.grad),
+                      (layer.lora_B["default"].weight.grad, b64.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
+def test_backward_hooks_on_the_inner_modules_run():
+    # only forward hooks sent a call down the module path: backward hooks on base_layer / A / B
+    # (and global ones) never fired on the fused path
+    layer = _lora_with_adapter()
+    fired = []
+    layer.base_layer.register_full_backward_hook(lambda *_: fired.append("base"))
+    layer.lora_B["default"].register_full_backward_pre_hook(lambda *_: fired.append("B"))
+    x = torch.randn(3, 16, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, _plain_lora(layer, x))
+    y.sum().backward()
+    assert sorted(fired) == ["B", "base"]
+    from torch.nn.modules.module import register_module_full_backward_hook
+    plain = _lora_with_adapter(seed=1)
+    fired.clear()
+    handle = register_module_full_backward_hook(lambda m, *_: fired.append(m))
+    try:
+        plain(x).sum().backward()
+    finally:
+        handle.remove()
+    assert sum(isinstance(m, nn.Linear) for m in fired) == 3  # base, A and B were called
+
+
+def test_inject_lora_refuses_multihead_attention_out_proj():
+    # MultiheadAttention reads out_proj.weight itself: the wrapped layer broke its forward
+    enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        inject_lora(enc, r".*(linear1|out_proj)", r=2)
+    assert isinstance(enc.linear1, nn.Linear) and not isinstance(enc.linear1, LoRALinear)  # nothing replaced
+    inject_lora(enc, ["linear1", "linear2"], r=2)
+    assert enc(torch.randn(3, 2, 16)).shape == (3, 2, 16)

@@ -554,3 +554,51 @@ def test_half_and_bf16_layers_keep_exact_fp32_scales():
     for convert in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.float()):
         convert(layer)
         assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, want)
+
+
+def test_layer_built_on_meta_has_free_zeroed_slots_after_materialising():
+    # ranks and scales stayed uninitialised memory (the forward failed on a garbage rank)
+    with torch.device("meta"):
+        layer = MultiLoRALinear(nn.Linear(16, 12), max_adapters=3, max_rank=4)
+    layer = layer.to_empty(device="cpu")
+    for m in layer.modules():
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    assert layer.adapter_names == [] and not layer.ranks.any() and not layer.scales.any()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x, torch.tensor([0, 1, -1, 2, 0])), layer.base_layer(x), rtol=0, atol=0)
+    layer.load_adapter("a", torch.randn(2, 16), torch.randn(12, 2))
+    assert layer.adapter_names == ["a"]
+
+
+def test_load_peft_state_dict_refuses_adapter_parts_it_cannot_serve():
+    # DoRA's magnitude vector and lora_bias's B bias were dropped: the adapter loaded wrong
+    layer = MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4)
+    plain = {"m.0.lora_A.weight": torch.randn(2, 16), "m.0.lora_B.weight": torch.randn(12, 2)}
+    for extra in ({"m.0.lora_magnitude_vector": torch.ones(12)}, {"m.0.lora_B.bias": torch.zeros(12)}):
+        with pytest.raises(ValueError, match="plain LoRA"):
+            layer.load_peft_state_dict("a", {**plain, **extra}, alpha=4)
+        assert layer.adapter_names == []
+    layer.load_peft_state_dict("a", {**plain, "m.0.base_layer.weight": torch.randn(12, 16)}, alpha=4)
+    assert layer.adapter_names == ["a"]
+
+
+def test_base_layer_hooks_run():
+    layer = MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4)
+    layer.load_adapter("a", torch.randn(2, 16), torch.randn(12, 2))
+    x, ids = torch.randn(4, 16), torch.tensor([0, -1, 0, 0])
+    want = layer(x, ids).detach()
+    fired = []
+    layer.base_layer.register_forward_hook(lambda *_: fired.append("fwd"))
+    torch.testing.assert_close(layer(x, ids), want)
+    assert fired == ["fwd"]
+
+
+def test_fake_kernels_refuse_empty_stacks_as_the_kernels_do():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        y, xa, ids = torch.empty(3, 8), torch.empty(3, 4), torch.zeros(3, dtype=torch.int64)
+        with pytest.raises(RuntimeError, match="S, R >= 1"):
+            torch.ops.lowrank.lora_expand(y, xa, torch.empty(0, 8, 4), ids)
+        with pytest.raises(RuntimeError, match="S, R >= 1"):
+            torch.ops.lowrank.lora_shrink(torch.empty(3, 16), torch.empty(0, 4, 16), ids)

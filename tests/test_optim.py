@@ -488,3 +488,30 @@ def test_loaded_state_does_not_share_tensors_with_the_source():
     b.load_state_dict(a.state_dict())
     b.step()
     assert float(a.state[p]["step"]) == 1 and float(b.state[p]["step"]) == 2
+
+
+def test_loads_torch_adamw_state_with_number_steps():
+    # a "step" saved as a Python number (torch < 1.12, hand-converted checkpoints) failed in step()
+    model, x, y = _digits_problem()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train(model, torch_opt, x, y, 3)
+    saved = copy.deepcopy(torch_opt.state_dict())
+    for st in saved["state"].values():
+        st["step"] = int(st["step"])
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000)
+    opt.load_state_dict(saved)
+    _train(model, opt, x, y, 1)
+    assert all(int(opt.state[p]["step"]) == 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("saved_kw,cls", [(dict(blocksize_exp_avg=512), AdamW8bit), ({}, AdamW4bit)])
+def test_refuses_state_saved_in_another_format(saved_kw, cls):
+    # another block size or bit width loaded silently, then the first step failed in the kernel
+    # (after the step counters had moved)
+    model, x, y = _digits_problem()
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000, **saved_kw)
+    _train(model, opt, x, y, 2)
+    other = cls(model.parameters(), lr=1e-3, min_quant_size=1000)
+    with pytest.raises(ValueError, match="another format"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state

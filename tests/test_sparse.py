@@ -3,6 +3,8 @@
 sddmm against the dense gradient gathered, bad inputs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -716,3 +718,60 @@ def test_shira_support_as_a_bool_mask_or_indices():
         SparseAdapterLinear(nn.Linear(12, 10), support=torch.ones(12, 10, dtype=torch.bool))
     with pytest.raises(TypeError, match="integer flat indices or a bool mask"):
         SparseAdapterLinear(nn.Linear(12, 10), support=mask.float())
+
+
+def _shira_with_values(seed: int = 0) -> SparseAdapterLinear:
+    torch.manual_seed(seed)
+    layer = SparseAdapterLinear(nn.Linear(16, 12), density=0.2)
+    with torch.no_grad():
+        layer.values.normal_()
+    return layer
+
+
+def _w_plus_s(weight, layer) -> torch.Tensor:
+    """W + S from the indices and values, independent of the layer's own bookkeeping."""
+    s = torch.zeros(weight.numel()).index_put((layer.indices,), layer.values.detach().float())
+    return weight.detach().float() + s.view_as(weight)
+
+
+def test_shira_takes_base_weights_loaded_after_wrapping_as_the_new_w():
+    # base_layer.load_state_dict(pretrained) after wrapping: the forward used the old W's entries
+    # under the support (base_values were kept from construction) and unfuse() wrote them back
+    pretrained = nn.Linear(16, 12)
+    for forward_first in (False, True):
+        layer = _shira_with_values()
+        x = torch.randn(3, 16)
+        if forward_first:
+            layer(x)
+        layer.base_layer.load_state_dict(pretrained.state_dict())
+        torch.testing.assert_close(layer(x), x @ _w_plus_s(pretrained.weight, layer).T + pretrained.bias)
+        assert torch.equal(layer.unfuse().weight, pretrained.weight)
+
+
+def test_shira_own_state_dict_and_conversions_are_not_taken_as_a_new_base():
+    layer = _shira_with_values()
+    w0 = layer.base_layer.weight.detach().clone()  # W alone: no forward yet
+    x = torch.randn(3, 16)
+    y = layer(x)
+    fresh = SparseAdapterLinear(nn.Linear(16, 12), density=0.2)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+    assert torch.equal(fresh.unfuse().weight, w0)
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    half(x.bfloat16())
+    assert torch.equal(half.unfuse().weight, w0.bfloat16())
+
+
+def test_shira_stays_unfused_through_state_dict_until_sync():
+    # state_dict() after unfuse() re-applied the adapter into the base layer it had handed back
+    layer = _shira_with_values()
+    x = torch.randn(3, 16)
+    y = layer(x)
+    base = layer.unfuse()
+    w0 = base.weight.detach().clone()
+    sd = layer.state_dict()
+    assert torch.equal(base.weight, w0) and torch.equal(sd["base_layer.weight"], w0)
+    with pytest.raises(RuntimeError, match="unfused"):
+        layer(x)
+    layer.sync_()
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)

@@ -155,8 +155,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
       grad_b = at::addmm(at::empty({s.d_out, s.r}, x.options()), g.t(), h.to(dtype), /*beta=*/0, /*alpha=*/scale);
     }
   }
-  // t: the gradient reaching h, then u, then xa ([N, r], accumulate dtype); g B is computed once
-  at::Tensor t = at::mm(g, lora_b).to(acc).mul_(scale);
+  // t: the gradient reaching h, then u, then xa ([N, r], accumulate dtype); g B is computed once.
+  // In fp16 with |scale| < 1 it is g (scale B): g B itself can pass fp16's 65504 where
+  // t = scale g B does not (PEFT's (scale g) B stays finite there); otherwise the scale goes
+  // on in fp32 after the product, so the fp16 intermediate is never larger than t
+  const bool prescale = dtype == at::kHalf && std::abs(scale) < 1.0;
+  at::Tensor t = prescale ? at::mm(g, lora_b.to(acc).mul(scale).to(dtype)).to(acc)
+                          : at::mm(g, lora_b).to(acc).mul_(scale);
   if (core) {
     if (output_mask[3]) grad_core = at::mm(t.t(), u).to(dtype);
     t = at::mm(t, core->to(acc));

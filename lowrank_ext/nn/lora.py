@@ -22,15 +22,26 @@ _FUSABLE_FORWARDS = (nn.Linear.forward, nn.Dropout.forward, nn.Identity.forward)
 
 def calls_module_code(*modules: nn.Module) -> bool:
     """Whether calling any of these modules would run code of its own beyond the plain
-    ``nn.Linear`` / ``nn.Dropout`` / ``nn.Identity`` forward: forward hooks (the module's or
-    global ones), a forward replaced on the instance (accelerate's ``add_hook_to_module``, as
+    ``nn.Linear`` / ``nn.Dropout`` / ``nn.Identity`` forward: forward or backward hooks (the
+    module's or global ones), a forward replaced on the instance (accelerate's ``add_hook_to_module``, as
     ``cpu_offload`` and ``dispatch_model`` use), or a subclass's own forward (fake
     quantization, a custom Linear). The fused paths read the weights instead of calling the
     modules, so they must not stand in for them then."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
-               or type(m).forward not in _FUSABLE_FORWARDS for m in modules)
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or "forward" in m.__dict__ or type(m).forward not in _FUSABLE_FORWARDS for m in modules)
+
+
+class _ZeroInitLinear(nn.Linear):
+    """PEFT's ``lora_B``: an ``nn.Linear`` whose ``reset_parameters`` zeros it. torch's recipe
+    for a model built on the meta device (``to_empty()``, then ``reset_parameters()`` on every
+    module that has one, as FSDP does) would otherwise give B ``nn.Linear``'s random init,
+    and the layer would not start as its base."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
 
 
 class LoRALinear(nn.Module):
@@ -39,10 +50,14 @@ class LoRALinear(nn.Module):
     the dropout mask regenerated in backward instead of saved.
 
     State dict keys are PEFT's (``base_layer.weight``, ``lora_A.<adapter>.weight``,
-    ``lora_B.<adapter>.weight``), so a PEFT LoRA checkpoint loads as is. Variants:
+    ``lora_B.<adapter>.weight``), so a PEFT model's ``state_dict()`` loads as is (the files of
+    PEFT's ``save_pretrained`` leave the adapter name out of the keys: load those with PEFT,
+    or put ``.<adapter>`` back after ``lora_A`` / ``lora_B``). Variants:
     ``core=True`` adds a trainable r x r core between A and B and freezes A and B
     (LoRA-XS; ``lora_core.<adapter>``), ``rank_scale=True`` a trainable per-rank scale
     vector (AdaLoRA's diagonal; ``lora_rank_scale.<adapter>``). The base layer is frozen.
+    A merged layer's state_dict adds ``lora_merged`` (its base weight holds the adapter);
+    loading takes the saved form, merged or not.
 
     Example::
 
@@ -69,17 +84,36 @@ class LoRALinear(nn.Module):
         d_in, d_out = base_layer.in_features, base_layer.out_features
         kw = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         self.lora_A = nn.ModuleDict({adapter_name: nn.Linear(d_in, r, bias=False, **kw)})
-        self.lora_B = nn.ModuleDict({adapter_name: nn.Linear(r, d_out, bias=False, **kw)})
+        plain = not core and not rank_scale  # B starts at zero (else B is random: see reset_lora_parameters)
+        self.lora_B = nn.ModuleDict({adapter_name: (_ZeroInitLinear if plain else nn.Linear)(r, d_out, bias=False,
+                                                                                          **kw)})
         self.lora_core = nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, r, **kw))}) if core else None
-        # with a core, the scale starts at ones: both at zero would be a fixed point of training
-        self.lora_rank_scale = (nn.ParameterDict({adapter_name: nn.Parameter(
-            torch.ones(r, **kw) if core else torch.zeros(r, **kw))}) if rank_scale else None)
+        self.lora_rank_scale = (nn.ParameterDict({adapter_name: nn.Parameter(torch.zeros(r, **kw))})
+                                if rank_scale else None)
         self.merged = False
+        self._reset_core_and_rank_scale()
         if init_lora_weights:
             self.reset_lora_parameters()
         if core:  # LoRA-XS: A and B are fixed bases, the core is trained
             self.lora_A[adapter_name].weight.requires_grad_(False)
             self.lora_B[adapter_name].weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def _reset_core_and_rank_scale(self) -> None:
+        # with a core, the scale starts at ones: both at zero would be a fixed point of training
+        if self.lora_core is not None:
+            self.lora_core[self.adapter_name].zero_()
+        if self.lora_rank_scale is not None:
+            self.lora_rank_scale[self.adapter_name].fill_(1.0 if self.lora_core is not None else 0.0)
+
+    def reset_parameters(self) -> None:
+        """The adapter as a new layer has it (:meth:`reset_lora_parameters`, core and rank scale
+        too; a merged adapter is subtracted first; the base layer resets itself): what torch's
+        recipe for a model built on the meta device needs (``to_empty()``, then
+        ``reset_parameters()`` on every module that has one)."""
+        self.unmerge()
+        self._reset_core_and_rank_scale()
+        self.reset_lora_parameters()
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -138,6 +172,38 @@ class LoRALinear(nn.Module):
             lora_merge_(self.base_layer.weight, a, b, core, rank_scale, scale=-self.scaling)
             self.merged = False
 
+    # merged or not travels with the state_dict: a merged layer adds the key "lora_merged" (an
+    # unmerged one saves PEFT's keys alone, so its checkpoints stay PEFT's), and a load takes
+    # the checkpoint's form. Without it a merged checkpoint loaded into an unmerged layer added
+    # the adapter twice, and an unmerged one loaded into a merged layer dropped it.
+    _MERGED_KEY = "lora_merged"
+    _ADAPTER_PARTS = ("lora_A.", "lora_B.", "lora_core.", "lora_rank_scale.")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self._MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged_key = prefix + self._MERGED_KEY
+        saved_merged = bool(state_dict[merged_key]) if merged_key in state_dict else False
+        has_base = prefix + "base_layer.weight" in state_dict
+        has_adapter = any(k.startswith(prefix + part) for k in state_dict for part in self._ADAPTER_PARTS)
+        if (self.merged or saved_merged) and not (has_base and has_adapter):
+            # the weight and the adapter it holds (or must not hold) would come from two places
+            where = "this LoRALinear is merged" if self.merged else "the state_dict was saved merged"
+            raise RuntimeError(f"{prefix or 'LoRALinear'}: {where}, so a load must replace base_layer.weight and "
+                               f"the adapter together (this state_dict has "
+                               f"{'the base weight' if has_base else 'the adapter' if has_adapter else 'neither'} "
+                               f"only); unmerge() before loading a part")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if merged_key in unexpected_keys:
+            unexpected_keys.remove(merged_key)
+        if has_base and has_adapter:  # the children load both next: the layer takes the saved form
+            self.merged = saved_merged
+
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
                 f"core={self.lora_core is not None}, rank_scale={self.lora_rank_scale is not None}, "
@@ -170,6 +236,12 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], r: int, a
                              "LoRALinear(model, r, ...) instead")
         already = " outside its LoRALinear layers" if inside_lora else ""
         raise ValueError(f"no nn.Linear of the model{already} matches target_modules={target_modules!r}")
+    for name, _ in found:
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+            # its forward reads out_proj.weight / .bias instead of calling out_proj
+            raise ValueError(f"{name} belongs to an nn.MultiheadAttention, which reads its weight directly: a "
+                             f"LoRA there would never run; leave it out of target_modules")
     wrapped: dict[int, LoRALinear] = {}
     for name, module in found:
         if id(module) not in wrapped:

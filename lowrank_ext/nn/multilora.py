@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops._common import as_rows, autocast_on
 from ..ops.multilora import multi_lora_linear
+from .lora import calls_module_code
 
 __all__ = ["MultiLoRALinear"]
 
@@ -56,6 +57,15 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int64, device=device))
         self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=device))
         self._slots: dict[str, int] = {}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every slot free and zeroed, as a new layer has them (the base layer resets itself):
+        what torch's recipe for a model built on the meta device needs (``to_empty()``, then
+        ``reset_parameters()`` on every module that has one)."""
+        for t in (self.lora_a, self.lora_b, self.ranks, self.scales):
+            t.zero_()
+        self._slots = {}
 
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(dtype) convert every floating buffer; the scales stay exact in fp32
@@ -135,6 +145,14 @@ class MultiLoRALinear(nn.Module):
         """Load one layer's adapter from a PEFT state_dict (keys ending in ``lora_A[.<adapter>].weight``
         and ``lora_B[.<adapter>].weight``; exactly one of each). PEFT keeps ``lora_alpha`` in its
         config, not in the state_dict: pass ``alpha`` (scale = alpha / r) or ``scale``."""
+        # adapter parts a plain LoRA does not have (DoRA's lora_magnitude_vector, lora_B's bias
+        # with lora_bias=True, ...) change the function: refused, not dropped
+        extra = [k for k in state_dict if any(part.startswith("lora_") for part in k.split("."))
+                 and not (k.endswith(".weight") and ({"lora_A", "lora_B"} & set(k.split("."))))]
+        if extra:
+            raise ValueError(f"the state_dict holds adapter parts a plain LoRA adapter does not have: {extra} "
+                             f"(DoRA, a LoRA bias, ...); MultiLoRALinear serves plain LoRA adapters only")
+
         def one(kind):
             keys = [k for k in state_dict if k.endswith(".weight") and f"lora_{kind}" in k.split(".")]
             if len(keys) != 1:
@@ -172,10 +190,11 @@ class MultiLoRALinear(nn.Module):
             else:
                 raise ValueError(f"adapter_ids must have one id per token {lead} or, for x [B, T, d], one per "
                                  f"sequence ({lead[:1]}), got {tuple(ids.shape)}")
-        if self.lora_a.dtype != x.dtype and not autocast_on(x.device.type):
-            # stacks kept in another dtype than the base (e.g. fp32 adapters on a bf16 model): the
-            # branch runs in the stacks' dtype, as PEFT's does, and is added to the base output
-            # once in x's dtype (an extra [N, d_out] buffer: the fused in-place add needs one dtype)
+        if (self.lora_a.dtype != x.dtype and not autocast_on(x.device.type)) or calls_module_code(self.base_layer):
+            # stacks kept in another dtype than the base (e.g. fp32 adapters on a bf16 model), or a
+            # base layer with hooks or its own forward (called, so they run): the branch runs in the
+            # stacks' dtype, as PEFT's does, and is added to the base output once in x's dtype (an
+            # extra [N, d_out] buffer: the fused in-place add needs one dtype and no base call)
             dt = self.lora_a.dtype
             x2, flat_ids = as_rows(x), ids.reshape(-1)
             xa = torch.ops.lowrank.lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)

@@ -103,12 +103,14 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     W_eff follows the values lazily: each forward, and ``state_dict()``, first folds in what
     changed since the last one (the parameter's version counter tells), so an optimizer step
     needs no extra call; ``base_layer.weight`` read directly is current after a forward or
-    :meth:`sync_`. Call :meth:`sync_` after each step yourself under ``torch.compile`` and
-    with code that writes the values without bumping their version counter: torch's
+    :meth:`sync_`. Call :meth:`sync_` after each step yourself under ``torch.compile`` (and
+    before ``torch.export``: a traced forward never syncs) and with code that writes the values without bumping their version counter: torch's
     ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
     third-party optimizers do), e.g. through
     ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
     the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
+    Weights written into ``base_layer`` after wrapping (e.g. pretrained ones loaded there) are
+    taken as the new W at the next forward or ``state_dict()``: the adapter goes on top.
 
     The base weight must not be shared with another module (e.g. an ``lm_head`` tied to the
     input embedding): W_eff is written into it in place, so the other user would see S too,
@@ -161,10 +163,49 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self.values = nn.Parameter(torch.zeros(idx.numel(), dtype=weight.dtype, device=weight.device))
         self.register_buffer("applied", torch.zeros_like(self.values.detach()))  # what W_eff holds now
         self._synced = None
+        self._unfused = False  # unfuse() ran: W alone in the weight until sync_()
+        self._stamp_weight()
 
     def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
         super().__setstate__(state)
         self._synced = None
+        self.__dict__.setdefault("_unfused", False)
+        self._stamp_weight()
+
+    def _apply(self, fn, recurse: bool = True):
+        # a conversion (.half(), .to(device), to_empty()) moves W_eff and the kept entries together
+        out = super()._apply(fn, recurse)
+        self._stamp_weight()
+        return out
+
+    def _stamp_weight(self) -> None:
+        # the weight as this layer last wrote it (or found it consistent): see _adopt_rewritten_base
+        self._weight_stamp = _values_stamp(self.base_layer.weight)
+
+    @torch.no_grad()
+    def _adopt_rewritten_base(self) -> None:
+        """A weight written by someone else since this layer last wrote it (pretrained weights
+        loaded into ``base_layer`` after wrapping, ``base_layer.weight.copy_(...)``) is a new
+        base W: its entries under the support replace the kept ones, and the values are
+        applied on top at the next sync. A weight that still holds W_eff of the kept entries
+        (a load of this layer's own state_dict, a dtype or device conversion) is left alone."""
+        w = self.base_layer.weight
+        if _is_synced(w, self._weight_stamp):
+            return
+        flat = w.detach().view(-1)
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        expected = (self.base_values.to(acc) + self.applied.to(acc)).to(w.dtype)
+        if not torch.equal(flat[self.indices], expected):
+            self.base_values.copy_(flat[self.indices])
+            self.applied.zero_()
+            self._synced = None
+        self._stamp_weight()
+
+    def _sync_if_stale(self) -> None:
+        if torch.compiler.is_compiling() or self._unfused:
+            return
+        self._adopt_rewritten_base()
+        super()._sync_if_stale()
 
     @property
     def rows(self) -> torch.Tensor:
@@ -183,8 +224,13 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         w[self.indices] = (self.base_values.to(acc) + self.values.to(acc)).to(w.dtype)
         self.applied.copy_(self.values)
         self._synced = _values_stamp(self.values)
+        self._unfused = False
+        self._stamp_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unfused:
+            raise RuntimeError("this SparseAdapterLinear was unfused (its base layer holds W alone): use the "
+                               "returned base layer, or call sync_() to apply the adapter again")
         self._sync_if_stale()
         w = self.base_layer.weight
         if w.requires_grad and torch.is_grad_enabled():
@@ -202,10 +248,16 @@ class SparseAdapterLinear(_LazySync, nn.Module):
 
     @torch.no_grad()
     def unfuse(self) -> nn.Linear:
-        """The base layer with W restored exactly (the adapter leaves it)."""
+        """The base layer with W restored exactly (the adapter leaves it). The layer stays
+        unfused, its weight W alone, also through ``state_dict()``: its forward raises until
+        :meth:`sync_` applies the adapter again."""
+        if not self._unfused and not torch.compiler.is_compiling():
+            self._adopt_rewritten_base()
         self.base_layer.weight.view(-1)[self.indices] = self.base_values
         self.applied.zero_()
         self._synced = None
+        self._unfused = True
+        self._stamp_weight()
         return self.base_layer
 
     def extra_repr(self) -> str:
@@ -221,7 +273,8 @@ class SLTrainLinear(_LazySync, nn.Module):
     optimizer state of weight size (the buffer is weight-sized).
 
     S's buffer follows the values as SparseAdapterLinear's W_eff does (synced before a forward
-    and a ``state_dict()``; call :meth:`sync_` after each step under ``torch.compile``, with
+    and a ``state_dict()``; call :meth:`sync_` after each step under ``torch.compile``, before
+    ``torch.export``, with
     ``fused=True`` optimizers or after writes through ``values.data``).
 
     Example::

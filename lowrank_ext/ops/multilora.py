@@ -109,8 +109,10 @@ def _check_ranks_scales_fake(ranks, scales, s):
 @torch.library.register_fake("lowrank::lora_shrink")
 def _lora_shrink_fake(x, a_stack, token_adapter_ids, ranks=None, scales=None):
     torch._check(x.dim() == 2 and x.dtype in _DTYPES, lambda: f"x must be a 2-D float tensor, got {x.shape} {x.dtype}")
-    torch._check(a_stack.dim() == 3 and a_stack.shape[2] == x.shape[1] and a_stack.dtype == x.dtype,
-                 lambda: f"a_stack must be [S, R, d_in] in x's dtype, got {tuple(a_stack.shape)} {a_stack.dtype}")
+    torch._check(a_stack.dim() == 3 and a_stack.shape[0] >= 1 and a_stack.shape[1] >= 1
+                 and a_stack.shape[2] == x.shape[1] and a_stack.dtype == x.dtype,
+                 lambda: f"a_stack must be [S, R, d_in] with S, R >= 1 in x's dtype, got {tuple(a_stack.shape)} "
+                         f"{a_stack.dtype}")
     _check_ids_fake(token_adapter_ids, x.shape[0])
     _check_ranks_scales_fake(ranks, scales, a_stack.shape[0])
     return x.new_empty(x.shape[0], a_stack.shape[1], dtype=_acc(x.dtype))
@@ -118,8 +120,10 @@ def _lora_shrink_fake(x, a_stack, token_adapter_ids, ranks=None, scales=None):
 
 def _check_expand_fake(y, xa, b_stack, token_adapter_ids, ranks, scales):
     torch._check(y.dim() == 2 and y.dtype in _DTYPES, lambda: f"y must be a 2-D float tensor, got {y.shape} {y.dtype}")
-    torch._check(b_stack.dim() == 3 and b_stack.shape[1] == y.shape[1] and b_stack.dtype == y.dtype,
-                 lambda: f"b_stack must be [S, d_out, R] in y's dtype, got {tuple(b_stack.shape)} {b_stack.dtype}")
+    torch._check(b_stack.dim() == 3 and b_stack.shape[0] >= 1 and b_stack.shape[2] >= 1
+                 and b_stack.shape[1] == y.shape[1] and b_stack.dtype == y.dtype,
+                 lambda: f"b_stack must be [S, d_out, R] with S, R >= 1 in y's dtype, got {tuple(b_stack.shape)} "
+                         f"{b_stack.dtype}")
     torch._check(xa.dim() == 2 and tuple(xa.shape) == (y.shape[0], b_stack.shape[2]) and xa.dtype in _DTYPES,
                  lambda: f"xa must be a float tensor [N, R], got {tuple(xa.shape)}")
     _check_ids_fake(token_adapter_ids, y.shape[0])

@@ -73,6 +73,29 @@ def check_saved_groups(state_dict: dict, optimizer: str, *more_checks) -> None:
             raise ValueError(f"cannot continue this state_dict: {e}") from None
 
 
+def quantized_moment_fits(q: torch.Tensor, absmax: torch.Tensor, bits: int, blocksize: int,
+                          numel: int | None = None) -> bool:
+    """Whether a saved quantized moment's byte and block counts are those of ``bits`` and
+    ``blocksize`` (for ``numel`` entries where known): state saved in another format would
+    otherwise load and fail inside the first step's kernel."""
+    per_byte = 8 // bits
+    if numel is None:  # the entries: bytes * per_byte, or one fewer (an odd count at 4 bits)
+        counts = {q.numel() * per_byte, max(q.numel() * per_byte - (per_byte - 1), 0)}
+    elif q.numel() != -(-numel // per_byte):
+        return False
+    else:
+        counts = {numel}
+    return any(absmax.numel() == -(-n // blocksize) for n in counts)
+
+
+def step_counter(value) -> torch.Tensor:
+    """A saved step (a tensor, or a number as torch < 1.12 and hand-converted checkpoints hold
+    it) as the CPU fp32 counter these optimizers keep (reading it never waits for a device)."""
+    if torch.is_tensor(value):
+        return value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 class SettingsPickle:
     """torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups:
     the settings an optimizer keeps as attributes (``_SETTINGS``) travel too, and its
@@ -237,15 +260,24 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         """As torch's, except that state keeps its dtypes: torch casts every floating state
         tensor to its param's dtype, which would turn absmax (and fp32 moments) into bf16."""
         check_saved_groups(state_dict, type(self).__name__)
-        super().load_state_dict(state_dict)
         saved = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
+                state = saved.get(pid, {})
+                if "exp_avg_q" in state and not all(
+                        quantized_moment_fits(state[f"{key}_q"], state[f"{key}_absmax"], self.bits, bs, p.numel())
+                        for key, bs in zip(("exp_avg", "exp_avg_sq"), self.blocksizes)):
+                    raise ValueError(f"cannot continue this state_dict: the moments of a param of shape "
+                                     f"{tuple(p.shape)} were saved in another format than this "
+                                     f"{type(self).__name__}'s ({self.bits}-bit, blocks of {self.blocksizes})")
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
-                    if torch.is_tensor(value) and key != "step":
+                    if key == "step":  # a CPU counter: no sync per step
+                        self.state[p][key] = step_counter(value)
+                    elif torch.is_tensor(value):
                         self.state[p][key] = value.to(device=p.device, copy=True)
-                    elif key == "step" and torch.is_tensor(value):  # a CPU counter: no sync per step
-                        self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
 class AdamW8bit(_BlockwiseAdamW):

@@ -63,7 +63,7 @@ from .. import quant
 from ..ops.svd import batched_rsvd
 from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
-from .adamw import SettingsPickle, check_param_group, check_saved_groups, check_steppable
+from .adamw import SettingsPickle, check_param_group, check_saved_groups, check_steppable, quantized_moment_fits
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
@@ -350,11 +350,21 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         """As torch's, except that state keeps its dtypes (torch casts floating state to the
         param's dtype: bf16 params would get bf16 moments and projections)."""
         check_saved_groups(state_dict, type(self).__name__, _check_galore_group)
+        for saved_group in state_dict["param_groups"]:  # e.g. torch AdamW's: full-size moments, no schedule
+            missing = [k for k in ("rank", "update_proj_gap", "scale") if k not in saved_group]
+            if missing:
+                raise ValueError(f"cannot continue this state_dict: its param groups have no {', '.join(missing)} "
+                                 f"(not saved by a GaLoreAdamW)")
         for saved_state in state_dict["state"].values():  # moments in another format would restart from zero
             kind = "fp32" if "exp_avg" in saved_state else "quantized" if "exp_avg_q" in saved_state else None
             if kind is not None and (kind == "fp32") != (self.state_bits == 32):
                 raise ValueError(f"this state_dict holds {kind} moments; this GaLoreAdamW has "
                                  f"state_bits={self.state_bits}")
+            if kind == "quantized" and not all(
+                    quantized_moment_fits(saved_state[f"{key}_q"], saved_state[f"{key}_absmax"], self.state_bits, bs)
+                    for key, bs in zip(("exp_avg", "exp_avg_sq"), _STATE_FORMATS[self.state_bits][2])):
+                raise ValueError(f"this state_dict holds quantized moments in another format than state_bits="
+                                 f"{self.state_bits}")
             if not _proj_state_fits(saved_state, self.proj_bits):
                 raise ValueError(f"this state_dict holds projections in another format than proj_bits="
                                  f"{self.proj_bits} ({'32-bit' if 'proj' in saved_state else 'quantized'})")
