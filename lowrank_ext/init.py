@@ -52,7 +52,7 @@ def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = Non
     and ``W <- W - scale * B A`` (in fp32, with A and B as stored), so the layer's output is
     unchanged up to rounding. ``layer``: an ``nn.Linear`` (wrapped in a new
     :class:`LoRALinear` with ``r``, ``alpha``) or a plain LoRALinear (re-initialised in
-    place). ``n_iter=None`` takes the exact SVD; otherwise the randomized one with that many
+    place; an adapter it already holds is part of what is decomposed, so its function stays). ``n_iter=None`` takes the exact SVD; otherwise the randomized one with that many
     power iterations (PiSSA's "fast SVD").
 
     >>> import torch
@@ -70,13 +70,16 @@ def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = Non
     if lora.merged:
         raise ValueError("unmerge the adapter before re-initialising it")
     w = lora.base_layer.weight
-    u, s, vh = _top_r(w, lora.r, n_iter, oversample, seed)
-    root = (s / lora.scaling).sqrt()
     a, b = lora.lora_A[lora.adapter_name].weight, lora.lora_B[lora.adapter_name].weight
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 weights keep fp64 accuracy
+    # the layer's function: W, plus the adapter already there (a trained one, or an earlier
+    # pissa_init's), which the new A, B replace
+    w_now = w.to(acc) + lora.scaling * (b.to(acc) @ a.to(acc)) if b.any() else w
+    u, s, vh = _top_r(w_now, lora.r, n_iter, oversample, seed)
+    root = (s / lora.scaling).sqrt()
     a.copy_(root[:, None] * vh)
     b.copy_(u * root[None, :])
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 weights keep fp64 accuracy
-    w.copy_(w.to(acc) - lora.scaling * (b.to(acc) @ a.to(acc)))
+    w.copy_(w_now.to(acc) - lora.scaling * (b.to(acc) @ a.to(acc)))
     return lora
 
 

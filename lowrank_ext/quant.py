@@ -2,7 +2,9 @@
 
 Codes are sorted float32 tensors of ``2**bits`` entries, spanning [-1, 1] (signed) or
 [0, 1] (unsigned); a value ``x`` in a block with absolute maximum ``absmax`` is stored as the
-index of the code entry nearest to ``x / absmax``. Any sorted user code is accepted.
+index of the code entry nearest to ``x / absmax`` (the boundary between two entries is their
+fp32-rounded midpoint, and a tie goes to the lower entry, so a value within an ulp of a
+midpoint may go to the farther entry, by at most that ulp). Any sorted user code is accepted.
 
 Example::
 
@@ -17,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +96,12 @@ def log_code(bits: int = 8, decades: float = 8.0, zero: bool = True,
     square root. Without 0 (``zero=False``), no second moment is ever rounded to zero,
     which would turn its update into m / eps."""
     _check_bits(bits)
-    if not decades > 0:
-        raise ValueError(f"decades must be > 0, got {decades}")
-    return _log_code_cpu(bits, float(decades), bool(zero)).to(device=device, copy=True)
+    if not (decades > 0 and math.isfinite(decades)):
+        raise ValueError(f"decades must be finite and > 0, got {decades}")
+    code = _log_code_cpu(bits, float(decades), bool(zero))
+    if not zero and not bool((code > 0).all()):  # 10**-decades below fp32's smallest value
+        raise ValueError(f"decades={decades} reaches below fp32's range: the code would hold 0")
+    return code.to(device=device, copy=True)
 
 
 def get_code(code: str | torch.Tensor, bits: int, signed: bool = True,
@@ -114,7 +120,7 @@ def get_code(code: str | torch.Tensor, bits: int, signed: bool = True,
         raise ValueError(f"a {bits}-bit code needs {2 ** bits} entries in a 1-D tensor, got shape {tuple(code.shape)}")
     if not bool(torch.isfinite(code).all()) or not bool((code[1:] >= code[:-1]).all()):
         raise ValueError("code entries must be finite and sorted ascending")
-    return code
+    return code.clone()  # the caller's tensor, written later, must not change what was quantized
 
 
 @dataclass
@@ -144,6 +150,8 @@ class QuantizedTensor:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "QuantizedTensor":
         """The same quantized values on ``device`` (q, absmax and the code move; nothing is
         re-quantized). The dequantized dtype is chosen by :meth:`dequantize`."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"QuantizedTensor.to takes a device; the dtype ({device}) is dequantize(dtype)'s")
         move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
         return QuantizedTensor(move(self.q), move(self.absmax), move(self.code), self.blocksize, self.bits,
                                self.shape, self.dtype)
@@ -166,7 +174,7 @@ def quantize(x: torch.Tensor, bits: int = 8, blocksize: int | None = None, code:
     _check_bits(bits)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if stochastic_rounding else 0
-    blocksize = blocksize or (256 if bits == 8 else 128)
+    blocksize = (256 if bits == 8 else 128) if blocksize is None else blocksize
     code_t = get_code(code, bits, signed, x.device)
     q, absmax = quantize_blockwise(x, code_t, blocksize, bits, stochastic_rounding, seed, offset)
     return QuantizedTensor(q, absmax, code_t, blocksize, bits, x.shape, x.dtype)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .ops._common import is_scalar
 from .ops.sparse import sparse_scatter_add_
 
 __all__ = ["apply", "remove", "save", "load", "from_model", "Handle"]
@@ -44,10 +45,16 @@ class Handle:
     removed: bool = False
     # its backups hold an adapter applied earlier and removed since (out of order): subtract instead
     exact: bool = True
+    # per name, the entries as this apply left them: where a weight holds others at remove time
+    # (an optimizer step, a load), the adapter is subtracted and those writes are kept
+    after: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
     module = model.get_submodule(name)
+    sync = getattr(module, "_sync_if_stale", None)
+    if sync is not None:  # a SparseAdapterLinear: its W_eff current before others write into it
+        sync()
     module = getattr(module, "base_layer", module)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
@@ -91,7 +98,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
     Every index of every adapter is checked before any weight is written."""
     if isinstance(adapters, Mapping):
         adapters = [adapters]
-    alphas = [float(alpha)] * len(adapters) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    alphas = [float(alpha)] * len(adapters) if is_scalar(alpha) else [float(a) for a in alpha]
     if len(alphas) != len(adapters):
         raise ValueError(f"{len(adapters)} adapters but {len(alphas)} alphas")
     handle = Handle()
@@ -123,6 +130,8 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
         for w, idx, before in reversed(written):
             w.view(-1)[idx] = before
         raise
+    for name, (i, _, _, _) in handle.entries.items():  # after every write (tied names share a weight)
+        handle.after[name] = _weight(model, name).view(-1)[torch.cat(i)].clone()
     for w in _unique_weights(model, handle.entries):
         _applied(w).append(handle)
     return handle
@@ -131,15 +140,18 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
 @torch.no_grad()
 def remove(model: nn.Module, handle: Handle) -> None:
     """Undoes :func:`apply`. The most recent apply not yet removed is undone exactly (its weights'
-    previous entries are written back); an older one is subtracted (exact up to rounding), and
-    the applies made after it are subtracted too when their turn comes (their saved entries
-    still hold it)."""
+    previous entries are written back) unless its entries were written since (an optimizer
+    step, a load: those writes are kept, the adapter subtracted); an older one is subtracted (exact up to
+    rounding), and the applies made after it are subtracted too when their turn comes (their
+    saved entries still hold it)."""
     if handle.removed:
         raise ValueError("this adapter handle was already removed")
     weights = _unique_weights(model, handle.entries)
     if any(handle not in _applied(w) for w in weights):
         raise ValueError("this handle was not applied to this model")
     last = all(_applied(w)[-1] is handle for w in weights)
+    untouched = all(torch.equal(_weight(model, name).view(-1)[torch.cat(i)], handle.after[name])
+                    for name, (i, _, _, _) in handle.entries.items())
     if not last:
         for w in weights:
             stack = _applied(w)
@@ -149,7 +161,7 @@ def remove(model: nn.Module, handle: Handle) -> None:
     # the earlier adapter, so the earlier name must be written back last
     for name, (i, v, al, before) in reversed(list(handle.entries.items())):
         w = _weight(model, name)
-        if last and handle.exact:
+        if last and handle.exact and untouched:
             w.view(-1)[torch.cat(i)] = before
         else:
             sparse_scatter_add_(w, i, v, [-a for a in al])

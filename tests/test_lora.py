@@ -819,3 +819,12 @@ def test_inject_lora_refuses_multihead_attention_out_proj():
     assert isinstance(enc.linear1, nn.Linear) and not isinstance(enc.linear1, LoRALinear)  # nothing replaced
     inject_lora(enc, ["linear1", "linear2"], r=2)
     assert enc(torch.randn(3, 2, 16)).shape == (3, 2, 16)
+
+
+def test_seed_of_torch_range_and_0d_input():
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    a, b = torch.randn(2, 8), torch.randn(5, 2)
+    y_big = lora_linear(x, w, None, a, b, scale=1.0, dropout_p=0.5, seed=2 ** 64 - 1)  # raised before
+    torch.testing.assert_close(y_big, lora_linear(x, w, None, a, b, scale=1.0, dropout_p=0.5, seed=-1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="0-d"):
+        lora_linear(torch.tensor(1.0), w, None, a, b, scale=1.0)

@@ -515,3 +515,46 @@ def test_refuses_state_saved_in_another_format(saved_kw, cls):
     with pytest.raises(ValueError, match="another format"):
         other.load_state_dict(opt.state_dict())
     assert not other.state
+
+
+def test_bad_hyperparameters_set_on_a_group_raise_before_any_change():
+    # they were refused by the kernel only, after earlier groups had stepped and every step
+    # counter had moved
+    a, b = torch.nn.Parameter(torch.ones(5000)), torch.nn.Parameter(torch.ones(5000))
+    opt = AdamW8bit([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt.param_groups[1]["betas"] = (0.9, 1.0)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    with pytest.raises(ValueError, match="beta"):
+        opt.step()
+    assert torch.equal(a, torch.ones(5000)) and not opt.state
+    for key, value in (("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1)):
+        opt.param_groups[1].update(betas=(0.9, 0.999), **{key: value})
+        with pytest.raises(ValueError, match="Invalid"):
+            opt.step()
+        opt.param_groups[1].update(lr=0.1, eps=1e-8, weight_decay=0.01)
+
+
+def test_state_loaded_with_other_codes_steps_in_this_optimizers_codes():
+    # a bucket was stepped with its first state's codes: a param whose state used other codes
+    # (fresh state next to loaded state saved with another code) was decoded and re-encoded wrong
+    lin = quant.linear_code(8, signed=True)
+    grads = [torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    p1, p2 = torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(4096))
+    saved_by = AdamW8bit([p1], lr=1e-2)  # the default (dynamic) code
+    p1.grad = grads[0]
+    saved_by.step()
+    q1, q2 = torch.nn.Parameter(p1.detach().clone()), torch.nn.Parameter(p2.detach().clone())
+    opt = AdamW8bit([q1, q2], lr=1e-2, code_exp_avg=lin)
+    opt.load_state_dict({"state": {0: saved_by.state_dict()["state"][0]},
+                         "param_groups": [{**saved_by.state_dict()["param_groups"][0], "params": [0, 1]}]})
+    assert torch.equal(opt.state[q1]["exp_avg_code"], lin)  # re-quantized in this optimizer's code
+    q2.grad = grads[1]
+    opt.step()  # q2's first step
+    q1.grad, q2.grad = grads[2], grads[2]
+    opt.step()  # both at step 2: one call
+    alone = torch.nn.Parameter(p2.detach().clone())
+    ref = AdamW8bit([alone], lr=1e-2, code_exp_avg=lin)
+    for g in grads[1:]:
+        alone.grad = g
+        ref.step()
+    assert torch.equal(q2, alone)

@@ -387,3 +387,22 @@ def test_bad_device_mix():
     _bad(lambda: quantize_blockwise(x, quant.dynamic_code(8), 256, 8), "same device|one device")
     q, a = quantize_blockwise(x, quant.dynamic_code(8, device="cuda"), 256, 8)
     _bad(lambda: dequantize_blockwise(q, a.cpu(), quant.dynamic_code(8, device="cuda"), 256, 8, [10]), "one device")
+
+
+def test_codes_and_quantize_arguments_are_checked():
+    # log_code(decades=inf) gave NaN entries, decades=50 zeros in a zero-free code; blocksize=0
+    # silently meant the default; a user code written after quantize changed the quantized values
+    with pytest.raises(ValueError, match="finite"):
+        quant.log_code(8, decades=float("inf"))
+    with pytest.raises(ValueError, match="fp32"):
+        quant.log_code(8, decades=50.0, zero=False)
+    with pytest.raises(RuntimeError, match="blocksize"):
+        quant.quantize(torch.randn(100), blocksize=0)
+    code = quant.linear_code(8)
+    x = torch.randn(300)
+    qt = quant.quantize(x, code=code)
+    want = qt.dequantize()
+    code.zero_()
+    torch.testing.assert_close(qt.dequantize(), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dequantize"):
+        qt.to(torch.float16)

@@ -775,3 +775,49 @@ def test_shira_stays_unfused_through_state_dict_until_sync():
         layer(x)
     layer.sync_()
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_apply_onto_a_shira_layer_adds_to_its_weight_also_on_its_support():
+    # an adapter applied onto a SHiRA layer's own support was taken as a new base W: the layer
+    # then computed W + 2S + D, and unfuse() returned a damaged W
+    layer = _shira_with_values()
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(3, 16)
+    s = _w_plus_s(w0, layer) - w0
+    model = nn.Sequential(layer)
+    idx, val = layer.indices[:4].clone(), torch.randn(4)
+    handle = sparse.apply(model, {"0": (idx, val)})
+    d = torch.zeros(w0.numel()).index_put((idx,), val).view_as(w0)
+    torch.testing.assert_close(model(x), x @ (w0 + s + d).T + layer.base_layer.bias)
+    sparse.remove(model, handle)
+    torch.testing.assert_close(model(x), x @ (w0 + s).T + layer.base_layer.bias)
+    assert torch.equal(layer.unfuse().weight, w0)
+
+
+def test_remove_keeps_writes_made_to_the_weight_after_apply():
+    # the exact path wrote the pre-apply entries back over an update made since (an optimizer
+    # step on the fused model), where the out-of-order path kept it
+    idx, val = torch.arange(0, 256, 13), torch.randn(20)
+    model = nn.Sequential(nn.Linear(16, 16))
+    w0 = model[0].weight.detach().clone()
+    handle = sparse.apply(model, {"0": (idx, val)})
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    sparse.remove(model, handle)
+    torch.testing.assert_close(model[0].weight, w0 + 0.5, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), 0.5])
+def test_apply_takes_scalar_alphas_of_any_kind(alpha):
+    import numpy as np
+    for a in (alpha, np.float32(0.5)):
+        model = nn.Sequential(nn.Linear(4, 4))
+        w0 = model[0].weight.detach().clone()
+        sparse.apply(model, {"0": (torch.tensor([0, 5]), torch.tensor([2.0, 4.0]))}, alpha=a)
+        want = w0.clone().view(-1)
+        want[0] += 1.0
+        want[5] += 2.0
+        torch.testing.assert_close(model[0].weight.view(-1), want)
+        w = torch.zeros(6)
+        sparse_scatter_add_(w, [torch.tensor([1])], [torch.tensor([2.0])], a)
+        assert w[1] == 1.0

@@ -645,3 +645,32 @@ def test_batched_qr_after_set_num_threads_does_not_hang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("True")
+
+
+def test_pissa_init_on_a_layer_holding_an_adapter_keeps_its_function():
+    # the adapter already there was dropped: W alone was decomposed and A, B overwritten
+    torch.manual_seed(0)
+    layer = init.pissa_init(torch.nn.Linear(48, 32), r=4, n_iter=None)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(torch.randn(32, 4))  # "trained"
+    want = layer(x).detach()
+    init.pissa_init(layer, n_iter=None)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_are_read_as_64_bit_patterns():
+    # torch's own seeds are unsigned 64-bit: 2**64 - 1 raised "expected int, found int"
+    a = torch.randn(20, 12)
+    for big, same in ((2 ** 64 - 1, -1), (2 ** 63, -2 ** 63)):
+        torch.testing.assert_close(linalg.rsvd(a, 3, seed=big), linalg.rsvd(a, 3, seed=same), rtol=0, atol=0)
+        torch.testing.assert_close(ops.gaussian_sketch(a, 4, seed=big), ops.gaussian_sketch(a, 4, seed=same),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 4), (0, 3, 4)])
+def test_jacobi_svd_wrapper_takes_empty_matrices(shape):
+    a = torch.empty(shape)
+    u, s, vh = ops.jacobi_svd(a)
+    want = torch.linalg.svd(a, full_matrices=False)
+    assert (u.shape, s.shape, vh.shape) == (want.U.shape, want.S.shape, want.Vh.shape)

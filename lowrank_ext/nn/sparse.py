@@ -109,8 +109,11 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     third-party optimizers do), e.g. through
     ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
     the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
-    Weights written into ``base_layer`` after wrapping (e.g. pretrained ones loaded there) are
-    taken as the new W at the next forward or ``state_dict()``: the adapter goes on top.
+    Weights loaded into ``base_layer`` after wrapping (``layer.base_layer.load_state_dict``, or a
+    model's state_dict without this layer's own entries) are taken as the new W, with the
+    adapter on top; other writes into the weight (``lowrank_ext.sparse.apply``) add to W_eff,
+    until a sync writes the support's entries again (W + values: training this layer while
+    another adapter is applied onto its weight drops that adapter where the supports meet).
 
     The base weight must not be shared with another module (e.g. an ``lm_head`` tied to the
     input embedding): W_eff is written into it in place, so the other user would see S too,
@@ -164,48 +167,42 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self.register_buffer("applied", torch.zeros_like(self.values.detach()))  # what W_eff holds now
         self._synced = None
         self._unfused = False  # unfuse() ran: W alone in the weight until sync_()
-        self._stamp_weight()
+        self._loading_own_state = False
+        # weights loaded into base_layer after wrapping (pretrained ones) are the new W; a load of
+        # this layer's own state_dict brings W_eff and the kept entries together (see the hooks)
+        base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
 
     def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
         super().__setstate__(state)
         self._synced = None
         self.__dict__.setdefault("_unfused", False)
-        self._stamp_weight()
+        self.__dict__.setdefault("_loading_own_state", False)
 
-    def _apply(self, fn, recurse: bool = True):
-        # a conversion (.half(), .to(device), to_empty()) moves W_eff and the kept entries together
-        out = super()._apply(fn, recurse)
-        self._stamp_weight()
-        return out
-
-    def _stamp_weight(self) -> None:
-        # the weight as this layer last wrote it (or found it consistent): see _adopt_rewritten_base
-        self._weight_stamp = _values_stamp(self.base_layer.weight)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # runs before base_layer's load: whether this load brings the kept entries with W_eff
+        self._loading_own_state = prefix + "base_values" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _adopt_rewritten_base(self) -> None:
-        """A weight written by someone else since this layer last wrote it (pretrained weights
-        loaded into ``base_layer`` after wrapping, ``base_layer.weight.copy_(...)``) is a new
-        base W: its entries under the support replace the kept ones, and the values are
-        applied on top at the next sync. A weight that still holds W_eff of the kept entries
-        (a load of this layer's own state_dict, a dtype or device conversion) is left alone."""
-        w = self.base_layer.weight
-        if _is_synced(w, self._weight_stamp):
+    def _base_layer_loaded(self, base_layer, incompatible_keys) -> None:
+        """After a load into base_layer: unless this layer's own state came with it, a weight that
+        no longer holds W_eff of the kept entries is a new W (e.g. pretrained weights loaded
+        after wrapping): its entries under the support are kept, and the values go on top at the
+        next sync. Other writes into the weight (``lowrank_ext.sparse.apply``) add to W_eff."""
+        if self._loading_own_state:
+            self._loading_own_state = False
             return
-        flat = w.detach().view(-1)
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        expected = (self.base_values.to(acc) + self.applied.to(acc)).to(w.dtype)
+        flat = base_layer.weight.detach().view(-1)
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        expected = (self.base_values.to(acc) + self.applied.to(acc)).to(flat.dtype)
         if not torch.equal(flat[self.indices], expected):
             self.base_values.copy_(flat[self.indices])
             self.applied.zero_()
             self._synced = None
-        self._stamp_weight()
 
     def _sync_if_stale(self) -> None:
-        if torch.compiler.is_compiling() or self._unfused:
-            return
-        self._adopt_rewritten_base()
-        super()._sync_if_stale()
+        if not self._unfused:
+            super()._sync_if_stale()
 
     @property
     def rows(self) -> torch.Tensor:
@@ -225,7 +222,6 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self.applied.copy_(self.values)
         self._synced = _values_stamp(self.values)
         self._unfused = False
-        self._stamp_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._unfused:
@@ -251,13 +247,10 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         """The base layer with W restored exactly (the adapter leaves it). The layer stays
         unfused, its weight W alone, also through ``state_dict()``: its forward raises until
         :meth:`sync_` applies the adapter again."""
-        if not self._unfused and not torch.compiler.is_compiling():
-            self._adopt_rewritten_base()
         self.base_layer.weight.view(-1)[self.indices] = self.base_values
         self.applied.zero_()
         self._synced = None
         self._unfused = True
-        self._stamp_weight()
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -10,7 +11,21 @@ import torch
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, features], every leading dim flattened into rows (a 1-D x is one row).
     Unlike reshape(-1, d) it also works for an empty x with d = 0, whose rows reshape cannot infer."""
+    if x.dim() == 0:
+        raise ValueError("x must have a feature dimension (at least 1-D [..., d]), got a 0-d tensor")
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def as_int64_seed(seed: int) -> int:
+    """A Python int seed as the ops' int64 argument, same low 64 bits: torch's own seeds are
+    unsigned 64-bit (``torch.initial_seed()`` can pass 2**63), and Philox reads the seed as
+    unsigned, so 2**64 - 1 and -1 draw the same numbers."""
+    return ((int(seed) + 2 ** 63) % 2 ** 64) - 2 ** 63
+
+
+def is_scalar(value) -> bool:
+    """A Python, numpy or 0-d tensor number (where a per-item sequence is also accepted)."""
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
 
 
 def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained: bool = False) -> tuple:

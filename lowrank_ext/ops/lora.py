@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, autocast_off, autocast_on, first_order_only
+from ._common import as_int64_seed, as_rows, autocast_off, autocast_on, first_order_only
 
 __all__ = ["lora_linear", "lora_forward", "lora_backward", "lora_merge_"]
 
@@ -24,7 +24,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def _seed_args(seed: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """An int seed, or a CPU int64 scalar tensor (what a compiled graph can draw)."""
-    return (0, seed) if isinstance(seed, torch.Tensor) else (int(seed), None)
+    return (0, seed) if isinstance(seed, torch.Tensor) else (as_int64_seed(seed), None)
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, core=None, rank_scale=None, *, scale: float,

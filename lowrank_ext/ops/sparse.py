@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import as_rows
+from ._common import as_rows, is_scalar
 
 __all__ = ["sparse_scatter_add_", "sddmm"]
 
@@ -40,7 +40,7 @@ def sparse_scatter_add_(weight: torch.Tensor, indices: torch.Tensor | Sequence[t
     """
     if isinstance(indices, torch.Tensor):
         indices, values, alpha = [indices], [values], [alpha]
-    elif isinstance(alpha, (int, float)):
+    elif is_scalar(alpha):
         alpha = [float(alpha)] * len(indices)
     torch.ops.lowrank.sparse_scatter_add_(weight, list(indices), list(values), [float(a) for a in alpha])
 

@@ -15,7 +15,11 @@ CUDA (unverified on a GPU so far: see the README; no host synchronisation in rsv
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ._common import as_int64_seed
 
 __all__ = ["gaussian_sketch", "jacobi_svd", "rsvd", "batched_rsvd", "svd_update"]
 
@@ -29,7 +33,7 @@ def _work(dtype: torch.dtype) -> torch.dtype:
 def gaussian_sketch(a: torch.Tensor, l: int, seed: int = 0) -> torch.Tensor:
     """``A @ Omega`` for ``A [m, n]`` or ``[b, m, n]``: ``Omega [n, l]`` standard normal from
     Philox(seed) (the same for every batch entry), generated panel by panel."""
-    return torch.ops.lowrank.gaussian_sketch(a, l, seed)
+    return torch.ops.lowrank.gaussian_sketch(a, l, as_int64_seed(seed))
 
 
 def jacobi_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +47,7 @@ def jacobi_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     True
     """
     lead = a.shape[:-2]
-    u, s, vh = torch.ops.lowrank.jacobi_svd(a.reshape(-1, *a.shape[-2:]))
+    u, s, vh = torch.ops.lowrank.jacobi_svd(a.reshape(math.prod(lead), *a.shape[-2:]))  # -1 fails on empty a
     return u.reshape(*lead, *u.shape[1:]), s.reshape(*lead, s.shape[-1]), vh.reshape(*lead, *vh.shape[1:])
 
 
@@ -51,7 +55,7 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``k`` SVD of ``A [m, n]`` or ``[b, m, n]`` by randomized range finding
     (``k + oversample`` sketch columns, ``n_iter`` power iterations)."""
-    return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, seed)
+    return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, as_int64_seed(seed))
 
 
 def batched_rsvd(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2,
@@ -63,7 +67,7 @@ def batched_rsvd(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter:
     mats = list(mats)
     if not mats:  # the dispatcher picks a kernel by the tensors' device: an empty list has none
         raise ValueError("batched_rsvd: needs at least one matrix")
-    return torch.ops.lowrank.batched_rsvd(mats, k, oversample, n_iter, seed)
+    return torch.ops.lowrank.batched_rsvd(mats, k, oversample, n_iter, as_int64_seed(seed))
 
 
 def svd_update(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

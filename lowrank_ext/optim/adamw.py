@@ -26,7 +26,7 @@ import torch
 
 from .. import quant
 from ..ops.optim import adamw_step_fp32_, adamw_step_quantized_
-from ..ops.quant import quantize_blockwise
+from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["AdamW8bit", "AdamW4bit", "state_bytes_per_param"]
 
@@ -59,6 +59,15 @@ def check_param_group(group: dict, optimizer: str) -> None:
     if group.get("decoupled_weight_decay", True) is False and group.get("weight_decay", 0.0) != 0.0:
         raise ValueError(f"{optimizer} applies decoupled weight decay (AdamW's); this group asks for Adam's L2 "
                          f"weight decay (decoupled_weight_decay=False, weight_decay={group['weight_decay']})")
+    # values set on a group after construction too: the kernels would refuse them only after
+    # earlier groups had stepped
+    for key, ok, what in (("lr", lambda v: 0.0 <= v, "learning rate"), ("eps", lambda v: 0.0 <= v, "epsilon value"),
+                          ("weight_decay", lambda v: 0.0 <= v, "weight_decay value")):
+        if key in group and not ok(float(group[key])):
+            raise ValueError(f"Invalid {what}: {group[key]}")
+    for i, beta in enumerate(group.get("betas", ())):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
 
 
 def check_saved_groups(state_dict: dict, optimizer: str, *more_checks) -> None:
@@ -142,7 +151,8 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        bs_m, bs_v = blocksize_exp_avg or self.default_blocksizes[0], blocksize_exp_avg_sq or self.default_blocksizes[1]
+        bs_m, bs_v = (default if bs is None else bs
+                      for bs, default in zip((blocksize_exp_avg, blocksize_exp_avg_sq), self.default_blocksizes))
         for name, bs in (("blocksize_exp_avg", bs_m), ("blocksize_exp_avg_sq", bs_v)):
             if not (128 <= bs <= 4096 and bs & (bs - 1) == 0):
                 raise ValueError(f"{name} must be a power of two in [128, 4096], got {bs}")
@@ -231,9 +241,11 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"].item())  # a CPU tensor: no device sync
                 quantized = "exp_avg_q" in state
-                buckets[(p.device, p.dtype, p.grad.dtype, step, quantized)].append((p, state))
+                # one call steps its tensors with one pair of codes (each state holds its own)
+                codes = (id(state.get("exp_avg_code")), id(state.get("exp_avg_sq_code")))
+                buckets[(p.device, p.dtype, p.grad.dtype, step, quantized, codes)].append((p, state))
             beta1, beta2 = group["betas"]
-            for bucket_no, ((device, _, _, step, quantized), items) in enumerate(buckets.items()):
+            for bucket_no, ((device, _, _, step, quantized, _), items) in enumerate(buckets.items()):
                 bucket_id = (group_no << 16) + bucket_no
                 params = [p if p.is_contiguous() else p.contiguous() for p, _ in items]
                 grads = [p.grad.contiguous() for p, _ in items]
@@ -278,6 +290,19 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                         self.state[p][key] = step_counter(value)
                     elif torch.is_tensor(value):
                         self.state[p][key] = value.to(device=p.device, copy=True)
+                if "exp_avg_q" in self.state[p]:
+                    self._adopt_codes(p, self.state[p])
+
+    def _adopt_codes(self, p: torch.Tensor, state: dict) -> None:
+        """Loaded moments in this optimizer's codes (re-quantized where saved with others), so
+        that they share the code tensors of fresh state and step in the same calls."""
+        for key, code, bs in zip(("exp_avg", "exp_avg_sq"), self._codes_on(p.device), self.blocksizes):
+            saved = state[key + "_code"]
+            if not torch.equal(saved, code):
+                values = dequantize_blockwise(state[key + "_q"], state[key + "_absmax"], saved, bs, self.bits,
+                                              [p.numel()])
+                self._quantize_state(state, key, values, code, bs)
+            state[key + "_code"] = code
 
 
 class AdamW8bit(_BlockwiseAdamW):
