@@ -165,8 +165,10 @@ class CMakeBuild(build_ext):
         torch_dir = os.path.dirname(torch.__file__)
         cxx = choose_cxx()
         cache = os.path.join(build_dir, "CMakeCache.txt")
-        if os.path.exists(cache) and f"CMAKE_CXX_COMPILER:FILEPATH={cxx}\n" not in open(cache).read():
-            os.remove(cache)  # CMake cannot switch compilers in a configured tree
+        if os.path.exists(cache):
+            configured = re.search(r"^CMAKE_CXX_COMPILER:\w+=(.*)$", open(cache).read(), re.M)
+            if configured is None or configured.group(1) != cxx:
+                os.remove(cache)  # CMake cannot switch compilers in a configured tree
         cmake = find_tool("cmake")
         if cmake is None:
             raise RuntimeError("lowrank_ext needs CMake >= 3.24 to build (pip install cmake)")
@@ -204,7 +206,8 @@ class CMakeBuild(build_ext):
         subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args, env=env)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
         subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs], env=env)
-        built = glob.glob(os.path.join(build_dir, "_C*.so"))
+        # this interpreter's module (another Python's may be left in the build tree)
+        built = glob.glob(os.path.join(build_dir, "_C" + sysconfig.get_config_var("EXT_SUFFIX")))
         if len(built) != 1:
             raise RuntimeError(f"expected one _C module in {build_dir}, found {built}")
         dest = self.get_ext_fullpath(ext.name)
@@ -222,7 +225,7 @@ setup(
               "lowrank_ext.nn", "lowrank_ext.integrations"],
     ext_modules=[Extension("lowrank_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the pinned test and bench dependencies (numpy 2.4, ...) need 3.11
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "test": ["pytest", "hypothesis"],

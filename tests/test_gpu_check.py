@@ -88,3 +88,18 @@ def test_bench_step_failure_is_reported(tmp_path):
     report = next(open(results / f).read() for f in os.listdir(results) if f.endswith(".md"))
     assert "| bench | `no-such-family` | failed |" in report
     assert "unknown families: no-such-family" in report
+
+
+def test_a_hung_step_is_killed_at_its_own_limit_and_the_rest_runs(tmp_path):
+    # only the overall deadline killed a hung step: one spinning test file held its slot until
+    # the end, and no benchmark family after it ran
+    (tmp_path / "test_hangs.py").write_text("import time\n\ndef test_sleep():\n    time.sleep(600)\n")
+    results = tmp_path / "results"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), "--allow-cpu", "--phases", "test,bench",
+           "--results-dir", str(results), "--deadline-s", "100", "--min-step-s", "3", "--step-timeout-s", "10",
+           "--jobs", "1", "--test-files", str(tmp_path / "test_hangs.py"), "--bench-families", "no-such-family"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = next(open(results / f).read() for f in os.listdir(results) if f.endswith(".md"))
+    assert f"| test | `{tmp_path / 'test_hangs.py'} -m 'not cuda'` | timed out |" in report
+    assert "| bench | `no-such-family` | failed |" in report  # it ran: the hang did not take the deadline

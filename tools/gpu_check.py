@@ -39,6 +39,7 @@ import sys
 import tarfile
 import time
 
+START = time.monotonic()  # the deadline counts from here: importing torch and waking the GPU take time too
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("build", "test", "bench", "sanitize")
 DEFAULT_PHASES = ("build", "test", "bench")
@@ -90,7 +91,7 @@ class GpuCheck:
     def __init__(self, args: argparse.Namespace, device: dict):
         self.args = args
         self.device = device
-        self.t0 = time.monotonic()
+        self.t0 = START
         self.steps: list[Step] = []
         self.results_dir = os.path.abspath(args.results_dir)
         stem = f"{device['slug']}-{datetime.date.today().isoformat()}"
@@ -108,7 +109,7 @@ class GpuCheck:
         self.env = dict(os.environ, LOWRANK_EXT_CUDA="1", PYTHONUNBUFFERED="1", THP_MEM_ALLOC_ENABLE="1",
                         MAX_JOBS=os.environ.get("MAX_JOBS", str(min(16, os.cpu_count() or 2))),
                         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if device.get("arch"):
+        if device.get("arch") and not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # e.g. a user's 9.0a stays
             self.env["TORCH_CUDA_ARCH_LIST"] = device["arch"]
         self.test_env = dict(self.env, OMP_NUM_THREADS=str(threads))  # parallel pytest processes share the cores
 
@@ -166,7 +167,9 @@ class GpuCheck:
             still = []
             for step, proc, out, path, started in running:
                 rc = proc.poll()
-                overdue = self.remaining() < self.args.report_margin_s
+                # a hung step (a never-run kernel that spins, say) must not hold its slot to the end
+                overdue = (self.remaining() < self.args.report_margin_s
+                           or time.monotonic() - started > self.args.step_timeout_s)
                 if rc is None and not overdue:
                     still.append((step, proc, out, path, started))
                     continue
@@ -207,6 +210,10 @@ class GpuCheck:
 
     def bench(self) -> None:
         families = self.args.bench_families or list_families(self.env)
+        if isinstance(families, str):  # the listing failed: say why, do not pass with no steps
+            self.steps.append(Step("bench", "list families", "failed", summary="python -m lowrank_ext.bench could "
+                                   "not list its families", details=families.splitlines()[-30:]))
+            return
         extra = self.args.bench_args.split()
 
         def judge(s: Step, rc, output):
@@ -307,15 +314,43 @@ def git_commit() -> str:
         return os.environ["LOWRANK_EXT_COMMIT"]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        return (out.stdout.strip() or "unknown") + " (from .git: LOWRANK_EXT_COMMIT unset)"
     except OSError:
-        return "unknown"
+        return "unknown (LOWRANK_EXT_COMMIT unset)"
 
 
-def list_families(env: dict) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", "from lowrank_ext.bench import FAMILIES; print(' '.join(FAMILIES))"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    return out.stdout.split()
+def list_families(env: dict) -> list[str] | str:
+    """The benchmark families, or the error output when they cannot be listed."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "from lowrank_ext.bench import FAMILIES; print(' '.join(FAMILIES))"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "listing the families timed out (120 s)"
+    return out.stdout.split() if out.returncode == 0 and out.stdout.split() else (out.stderr or out.stdout or "no output")
+
+
+def import_probe(env: dict) -> str | None:
+    """None if the built package imports here, else why not (a call without the build phase
+    may land on a fresh machine, where no _C was built)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import lowrank_ext"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "import lowrank_ext timed out (120 s)"
+    return None if out.returncode == 0 else (out.stderr or out.stdout)[-3000:]
+
+
+def missing_tools(phases: list[str]) -> list[str]:
+    """What the phases asked for need and this machine lacks (found as setup.py finds them:
+    the interpreter's own bin/, CUDA_HOME / CUDA_PATH, /usr/local/cuda, PATH)."""
+    missing = [m for m in ("pybind11",) if "build" in phases and not _importable(m)]
+    missing += [m for m in ("pytest", "hypothesis") if {"test", "sanitize"} & set(phases) and not _importable(m)]
+    if "build" in phases:
+        bins = [os.path.dirname(sys.executable)] + [os.path.join(h, "bin") for h in (
+            os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda") if h]
+        missing += [t for t in ("cmake", "nvcc")
+                    if shutil.which(t) is None and not any(os.path.exists(os.path.join(b, t)) for b in bins)]
+    return missing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -326,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--deadline-s", type=float, default=570.0, help="the whole check's time (default 570 s)")
     ap.add_argument("--min-step-s", type=float, default=20.0, help="no step starts with less time left")
     ap.add_argument("--report-margin-s", type=float, default=5.0, help="steps still running this close to the deadline are killed")
+    ap.add_argument("--step-timeout-s", type=float, default=240.0,
+                    help="a single step (a test file, a benchmark family) is killed after this long (default 240 s)")
     ap.add_argument("--jobs", type=int, default=0, help="test files at a time (default: cores / 4, at most 4)")
     ap.add_argument("--test-files", nargs="*", default=None, help="default: tests/test_*.py")
     ap.add_argument("--bench-families", nargs="*", default=None, help="default: every family")
@@ -357,25 +394,31 @@ def describe_device(allow_cpu: bool) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [m for m in ("pybind11", "pytest", "hypothesis") if not _importable(m)]
-    if "build" in args.phases:
-        missing += [t for t in ("cmake", "nvcc") if shutil.which(t) is None and not os.path.exists(f"/usr/local/cuda/bin/{t}")]
-    if missing:  # nothing can be fetched on the GPU machines: say what to carry
-        print(f"gpu-check: missing here: {', '.join(missing)} (carry them as wheels, see the device tool's README)",
-              file=sys.stderr)
-        return 2
     device = describe_device(args.allow_cpu)
     if device is None:
         print("gpu-check: torch sees no CUDA GPU here; use `make test` on CPU machines", file=sys.stderr)
         return 2
     check = GpuCheck(args, device)
+    missing = missing_tools(args.phases)
+    if missing:  # nothing can be fetched on the GPU machines: say what to carry, in the report too
+        print(f"gpu-check: missing here: {', '.join(missing)} (carry them as wheels, see the device tool's README)",
+              file=sys.stderr)
+        check.steps.append(Step("preflight", "tools", "failed", summary=f"missing: {', '.join(missing)}"))
+        built = False
+    elif "build" not in args.phases:
+        why = import_probe(check.env)
+        built = why is None
+        if why:
+            check.steps.append(Step("preflight", "import lowrank_ext", "failed", summary="no build here to run against "
+                                    "(a fresh machine? add the build phase)", details=why.splitlines()[-30:]))
+    else:
+        built = True
     check.write_report()
-    built = True
     for phase in (p for p in PHASES if p in args.phases):
-        if phase == "build":
+        if phase == "build" and built:
             built = check.build()
         elif not built:
-            check.steps.append(Step(phase, "all", "not run", summary="the build failed"))
+            check.steps.append(Step(phase, "all", "not run", summary="no usable build (see above)"))
         else:
             getattr(check, phase)()
         check.write_report()

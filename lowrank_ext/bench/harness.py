@@ -77,6 +77,7 @@ class Timed:
     # this provider's own FLOP count where it does other work than the case's (a dense GEMM
     # beside a structured one, a full SVD beside a truncated one); 0: none (no FLOP rate)
     flops: float | None = None
+    bytes: float | None = None      # the same for the bytes an ideal kernel of its work moves
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Provider:
     # Cases this provider is meant for (None: all). A case it does not apply to gets no
     # row at all, unlike SkipProvider, which reports that it *could* not run here.
     applies: Callable[[Case], bool] | None = None
+    # a variant of this library's own code listed among the peers (a list API, a loop of our
+    # ops): an exception there is a failure, not a peer skipped
+    ours: bool = False
 
     def applies_to(self, case: Case) -> bool:
         return self.applies is None or self.applies(case)
@@ -111,6 +115,7 @@ class Row:
     extra_gbs: dict[str, float] = field(default_factory=dict)
     frac_peak: float | None = None
     flops: float | None = None               # Timed.flops: overrides the case's
+    bytes: float | None = None               # Timed.bytes: overrides the case's
     vs_ref: float | None = None              # reference time / this time (>1: faster)
     vs_peer: dict[str, float] = field(default_factory=dict)   # peer time / this time
 
@@ -305,8 +310,9 @@ def _fill_metrics(row: Row, device: torch.device) -> None:
     case, t = row.case, row.median_s
     assert t is not None
     fracs = []
-    if case.bytes:
-        row.gbs = case.bytes / t / 1e9
+    nbytes = case.bytes if row.bytes is None else row.bytes
+    if nbytes:
+        row.gbs = nbytes / t / 1e9
         fracs.append(row.gbs / _device.peaks(device).mem_bw_gbs)
     flops = case.flops if row.flops is None else row.flops
     if flops:
@@ -377,7 +383,7 @@ def run_family(family: Family, cfg: RunConfig) -> tuple[list[Row], list[str]]:
                 del out
             except Exception as e:
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                if p.kind == "peer":    # a peer that breaks here is skipped, not our failure
+                if p.kind == "peer" and not p.ours:  # a peer that breaks here is skipped, not our failure
                     row.status, row.message = "skipped", why
                     log(f"[{family.name}] {case.key}: {p.name} skipped: {why}")
                 else:
@@ -401,13 +407,16 @@ def _run_one(family: Family, cfg: RunConfig, case: Case, inputs: Any, p: Provide
         row.status, row.message = "skipped", str(e)
         return None
     row.note = timed.note
-    row.flops = timed.flops
+    row.flops, row.bytes = timed.flops, timed.bytes
     out = timed.output if timed.output is not None else timed.fn()
     synchronize(cfg.device)
     if p.kind != "reference" and ref_out is None:
         row.status, row.message = "FAILED", "no reference output to check against"
         return None
-    err = family.check(case, inputs, ref_out if p.kind != "reference" else out, out, p)
+    try:
+        err = family.check(case, inputs, ref_out if p.kind != "reference" else out, out, p)
+    except Exception as e:  # a check that cannot compare is a failed check (for peers too)
+        err = f"the check raised {type(e).__name__}: {e}"
     if err:
         row.status, row.message = "FAILED", f"check: {err}"
         log(f"[{family.name}] {case.key}: {p.name} FAILED check: {err}")

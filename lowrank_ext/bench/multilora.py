@@ -230,7 +230,7 @@ def providers(device: torch.device) -> list[Provider]:
     return [
         Provider(REFERENCE, "reference", _reference, slow=True),
         Provider(OURS, "ours", _ours),
-        Provider(SINGLE, "peer", _single),
+        Provider(SINGLE, "peer", _single, ours=True),
         Provider(FLOOR, "peer", _floor, applies=lambda c: c.params["op"] != "lora branch"),
         Provider(LOOP, "peer", _loop),
         Provider(PEFT, "peer", _peft, peer="peft", applies=lambda c: c.params["op"] == "forward"),

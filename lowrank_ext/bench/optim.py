@@ -343,26 +343,33 @@ def check(case: Case, inputs: dict, ref_out: list[torch.Tensor], out: list[torch
     update fails, while a moment code's rounding (should a provider use its dequantized
     moments: <= 1% of the update at 8 bits) passes. The fp32-state providers do the
     same fp32 math in another order: 1e-5 * max |p| is ~150 ulps of the largest param,
-    0.1% of an update. bf16 params add one rounding of the param to bf16 in each
-    implementation: + eps(bf16) * max |p| (one ulp at the largest param)."""
+    0.1% of an update. bf16 params add two ulps of bf16 at each element, per element: the
+    reference (torch's foreach AdamW, bf16 state) rounds the param twice (the decay, then
+    the update) where a fused step rounds once, and computes its update in bf16 (so every
+    provider gets the 8/4-bit bound there; a bound of one ulp at the largest param,
+    ~1e-3, was a whole update: a half-size update passed it)."""
     if len(out) != len(ref_out):
         return f"{len(out)} params, reference {len(ref_out)}"
     tol = TOL_FP32 if provider.name in _FP32_STATE else TOL_QUANT
     dt = case.params["dtype"]
-    if dt != torch.float32:
-        tol += torch.finfo(dt).eps
+    if dt != torch.float32:  # the reference's update itself is computed in bf16 (~1% of it off)
+        tol = max(tol, TOL_QUANT)
     scale = max(float(r.float().abs().max()) for r in ref_out)
     worst, where = 0.0, -1
     for i, (p, r) in enumerate(zip(out, ref_out)):
         if p.shape != r.shape or p.dtype != r.dtype:
             return f"param {i}: {tuple(p.shape)} {p.dtype}, reference {tuple(r.shape)} {r.dtype}"
-        d = float((p.float() - r.float()).abs().max())
+        excess = (p.float() - r.float()).abs()
+        if dt != torch.float32:  # the roundings to dt: two ulps of that element
+            excess = excess - torch.ldexp(torch.full_like(excess, 2 * torch.finfo(dt).eps),
+                                          torch.frexp(r.float())[1] - 1)
+        d = float(excess.max())
         if not math.isfinite(d):
             return f"param {i}: non-finite values"
         if d > worst:
             worst, where = d, i
     if worst > tol * scale:
-        return (f"max |p - torch AdamW's p| = {worst:.3g} (param {where}) > "
+        return (f"max |p - torch AdamW's p| (less two ulps of p's dtype) = {worst:.3g} (param {where}) > "
                 f"{tol:.3g} * max |p| {scale:.3g}")
     return None
 

@@ -208,8 +208,8 @@ def providers(device: torch.device) -> list[Provider]:
         Provider(REFERENCE_SVD, "reference", _reference, slow=True, applies=_is("jacobi", "streaming")),
         Provider(STORED, "reference", _reference, applies=_is("sketch")),
         Provider(OURS, "ours", _ours),
-        Provider(OUR_LIST, "peer", _our_list, applies=_is("batched rsvd")),
-        Provider(OUR_LOOP, "peer", _our_loop, applies=_is("batched rsvd")),
+        Provider(OUR_LIST, "peer", _our_list, applies=_is("batched rsvd"), ours=True),
+        Provider(OUR_LOOP, "peer", _our_loop, applies=_is("batched rsvd"), ours=True),
         Provider(LINALG, "peer", _linalg, slow=True, applies=_is("rsvd")),
         Provider(RANDN, "peer", _randn, applies=_is("sketch")),
     ]
