@@ -50,11 +50,13 @@ class Handle:
     after: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _weight(model: nn.Module, name: str) -> torch.Tensor:
+def _weight(model: nn.Module, name: str, sync: bool = False) -> torch.Tensor:
     module = model.get_submodule(name)
-    sync = getattr(module, "_sync_if_stale", None)
-    if sync is not None:  # a SparseAdapterLinear: its W_eff current before others write into it
-        sync()
+    if sync and hasattr(module, "_sync_if_stale"):
+        # apply: a SparseAdapterLinear's W_eff current before others write into it (a sync after
+        # the apply would drop them where the supports meet; remove must not sync: it would
+        # drop the adapter it is about to take out)
+        module._sync_if_stale()
     module = getattr(module, "base_layer", module)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
@@ -105,7 +107,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
     per_weight: dict[str, tuple[list, list, list]] = {}
     for adapter, a in zip(adapters, alphas):  # everything is checked before the first write
         for name, (idx, val) in adapter.items():
-            w = _weight(model, name)
+            w = _weight(model, name, sync=True)
             _check_adapter_entry(name, w, idx, val)
             i, v, al = per_weight.setdefault(name, ([], [], []))
             i.append(idx.to(device=w.device, dtype=torch.int64))

@@ -828,3 +828,31 @@ def test_seed_of_torch_range_and_0d_input():
     torch.testing.assert_close(y_big, lora_linear(x, w, None, a, b, scale=1.0, dropout_p=0.5, seed=-1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="0-d"):
         lora_linear(torch.tensor(1.0), w, None, a, b, scale=1.0)
+
+
+def test_fp16_backward_keeps_small_b_accurate():
+    # folding scale < 1 into an fp16 B pushed small entries (B starts at 0) into fp16's
+    # subnormals: grad A's error rose ~10x
+    torch.manual_seed(0)
+    n, d, r, scale = 64, 256, 16, 1 / 16
+    x, w, a = torch.randn(n, d).half(), (torch.randn(d, d) * 0.05).half(), (torch.randn(r, d) * 0.05).half()
+    b, g = (torch.randn(d, r) * 1e-4).half(), torch.randn(n, d).half()
+    a16 = a.clone().requires_grad_()
+    lora_linear(x, w, None, a16, b, scale=scale).backward(g)
+    a64 = a.double().requires_grad_()
+    (x.double() @ w.double().T + scale * (x.double() @ a64.T) @ b.double().T).backward(g.double())
+    assert float((a16.grad.double() - a64.grad).norm() / a64.grad.norm()) < 1e-3
+
+
+def test_adapter_only_state_dict_of_a_merged_layer_loads_into_an_unmerged_one():
+    # PEFT's usual "lora_" filter also picks up lora_merged: such an adapter-only dict was refused
+    src = _lora_with_adapter()
+    src.merge()
+    adapter = {k: v for k, v in src.state_dict().items() if "lora_" in k}
+    assert "lora_merged" in adapter
+    dst = _lora_with_adapter(seed=1)
+    dst.load_state_dict(adapter, strict=False)
+    assert not dst.merged and torch.equal(dst.lora_B["default"].weight, src.lora_B["default"].weight)
+    base_only = {k: v for k, v in src.state_dict().items() if not k.startswith("lora_") or k == "lora_merged"}
+    with pytest.raises(RuntimeError, match="does not include"):
+        _lora_with_adapter(seed=2).load_state_dict(base_only, strict=False)

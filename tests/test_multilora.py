@@ -602,3 +602,14 @@ def test_fake_kernels_refuse_empty_stacks_as_the_kernels_do():
             torch.ops.lowrank.lora_expand(y, xa, torch.empty(0, 8, 4), ids)
         with pytest.raises(RuntimeError, match="S, R >= 1"):
             torch.ops.lowrank.lora_shrink(torch.empty(3, 16), torch.empty(0, 4, 16), ids)
+
+
+def test_hooked_base_layer_keeps_the_output_dtype_under_autocast():
+    layer = MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4)
+    layer.load_adapter("a", torch.randn(2, 16), torch.randn(12, 2))
+    x, ids = torch.randn(3, 16), torch.zeros(3, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x, ids)
+        layer.base_layer.register_forward_hook(lambda *_: None)
+        hooked = layer(x, ids)
+    assert hooked.dtype == plain.dtype == torch.bfloat16

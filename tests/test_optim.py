@@ -558,3 +558,16 @@ def test_state_loaded_with_other_codes_steps_in_this_optimizers_codes():
         alone.grad = g
         ref.step()
     assert torch.equal(q2, alone)
+
+
+def test_refuses_quantized_moments_without_codes():
+    model, x, y = _digits_problem()
+    opt = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000)
+    _train(model, opt, x, y, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        st.pop("exp_avg_code", None)
+    fresh = AdamW8bit(model.parameters(), lr=1e-3, min_quant_size=1000)
+    with pytest.raises(ValueError, match="without their codes"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state

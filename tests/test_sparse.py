@@ -821,3 +821,28 @@ def test_apply_takes_scalar_alphas_of_any_kind(alpha):
         w = torch.zeros(6)
         sparse_scatter_add_(w, [torch.tensor([1])], [torch.tensor([2.0])], a)
         assert w[1] == 1.0
+
+
+def test_remove_after_the_shira_values_stepped_keeps_w_plus_values():
+    # remove() synced the layer first (dropping the applied adapter where the supports meet),
+    # then found those entries changed and subtracted the adapter there too: W_eff - D
+    layer = _shira_with_values()
+    w0 = layer.base_layer.weight.detach().clone()
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 16)
+    layer(x)
+    idx = layer.indices[:4].clone()
+    handle = sparse.apply(model, {"0": (idx, torch.ones(4))})
+    with torch.no_grad():
+        layer.values.add_(0.5)  # an optimizer step on the SHiRA values
+    sparse.remove(model, handle)
+    torch.testing.assert_close(layer(x), x @ _w_plus_s(w0, layer).T + layer.base_layer.bias)
+
+
+def test_unfuse_hands_back_a_plain_linear():
+    # the load hook stayed on the returned base layer, bound to (and keeping alive) the SHiRA layer
+    layer = _shira_with_values()
+    base = layer.unfuse()
+    assert not base._load_state_dict_post_hooks
+    layer.sync_()
+    assert len(base._load_state_dict_post_hooks) == 1

@@ -156,12 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     }
   }
   // t: the gradient reaching h, then u, then xa ([N, r], accumulate dtype); g B is computed once.
-  // In fp16 with |scale| < 1 it is g (scale B): g B itself can pass fp16's 65504 where
-  // t = scale g B does not (PEFT's (scale g) B stays finite there); otherwise the scale goes
-  // on in fp32 after the product, so the fp16 intermediate is never larger than t
-  const bool prescale = dtype == at::kHalf && std::abs(scale) < 1.0;
-  at::Tensor t = prescale ? at::mm(g, lora_b.to(acc).mul(scale).to(dtype)).to(acc)
-                          : at::mm(g, lora_b).to(acc).mul_(scale);
+  // fp16 forms it in fp32: an fp16 g B can pass 65504 where t = scale g B fits (a loss-scaled g
+  // with scale < 1), and folding the scale into B first would push small B entries into fp16's
+  // subnormals. (CUDA could skip g's fp32 copy with mm's out_dtype overload; not yet run there.)
+  at::Tensor t = (dtype == at::kHalf ? at::mm(g.to(acc), lora_b.to(acc)) : at::mm(g, lora_b).to(acc)).mul_(scale);
   if (core) {
     if (output_mask[3]) grad_core = at::mm(t.t(), u).to(dtype);
     t = at::mm(t, core->to(acc));

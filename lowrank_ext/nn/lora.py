@@ -187,14 +187,18 @@ class LoRALinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         merged_key = prefix + self._MERGED_KEY
-        saved_merged = bool(state_dict[merged_key]) if merged_key in state_dict else False
         has_base = prefix + "base_layer.weight" in state_dict
         has_adapter = any(k.startswith(prefix + part) for k in state_dict for part in self._ADAPTER_PARTS)
-        if (self.merged or saved_merged) and not (has_base and has_adapter):
-            # the weight and the adapter it holds (or must not hold) would come from two places
-            where = "this LoRALinear is merged" if self.merged else "the state_dict was saved merged"
-            raise RuntimeError(f"{prefix or 'LoRALinear'}: {where}, so a load must replace base_layer.weight and "
-                               f"the adapter together (this state_dict has "
+        # the flag describes the saved base weight: without that weight it says nothing
+        saved_merged = has_base and merged_key in state_dict and bool(state_dict[merged_key])
+        name = prefix or "LoRALinear"
+        if saved_merged and not has_adapter:
+            raise RuntimeError(f"{name}: the state_dict's base_layer.weight holds a merged adapter that it does not "
+                               f"include; load the adapter with it")
+        if self.merged and not (has_base and has_adapter):
+            # the weight and the adapter it holds would come from two places
+            raise RuntimeError(f"{name}: this LoRALinear is merged, so a load must replace base_layer.weight and the "
+                               f"adapter together (this state_dict has "
                                f"{'the base weight' if has_base else 'the adapter' if has_adapter else 'neither'} "
                                f"only); unmerge() before loading a part")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

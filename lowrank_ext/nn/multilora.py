@@ -200,7 +200,8 @@ class MultiLoRALinear(nn.Module):
             xa = torch.ops.lowrank.lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)
             zeros = x2.new_zeros(x2.shape[0], self.base_layer.out_features, dtype=dt)
             delta = torch.ops.lowrank.lora_expand(zeros, xa, self.lora_b, flat_ids, self.ranks, None)
-            return self.base_layer(x) + delta.to(x.dtype).reshape(*lead, -1)
+            base = self.base_layer(x)  # its dtype (autocast's, say) is the output's, as without a hook
+            return base + delta.to(base.dtype).reshape(*lead, -1)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_a, self.lora_b, ids,
                                  self.ranks, self.scales)
 

@@ -170,13 +170,14 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self._loading_own_state = False
         # weights loaded into base_layer after wrapping (pretrained ones) are the new W; a load of
         # this layer's own state_dict brings W_eff and the kept entries together (see the hooks)
-        base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
+        self._base_hook = base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
 
     def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
         super().__setstate__(state)
         self._synced = None
         self.__dict__.setdefault("_unfused", False)
         self.__dict__.setdefault("_loading_own_state", False)
+        self.__dict__.setdefault("_base_hook", None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # runs before base_layer's load: whether this load brings the kept entries with W_eff
@@ -221,6 +222,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         w[self.indices] = (self.base_values.to(acc) + self.values.to(acc)).to(w.dtype)
         self.applied.copy_(self.values)
         self._synced = _values_stamp(self.values)
+        if self._unfused:  # the base layer is this layer's again (unfuse() let it go)
+            self._base_hook = self.base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
         self._unfused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +253,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self.base_layer.weight.view(-1)[self.indices] = self.base_values
         self.applied.zero_()
         self._synced = None
+        if not self._unfused and self._base_hook is not None:  # a plain nn.Linear goes back
+            self._base_hook.remove()
         self._unfused = True
         return self.base_layer
 

@@ -276,6 +276,9 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 state = saved.get(pid, {})
+                if "exp_avg_q" in state and not all(k in state for k in ("exp_avg_code", "exp_avg_sq_code")):
+                    raise ValueError(f"cannot continue this state_dict: the quantized moments of a param of shape "
+                                     f"{tuple(p.shape)} come without their codes")
                 if "exp_avg_q" in state and not all(
                         quantized_moment_fits(state[f"{key}_q"], state[f"{key}_absmax"], self.bits, bs, p.numel())
                         for key, bs in zip(("exp_avg", "exp_avg_sq"), self.blocksizes)):
