@@ -155,10 +155,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
       grad_b = at::addmm(at::empty({s.d_out, s.r}, x.options()), g.t(), h.to(dtype), /*beta=*/0, /*alpha=*/scale);
     }
   }
+  if (output_mask[0]) grad_x = at::mm(g, weight);
   // t: the gradient reaching h, then u, then xa ([N, r], accumulate dtype); g B is computed once.
-  // fp16 forms it in fp32: an fp16 g B can pass 65504 where t = scale g B fits (a loss-scaled g
-  // with scale < 1), and folding the scale into B first would push small B entries into fp16's
+  // It feeds the grads of x and A, and those of the core and rank scale on its way there: when
+  // none is asked (LoRA-FA: dB alone), neither t nor the mask pass is computed. fp16 forms it
+  // in fp32: an fp16 g B can pass 65504 where t = scale g B fits (a loss-scaled g with
+  // scale < 1), and folding the scale into B first would push small B entries into fp16's
   // subnormals. (CUDA could skip g's fp32 copy with mm's out_dtype overload; not yet run there.)
+  const bool x_or_a = output_mask[0] || output_mask[1];
+  if (!(x_or_a || (core && output_mask[3]) || (rank_scale && output_mask[4])))
+    return {grad_x, grad_a, grad_b, grad_core, grad_rank_scale};
   at::Tensor t = (dtype == at::kHalf ? at::mm(g.to(acc), lora_b.to(acc)) : at::mm(g, lora_b).to(acc)).mul_(scale);
   if (core) {
     if (output_mask[3]) grad_core = at::mm(t.t(), u).to(dtype);
@@ -168,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
     if (output_mask[4]) grad_rank_scale = at::mul(t, xa.to(acc)).sum(0).to(dtype);
     t = at::mul(t, rank_scale->to(acc));
   }
-  if (output_mask[0]) grad_x = at::mm(g, weight);
+  if (!x_or_a) return {grad_x, grad_a, grad_b, grad_core, grad_rank_scale};
   if (d.threshold) {
     at::Tensor masked_grad_x = output_mask[0] ? grad_x : at::Tensor();
     at::Tensor dropped_grad_a = k.dropped_backward(t, xc, ac, d, masked_grad_x, output_mask[1]);

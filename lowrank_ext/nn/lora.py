@@ -55,7 +55,9 @@ class LoRALinear(nn.Module):
     or put ``.<adapter>`` back after ``lora_A`` / ``lora_B``). Variants:
     ``core=True`` adds a trainable r x r core between A and B and freezes A and B
     (LoRA-XS; ``lora_core.<adapter>``), ``rank_scale=True`` a trainable per-rank scale
-    vector (AdaLoRA's diagonal; ``lora_rank_scale.<adapter>``). The base layer is frozen.
+    vector (AdaLoRA's diagonal; ``lora_rank_scale.<adapter>``: the diagonal only, not AdaLoRA's
+    importance-based rank pruning, budget schedule or orthogonality regulariser; PEFT's AdaLoRA
+    layers stay on PEFT's own path under ``accelerate``). The base layer is frozen.
     A merged layer's state_dict adds ``lora_merged`` (its base weight holds the adapter);
     loading takes the saved form, merged or not.
 
