@@ -52,7 +52,8 @@ def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = Non
     and ``W <- W - scale * B A`` (in fp32, with A and B as stored), so the layer's output is
     unchanged up to rounding. ``layer``: an ``nn.Linear`` (wrapped in a new
     :class:`LoRALinear` with ``r``, ``alpha``) or a plain LoRALinear (re-initialised in
-    place; an adapter it already holds is part of what is decomposed, so its function stays). ``n_iter=None`` takes the exact SVD; otherwise the randomized one with that many
+    place; an adapter it already holds is part of what is decomposed, so its function
+    stays). ``n_iter=None`` takes the exact SVD; otherwise the randomized one with that many
     power iterations (PiSSA's "fast SVD").
 
     >>> import torch

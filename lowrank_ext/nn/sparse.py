@@ -104,8 +104,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     changed since the last one (the parameter's version counter tells), so an optimizer step
     needs no extra call; ``base_layer.weight`` read directly is current after a forward or
     :meth:`sync_`. Call :meth:`sync_` after each step yourself under ``torch.compile`` (and
-    before ``torch.export``: a traced forward never syncs) and with code that writes the values without bumping their version counter: torch's
-    ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
+    before ``torch.export``: a traced forward never syncs) and with code that writes the
+    values without bumping their version counter: torch's ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
     third-party optimizers do), e.g. through
     ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
     the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
@@ -194,12 +194,18 @@ class SparseAdapterLinear(_LazySync, nn.Module):
             self._loading_own_state = False
             return
         flat = base_layer.weight.detach().view(-1)
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        expected = (self.base_values.to(acc) + self.applied.to(acc)).to(flat.dtype)
-        if not torch.equal(flat[self.indices], expected):
+        if not torch.equal(flat[self.indices], self._w_eff_entries(self.applied)):
             self.base_values.copy_(flat[self.indices])
             self.applied.zero_()
             self._synced = None
+
+    def _w_eff_entries(self, values: torch.Tensor) -> torch.Tensor:
+        """W_eff under the support for these values: W + values in the scatter kernel's
+        accumulation type, rounded once to the weight's dtype (from the kept W entries, so
+        rounding never accumulates over syncs)."""
+        dtype = self.base_layer.weight.dtype
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return (self.base_values.to(acc) + values.detach().to(acc)).to(dtype)
 
     def _sync_if_stale(self) -> None:
         if not self._unfused:
@@ -217,9 +223,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     def sync_(self) -> None:
         """Fold the values' change since the last sync into W_eff (W_eff[support] = W + values,
         written from the kept base entries, so rounding never accumulates over steps)."""
-        w = self.base_layer.weight.view(-1)
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # the scatter kernel's accumulation type
-        w[self.indices] = (self.base_values.to(acc) + self.values.to(acc)).to(w.dtype)
+        self.base_layer.weight.view(-1)[self.indices] = self._w_eff_entries(self.values)
         self.applied.copy_(self.values)
         self._synced = _values_stamp(self.values)
         if self._unfused:  # the base layer is this layer's again (unfuse() let it go)
@@ -272,8 +276,7 @@ class SLTrainLinear(_LazySync, nn.Module):
 
     S's buffer follows the values as SparseAdapterLinear's W_eff does (synced before a forward
     and a ``state_dict()``; call :meth:`sync_` after each step under ``torch.compile``, before
-    ``torch.export``, with
-    ``fused=True`` optimizers or after writes through ``values.data``).
+    ``torch.export``, with ``fused=True`` optimizers or after writes through ``values.data``).
 
     Example::
 

@@ -137,20 +137,11 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                  capturable: bool = False, differentiable: bool = False):
         # torch.optim.AdamW's keywords are accepted (drop-in); foreach / fused change nothing
         # (the step is always one fused multi-tensor kernel), the others must stay False
-        check_param_group(dict(maximize=maximize, amsgrad=amsgrad, capturable=capturable,
-                               differentiable=differentiable), type(self).__name__)
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_param_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                               amsgrad=amsgrad, capturable=capturable, differentiable=differentiable),
+                          type(self).__name__)
         bs_m, bs_v = (default if bs is None else bs
                       for bs, default in zip((blocksize_exp_avg, blocksize_exp_avg_sq), self.default_blocksizes))
         for name, bs in (("blocksize_exp_avg", bs_m), ("blocksize_exp_avg_sq", bs_v)):

@@ -120,15 +120,7 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
                  n_iter: int = 2, seed: int = 0, mode: str = "galore", proj_bits: int = 32,
                  adaptive_refresh: float | None = None, refresh_patience: int = 2):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_param_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), type(self).__name__)
         _check_galore_group(dict(rank=rank, update_proj_gap=update_proj_gap))
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
