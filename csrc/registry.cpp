@@ -13,20 +13,24 @@ namespace {
 // the schema marks as written (Tensor(a!), Tensor(a!)[], Tensor(a!)?), then runs the op below
 // this key. Without it a tensor saved for backward and then updated by one of these ops would
 // go unnoticed (torch's own in-place ops raise "modified by an inplace operation" then).
+// The bump comes after the op (as in torch's own ADInplaceOrView kernels): a call refused by
+// its argument checks writes nothing and leaves the counters, and the saved tensors, alone.
 void bump_written_args(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
   for (size_t i = 0; i < args.size(); ++i) {
     const auto* alias = args[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
     const c10::IValue& v = (*stack)[first + i];
     if (v.isTensor()) {
-      v.toTensor().unsafeGetTensorImpl()->bump_version();
+      written.push_back(v.toTensor());
     } else if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList().vec()) t.unsafeGetTensorImpl()->bump_version();
+      for (const at::Tensor& t : v.toTensorList().vec()) written.push_back(t);
     }
   }
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
 // The Autograd kernel of the in-place adapter ops (lora_merge_, lora_expand_,
@@ -58,6 +62,10 @@ void refuse_what_autograd_cannot_record(const c10::OperatorHandle& op, c10::Disp
         TORCH_CHECK(!written || !t.is_leaf(), op.schema().name(), ": ", args[i].name(),
                     " is a leaf tensor that requires grad and would be written in place; call the op under "
                     "torch.no_grad() (as optimizers and adapter merges do)");
+        // a view of such a leaf (W[:], W.view(...)) writes the leaf itself, as torch's in-place ops refuse
+        TORCH_CHECK(!written || !t.is_view() || !t._base().is_leaf(), op.schema().name(), ": ", args[i].name(),
+                    " is a view of a leaf tensor that requires grad and would be written in place; call the op "
+                    "under torch.no_grad()");
         TORCH_CHECK(written, op.schema().name(), ": ", args[i].name(),
                     " requires grad, but the op has no derivative and its gradient would be lost; call it under "
                     "torch.no_grad(), or use a differentiable form");

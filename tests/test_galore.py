@@ -405,3 +405,31 @@ def test_refuses_state_dicts_it_cannot_continue():
     eight.step()
     with pytest.raises(ValueError, match="another format"):
         GaLoreAdamW(params, rank=4, state_bits=4).load_state_dict(eight.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["fira", "frugal"])
+def test_residual_modes_step_a_grad_of_another_dtype(mode):
+    # fp32 param with a bf16 grad (grad_dtype): the residual modes read G and raised mid-step,
+    # after other params had moved. bf16 -> fp32 is exact: the step equals one on the upcast grad
+    def run(grad_dtype):
+        torch.manual_seed(0)
+        other, p = torch.nn.Parameter(torch.randn(20, 20)), torch.nn.Parameter(torch.randn(12, 30))
+        p.grad_dtype = grad_dtype
+        opt = GaLoreAdamW([other, p], lr=1e-2, rank=4, update_proj_gap=2, mode=mode, proj_method="svd")
+        for s in range(3):
+            gen = torch.Generator().manual_seed(s)
+            other.grad = torch.randn(20, 20, generator=gen)
+            p.grad = torch.randn(12, 30, generator=gen).to(torch.bfloat16).to(grad_dtype)
+            opt.step()
+        return other.detach(), p.detach()
+    for got, want in zip(run(torch.bfloat16), run(torch.float32)):
+        assert torch.equal(got, want)
+
+
+def test_accepts_torch_adamw_keywords_as_adamw8bit_does():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    GaLoreAdamW([p], rank=2, maximize=False, amsgrad=False, foreach=None, fused=False, capturable=False,
+                differentiable=False)
+    for flag in ("maximize", "amsgrad", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"does not support {flag}=True"):
+            GaLoreAdamW([p], rank=2, **{flag: True})

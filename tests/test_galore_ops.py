@@ -157,6 +157,13 @@ def test_apply_refuses_overlap_before_writing_anything(dtype):
             galore_apply_(w, d, p, rank=r, right=False, lr=0.1, scale=1.0, mode=mode, grad=w,
                           low=p.t() @ w.float(), residual_prev_norm=prev)
         assert torch.equal(w, w0)
+    # a strided param sharing the grad's storage (torch's check cannot decide: refused)
+    buf = torch.randn(m, 2 * n).to(dtype)
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match="shares memory with param"):
+        galore_apply_(buf[:, ::2], d, p, rank=r, right=False, lr=0.1, scale=1.0, mode="frugal",
+                      grad=buf[:, :n], low=low)
+    assert torch.equal(buf, before)
 
 
 def test_apply_updates_a_leaf_param_that_requires_grad(device):

@@ -526,6 +526,12 @@ def test_double_backward_raises_instead_of_returning_zeros():
     torch.testing.assert_close(ga, torch.autograd.grad((y_dense ** 2).sum(), a2)[0])  # first order still right
     with pytest.raises(RuntimeError, match="lora_forward: double backward"):
         ga.sum().backward()
+    # through autograd.grad to another input too (the node has edges to the formula's inputs):
+    # before, d/dx of dA came back without the op's term, silently
+    (ga,) = torch.autograd.grad((lora_linear(x, w, b, a, bb, scale=1.0) ** 2).sum() + (x ** 3).sum(), a,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        torch.autograd.grad(ga.sum(), x)
 
 
 def test_merge_refuses_what_autograd_cannot_record():

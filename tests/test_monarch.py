@@ -322,3 +322,28 @@ def test_monarch_linear_compiles_with_a_data_dependent_batch():
             y = monarch(xs, layer.blkdiag1, layer.blkdiag2, save_intermediate=save)
             y.sum().backward()
             assert xs.grad.shape == xs.shape
+
+
+def test_second_derivatives_through_autograd_grad_raise_too():
+    # autograd.grad to x (not .backward()): the raising node must sit on the path from the grads
+    # to the formula's inputs, or the op's own term of the second derivative is silently dropped
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 4, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad((monarch(x, w1, w2) ** 2).sum() + (x ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="monarch_forward: double backward"):
+        torch.autograd.grad(gx.sum(), x)
+    (gw,) = torch.autograd.grad((blockdiag(x, w1) ** 2).sum(), w1, create_graph=True)
+    with pytest.raises(RuntimeError, match="blockdiag_forward: double backward"):
+        torch.autograd.grad(gw.sum(), x)
+
+
+def test_layer_sizes_take_numpy_ints_and_from_dense_refuses_a_second_bias():
+    import numpy as np
+    layer = MonarchLinear(np.int64(12), 12, np.int64(3))
+    assert layer.nblocks == 3 and type(layer.nblocks) is int
+    for bad in (3.0, True, 0):
+        with pytest.raises(ValueError, match="nblocks must be a positive int"):
+            MonarchLinear(12, 12, bad)
+    with pytest.raises(ValueError, match="takes the bias of the nn.Linear"):
+        MonarchLinear.from_dense(nn.Linear(8, 8), 2, bias=torch.zeros(8))

@@ -194,6 +194,26 @@ def test_gradcheck_float64():
     (gb,) = torch.autograd.grad((lora_expand(y, xa, b, ids, ranks, scales) ** 2).sum(), b, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gb.sum().backward()
+    # autograd.grad to the activations meets the raising node as well (no silent partial answer)
+    (ga,) = torch.autograd.grad((lora_shrink(x, a, ids, ranks, scales) ** 2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ga.sum(), x)
+    (gb,) = torch.autograd.grad((lora_expand(y, xa, b, ids, ranks, scales) ** 2).sum(), b, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gb.sum(), xa)
+
+
+def test_scales_that_require_grad_are_refused():
+    # scales are per-adapter constants: a trained one would silently get no gradient
+    x, a = torch.randn(4, 6), torch.randn(2, 3, 6, requires_grad=True)
+    ids = torch.tensor([0, 1, 1, 0])
+    scales = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="scales has no gradient"):
+        lora_shrink(x, a, ids, None, scales)
+    with pytest.raises(RuntimeError, match="scales has no gradient"):
+        lora_expand(torch.zeros(4, 5), torch.randn(4, 3, requires_grad=True), torch.randn(2, 5, 3), ids, None, scales)
+    lora_shrink(x, a, ids, None, scales.detach()).sum().backward()  # detached: fine
+    assert a.grad is not None
 
 
 def test_grouped_outer_is_the_stacks_gradient(device):
@@ -490,6 +510,28 @@ def test_inplace_expand_raises_when_b_stack_overlaps_y():
     with pytest.raises(RuntimeError, match="single memory location"):
         lora_expand_(y, torch.randn(300, 4), b_stack, torch.zeros(300, dtype=torch.long))
     assert torch.equal(y, before)
+
+
+def test_inplace_expand_raises_when_a_strided_b_stack_shares_y():
+    # a non-dense view: torch's overlap check cannot decide, so a shared storage is refused
+    y = torch.randn(8, 12)
+    before = y.clone()
+    b_stack = y[:, ::3][:, :2].unsqueeze(0)  # [1, 8, 2], every third column of y
+    with pytest.raises(RuntimeError, match="b_stack shares memory with y"):
+        lora_expand_(y, torch.randn(8, 2), b_stack, torch.zeros(8, dtype=torch.long))
+    assert torch.equal(y, before)
+
+
+def test_load_adapter_from_its_own_slot_changes_only_the_scale():
+    # the only way to change a scale: reload the slot's tensors (views of the stacks)
+    layer = MultiLoRALinear(nn.Linear(16, 12), max_adapters=2, max_rank=4)
+    a, b = torch.randn(3, 16), torch.randn(12, 3)
+    slot = layer.load_adapter("a", a, b, scale=1.0)
+    layer.load_adapter("a", layer.lora_a[slot, :3].detach(), layer.lora_b[slot, :, :3].detach(), scale=2.0)
+    assert torch.equal(layer.lora_a[slot, :3], a) and torch.equal(layer.lora_b[slot, :, :3], b)
+    assert float(layer.scales[slot]) == 2.0
+    with pytest.raises(ValueError, match="lora_a must be"):
+        layer.load_adapter("z", torch.tensor(1.0), b)
 
 
 def test_layer_loads_fp64_lora_linear_exactly():

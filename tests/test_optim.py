@@ -571,3 +571,27 @@ def test_refuses_quantized_moments_without_codes():
     with pytest.raises(ValueError, match="without their codes"):
         fresh.load_state_dict(saved)
     assert not fresh.state
+
+
+def test_continues_torch_adamw_state_of_a_transposed_small_param():
+    # torch's moments of a transposed param keep its strides; .to(memory_format=contiguous_format)
+    # returned them as they were, and every step then raised (fp32 moments must be contiguous)
+    torch.manual_seed(0)
+    w = torch.randn(30, 20).t()
+    a = torch.nn.Parameter(w.clone(memory_format=torch.preserve_format))
+    b = torch.nn.Parameter(w.clone(memory_format=torch.preserve_format))
+    ta, tb = torch.optim.AdamW([a], lr=1e-2), torch.optim.AdamW([b], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(w.shape)
+        a.grad, b.grad = g.clone(), g.clone()
+        ta.step()
+        tb.step()
+    ours = AdamW8bit([a], lr=1e-2)  # 600 elements: fp32 moments
+    ours.load_state_dict(ta.state_dict())
+    for _ in range(3):
+        g = torch.randn(w.shape)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        tb.step()
+    assert int(ours.state[a]["step"]) == 6
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)

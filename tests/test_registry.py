@@ -85,6 +85,38 @@ def test_backward_raises_when_a_saved_tensor_was_written_by_an_op():
         y.sum().backward()
 
 
+def test_a_refused_call_leaves_the_version_counters_alone():
+    # as torch's index_add_: an op that raises writes nothing, so a saved tensor stays usable
+    from lowrank_ext.ops.lora import lora_merge_
+    from lowrank_ext.ops.sparse import sparse_scatter_add_
+    x = torch.nn.Parameter(torch.randn(4, 3))
+    y = x * x  # saves x
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="out of range"):
+            sparse_scatter_add_(x, torch.tensor([1000]), torch.ones(1), 1.0)
+        with pytest.raises(RuntimeError, match="lora_b must have shape"):
+            lora_merge_(x, torch.randn(2, 3), torch.randn(5, 2), scale=1.0)
+    assert x._version == 0
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach())
+
+
+def test_views_of_leaves_that_require_grad_are_not_written_outside_no_grad():
+    # W[:] or W.view(...) writes W itself: refused as torch refuses W[:].add_(1)
+    from lowrank_ext.ops.lora import lora_merge_
+    from lowrank_ext.ops.sparse import sparse_scatter_add_
+    w = torch.nn.Parameter(torch.randn(5, 6))
+    w0 = w.detach().clone()
+    with pytest.raises(RuntimeError, match="view of a leaf tensor that requires grad"):
+        lora_merge_(w[:], torch.randn(2, 6), torch.randn(5, 2), scale=1.0)
+    with pytest.raises(RuntimeError, match="view of a leaf tensor that requires grad"):
+        sparse_scatter_add_(w.view(30), torch.tensor([3]), torch.ones(1), 1.0)
+    assert torch.equal(w.detach(), w0)
+    with torch.no_grad():
+        sparse_scatter_add_(w.view(30), torch.tensor([3]), torch.ones(1), 1.0)
+    assert w.detach().view(-1)[3] == w0.view(-1)[3] + 1
+
+
 @pytest.mark.parametrize("op", ["gaussian_sketch", "jacobi_svd", "rsvd", "svd_update", "galore_project", "sddmm",
                                 "lora_grouped_outer"])
 def test_non_differentiable_ops_return_no_graph(op):

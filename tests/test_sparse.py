@@ -522,6 +522,11 @@ def test_shira_second_derivatives_raise_instead_of_losing_terms():
     for g in (gx, gv):  # gx depends on the values through W_eff, outside the graph; gv comes from sddmm
         with pytest.raises(RuntimeError, match="double backward"):
             (g ** 2).sum().backward()
+    # also when asked through autograd.grad for the values alone (gx's path to them is outside the graph)
+    gx, gv = torch.autograd.grad((layer(x) ** 2).sum(), (x, layer.values), create_graph=True)
+    for g in (gx, gv):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad((g ** 2).sum(), layer.values)
     # frozen values: W_eff is a constant and x's gradient can be differentiated again
     layer.values.requires_grad_(False)
     (gx,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
@@ -846,3 +851,83 @@ def test_unfuse_hands_back_a_plain_linear():
     assert not base._load_state_dict_post_hooks
     layer.sync_()
     assert len(base._load_state_dict_post_hooks) == 1
+
+
+def _shira_trained(base, seed):
+    layer = SparseAdapterLinear(copy.deepcopy(base), density=0.1, seed=seed)
+    with torch.no_grad():
+        layer.values.normal_()
+    return layer
+
+
+def _dense_with(w, layer):
+    s = torch.zeros(w.numel(), dtype=w.dtype)
+    s[layer.indices] = layer.values.detach()
+    return w + s.view_as(w)
+
+
+@pytest.mark.parametrize("keys", ["adapter_only", "indices_and_values"])
+def test_shira_loading_another_adapter_replaces_the_one_applied(keys):
+    # evaluating several adapter checkpoints on one wrapped model: each load must drop the
+    # adapter applied before (its entries stayed in W_eff, and unfuse() could not remove them)
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    w, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer, other = _shira_trained(base, 1), _shira_trained(base, 2)
+    x = torch.randn(5, 16)
+    layer(x)  # layer's own adapter folded into W_eff
+    if keys == "adapter_only":
+        sd = {k: v for k, v in other.state_dict().items() if not k.startswith("base_layer.")}
+    else:
+        sd = {"indices": other.indices, "values": other.values.detach()}
+    layer.load_state_dict(sd, strict=False)
+    torch.testing.assert_close(layer(x), x @ _dense_with(w, other).t() + bias)
+    assert torch.equal(layer.unfuse().weight, w)
+
+
+def test_sltrain_loading_a_support_without_the_dense_buffer_clears_the_old_one():
+    torch.manual_seed(0)
+    layer, other = SLTrainLinear(16, 12, 4, 0.1, seed=7), SLTrainLinear(16, 12, 4, 0.1, seed=3)
+    x = torch.randn(5, 16)
+    layer(x)
+    layer.load_state_dict({k: v for k, v in other.state_dict().items() if k != "sparse_weight"}, strict=False)
+    torch.testing.assert_close(layer(x), x @ other.to_dense().t() + other.bias.detach())
+    torch.testing.assert_close(layer.state_dict()["sparse_weight"], other.sparse_weight)
+
+
+def test_shira_support_tensors_must_be_flat_indices_or_a_bool_mask():
+    mask = torch.zeros(6, 10, dtype=torch.bool)
+    mask[1, 2] = mask[3, 4] = True
+    with pytest.raises(ValueError, match="1-D flat indices"):
+        SparseAdapterLinear(nn.Linear(10, 6), support=mask.nonzero())  # (row, col) pairs
+    with pytest.raises(ValueError, match="1-D flat indices"):
+        SparseAdapterLinear(nn.Linear(10, 6), support=mask.to(torch.uint8))  # a 0/1 mask, not bool
+    with pytest.raises(ValueError, match="not both"):
+        SparseAdapterLinear(nn.Linear(10, 6), density=0.5, support=mask)
+    with pytest.raises(TypeError, match="nnz must be an int"):
+        SparseAdapterLinear(nn.Linear(10, 6), nnz=5.0)
+    assert SparseAdapterLinear(nn.Linear(10, 6), support=mask).indices.tolist() == [12, 34]
+
+
+@pytest.mark.parametrize("make", [lambda: SparseAdapterLinear(nn.Linear(6, 4), nnz=3, seed=0),
+                                  lambda: SLTrainLinear(6, 4, 2, 0.2, seed=0)], ids=["shira", "sltrain"])
+def test_loaded_supports_are_checked(make):
+    layer = make()
+    n = layer.indices.numel()
+    for bad in (torch.tensor([-1] + list(range(1, n))), torch.tensor([24] + list(range(1, n))),
+                torch.zeros(n, dtype=torch.int64), torch.arange(n).float()):
+        sd = layer.state_dict()
+        sd["indices"] = bad
+        with pytest.raises(ValueError, match="loaded indices"):
+            make().load_state_dict(sd)
+
+
+def test_random_supports_differ_between_layers_unless_seeded():
+    # per-layer random masks (SLTrain, SHiRA), reproducible through torch.manual_seed
+    torch.manual_seed(0)
+    a, b = SLTrainLinear(32, 32, 4, 0.05), SLTrainLinear(32, 32, 4, 0.05)
+    s1, s2 = SparseAdapterLinear(nn.Linear(32, 32), nnz=50), SparseAdapterLinear(nn.Linear(32, 32), nnz=50)
+    assert not torch.equal(a.indices, b.indices) and not torch.equal(s1.indices, s2.indices)
+    torch.manual_seed(0)
+    assert torch.equal(SLTrainLinear(32, 32, 4, 0.05).indices, a.indices)
+    assert torch.equal(SLTrainLinear(32, 32, 4, 0.05, seed=5).indices, SLTrainLinear(32, 32, 4, 0.05, seed=5).indices)

@@ -1,6 +1,7 @@
 #pragma once
 // Op-boundary checks shared by every family. Each names the op and the argument, and says
 // what was expected, so a bad call reads as a sentence. Only light ATen headers here.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -40,6 +41,17 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const ch
 inline void check_numel(const at::Tensor& t, int64_t numel, const char* op, const char* arg) {
   TORCH_CHECK(t.numel() == numel, op, ": ", arg, " must have ", numel, " elements, got ", t.numel(),
               " (shape ", t.sizes(), ")");
+}
+
+// at::assert_no_overlap(written, read), which lets pass what it cannot decide (either tensor
+// not dense, e.g. a strided slice): such a pair sharing memory raises here too, since the op
+// would read what it writes.
+inline void check_no_overlap(const at::Tensor& written, const at::Tensor& read, const char* op, const char* written_arg,
+                             const char* read_arg) {
+  at::assert_no_overlap(written, read);
+  TORCH_CHECK(at::get_overlap_status(written, read) != at::MemOverlapStatus::TooHard || !written.is_alias_of(read), op,
+              ": ", read_arg, " shares memory with ", written_arg,
+              ", which the op writes, and their layouts do not rule out an overlap; pass a copy (.clone())");
 }
 
 }  // namespace lowrank

@@ -78,11 +78,12 @@ void check_apply_overlap(const at::Tensor& param, const at::Tensor& direction, c
     if (t.defined()) read.push_back(t);
   for (const auto* t : {&grad, &low})
     if (t->has_value()) read.push_back(**t);
+  constexpr const char* op = "galore_apply_";
   at::assert_no_internal_overlap(param);
-  for (const at::Tensor& t : read) at::assert_no_overlap(param, t);
+  for (const at::Tensor& t : read) check_no_overlap(param, t, op, "param", "an input");
   if (residual_prev_norm.has_value()) {
-    at::assert_no_overlap(param, *residual_prev_norm);
-    for (const at::Tensor& t : read) at::assert_no_overlap(*residual_prev_norm, t);
+    check_no_overlap(param, *residual_prev_norm, op, "param", "residual_prev_norm");
+    for (const at::Tensor& t : read) check_no_overlap(*residual_prev_norm, t, op, "residual_prev_norm", "an input");
   }
 }
 

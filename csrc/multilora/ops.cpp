@@ -93,7 +93,7 @@ StackShapes check_expand_args(const at::Tensor& y, const at::Tensor& xa, const a
 
 at::Tensor inplace_expand_xa(const at::Tensor& y, const at::Tensor& xa, const at::Tensor& b_stack) {
   at::assert_no_internal_overlap(y);
-  at::assert_no_overlap(y, b_stack);
+  check_no_overlap(y, b_stack, "lora_expand_", "y", "b_stack");
   return xa.is_alias_of(y) ? xa.clone(at::MemoryFormat::Contiguous) : xa;
 }
 

@@ -42,8 +42,8 @@ void check_scatter_args(const at::Tensor& weight, at::TensorList indices, at::Te
                      v.scalar_type());
     check_same_device(v, weight, op, "values", "weight");
     // read while weight is written: torch's index_add_ raises on such overlap too
-    at::assert_no_overlap(weight, v);
-    at::assert_no_overlap(weight, indices[a]);
+    check_no_overlap(weight, v, op, "weight", "values");
+    check_no_overlap(weight, indices[a], op, "weight", "indices");
     TORCH_CHECK(std::isfinite(alphas[a]), op, ": alphas[", a, "] must be finite, got ", alphas[a]);
   }
 }

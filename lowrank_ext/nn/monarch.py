@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -31,9 +32,15 @@ class MonarchLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
+        sizes = {}
         for name, v in (("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)):
-            if not (isinstance(v, int) and v >= 1):
+            try:
+                sizes[name] = operator.index(v)  # ints and numpy ints (not floats or bools)
+            except TypeError:
+                sizes[name] = None
+            if sizes[name] is None or isinstance(v, bool) or sizes[name] < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        in_features, out_features, nblocks = sizes["in_features"], sizes["out_features"], sizes["nblocks"]
         if in_features % nblocks or out_features % nblocks:
             raise ValueError(f"nblocks = {nblocks} must divide in_features = {in_features} and out_features = "
                              f"{out_features}")
@@ -78,6 +85,8 @@ class MonarchLinear(nn.Module):
         SVD in fp64.
         """
         if isinstance(linear, nn.Linear):
+            if bias is not None:
+                raise ValueError("from_dense takes the bias of the nn.Linear; pass bias with a weight tensor only")
             weight, bias = linear.weight, linear.bias
         else:
             weight = linear

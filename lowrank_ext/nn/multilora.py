@@ -102,8 +102,8 @@ class MultiLoRALinear(nn.Module):
         """Copy ``lora_a [r, d_in]`` and ``lora_b [d_out, r]`` into ``name``'s slot (a free one for
         a new name); returns the slot. ``scale`` defaults to ``alpha / r`` (PEFT's), and to 1
         without alpha."""
-        r = lora_a.shape[0]
         d_out, d_in = self.lora_b.shape[1], self.lora_a.shape[2]
+        r = lora_a.shape[0] if lora_a.dim() == 2 else 0
         if lora_a.dim() != 2 or lora_a.shape[1] != d_in or not 1 <= r <= self.max_rank:
             raise ValueError(f"lora_a must be [r, {d_in}] with 1 <= r <= max_rank = {self.max_rank}, "
                              f"got {tuple(lora_a.shape)}")
@@ -119,6 +119,10 @@ class MultiLoRALinear(nn.Module):
                 raise RuntimeError(f"all {self.max_adapters} adapter slots are taken ({', '.join(self._slots)}); "
                                    f"unload one first")
             slot = free[0]
+        # copies first: the source may share memory with the stacks (re-loading a slot's own
+        # tensors, e.g. to change its scale), which zeroing the slot would wipe
+        lora_a = lora_a.to(self.lora_a.device, self.lora_a.dtype, copy=True)
+        lora_b = lora_b.to(self.lora_b.device, self.lora_b.dtype, copy=True)
         self.lora_a[slot].zero_()
         self.lora_a[slot, :r].copy_(lora_a)
         self.lora_b[slot].zero_()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,10 @@ def choose_support(weight: torch.Tensor, nnz: int, how: str = "random", grad: to
     ``magnitude`` (largest |W|) or ``gradient`` (largest |grad|, e.g. accumulated over a few
     batches, as SHiRA's gradient mask)."""
     numel = weight.numel()
+    try:
+        nnz = operator.index(nnz)  # ints, numpy ints; not 5.0
+    except TypeError:
+        raise TypeError(f"nnz must be an int, got {type(nnz).__name__}") from None
     if not 1 <= nnz <= numel:
         raise ValueError(f"nnz must be in [1, {numel}], got {nnz}")
     if how == "random":
@@ -33,6 +38,25 @@ def choose_support(weight: torch.Tensor, nnz: int, how: str = "random", grad: to
     else:
         raise ValueError(f"support must be 'random', 'magnitude' or 'gradient', got {how!r}")
     return idx.sort().values.to(weight.device)
+
+
+def _layer_seed(seed: int | None) -> int:
+    """A random support's seed: the given one, or (None) one drawn from torch's global generator, so
+    that layers of one shape get different supports (SLTrain's and SHiRA's random masks are
+    per layer) and ``torch.manual_seed`` makes a model's supports reproducible."""
+    return int(torch.randint(0, 2 ** 62, (1,), device="cpu")) if seed is None else seed
+
+
+def _check_loaded_support(state_dict, prefix: str, numel: int, layer: str) -> None:
+    """A support in a state_dict being loaded: unique flat indices into the weight (a negative
+    one would wrap around, an out-of-range one fail at the next forward)."""
+    idx = state_dict.get(prefix + "indices")
+    if idx is None:
+        return
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError(f"{layer}: the loaded indices must be a 1-D integer tensor of flat indices")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or idx.unique().numel() != idx.numel()):
+        raise ValueError(f"{layer}: the loaded indices must be unique flat indices in [0, {numel}) of the weight")
 
 
 def _values_stamp(values: torch.Tensor) -> tuple:
@@ -74,6 +98,7 @@ class _FusedSparseLinear(torch.autograd.Function):
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
         ctx.save_for_backward(x, weight, rows, cols)
+        ctx.values = values  # held in W_eff: grad x depends on it (first_order_only's edge)
         with autocast_off(device_type):
             return F.linear(x, weight, bias)
 
@@ -88,7 +113,7 @@ class _FusedSparseLinear(torch.autograd.Function):
         # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative)
         if ctx.needs_input_grad[3]:
             (grad_x,) = first_order_only("SparseAdapterLinear/SLTrainLinear (through the values)", (grad_x,), (),
-                                         depends_on_trained=True)
+                                         depends_on_trained=True, trained=(ctx.values,))
             (grad_values,) = first_order_only("SparseAdapterLinear/SLTrainLinear (the values' gradient)",
                                               (grad_values,), (grad_y, x))
         return grad_x, None, grad_bias, grad_values, None, None
@@ -98,7 +123,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     """SHiRA: a frozen ``nn.Linear`` plus trainable values on a fixed sparse support, with
     zero forward overhead: the layer keeps ``W_eff = W + S`` in ``base_layer.weight`` itself
     (no clone of W, one GEMM per forward) and the values' gradient comes from SDDMM (no dense
-    weight gradient).
+    weight gradient). The forward is that GEMM, not a call of ``base_layer``: hooks registered on
+    the base layer, or the forward of an ``nn.Linear`` subclass, do not run.
 
     W_eff follows the values lazily: each forward, and ``state_dict()``, first folds in what
     changed since the last one (the parameter's version counter tells), so an optimizer step
@@ -120,7 +146,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     and the values' gradient would miss its path. Untie it first
     (``head.weight = nn.Parameter(head.weight.detach().clone())``).
 
-    ``support``: ``"random"`` (seeded), ``"magnitude"`` or ``"gradient"`` (with ``grad``) and
+    ``support``: ``"random"`` (from ``seed``; None draws one from torch's generator, so layers
+    differ and ``torch.manual_seed`` reproduces them), ``"magnitude"`` or ``"gradient"`` (with ``grad``) and
     ``density`` or ``nnz``; or a tensor: integer flat indices into the weight, or a bool mask of
     the weight's shape (as PEFT's SHiRA ``mask_fn`` gives).
 
@@ -134,7 +161,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, density: float | None = None, nnz: int | None = None,
-                 support: str | torch.Tensor = "random", grad: torch.Tensor | None = None, seed: int = 0):
+                 support: str | torch.Tensor = "random", grad: torch.Tensor | None = None, seed: int | None = None):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SparseAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
@@ -149,6 +176,11 @@ class SparseAdapterLinear(_LazySync, nn.Module):
                 support = support.flatten().nonzero().flatten()
             elif support.is_floating_point() or support.is_complex():
                 raise TypeError(f"support must be integer flat indices or a bool mask, got {support.dtype}")
+            elif support.dim() != 1:  # e.g. mask.nonzero()'s [nnz, 2] (row, col) pairs, or a 0/1 integer mask
+                raise ValueError(f"integer support must be 1-D flat indices into the weight (row * in_features + "
+                                 f"col), got shape {tuple(support.shape)}; pass a mask as a bool tensor")
+            if density is not None or nnz is not None:
+                raise ValueError("density and nnz choose a support: give them, or a support tensor, not both")
             idx = support.to(device=weight.device, dtype=torch.int64).flatten().unique(sorted=True)
             if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= weight.numel()):
                 raise ValueError(f"support indices out of range for a weight of {weight.numel()} elements")
@@ -159,7 +191,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
                 if not 0.0 < density <= 1.0:
                     raise ValueError(f"density must be in (0, 1], got {density}")
                 nnz = max(1, round(density * weight.numel()))
-            idx = choose_support(weight, nnz, support, grad, seed)
+            idx = choose_support(weight, nnz, support, grad, _layer_seed(seed) if support == "random" else 0)
         self.base_layer = base_layer.requires_grad_(False)
         self.register_buffer("indices", idx)
         self.register_buffer("base_values", weight.detach().view(-1)[idx].clone())  # W under the support
@@ -181,8 +213,25 @@ class SparseAdapterLinear(_LazySync, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # runs before base_layer's load: whether this load brings the kept entries with W_eff
+        _check_loaded_support(state_dict, prefix, self.base_layer.weight.numel(), type(self).__name__)
         self._loading_own_state = prefix + "base_values" in state_dict
+        own = any(prefix + k in state_dict for k in ("indices", "values", "base_values", "applied"))
+        with_base = prefix + "base_layer.weight" in state_dict
+        if own and not self._unfused:
+            # the weight back to W first: a new support (another adapter's checkpoint) would
+            # otherwise leave this adapter's entries in it, which nothing could remove later
+            with torch.no_grad():
+                self.base_layer.weight.view(-1)[self.indices] = self.base_values
+                self.applied.zero_()
+            self._synced = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if own and not with_base:
+            # an adapter-only load: the weight is W, so the kept entries are read from it (saved
+            # ones describe the saving model's W) and nothing is applied until the next sync
+            with torch.no_grad():
+                self.base_values.copy_(self.base_layer.weight.detach().view(-1)[self.indices])
+                self.applied.zero_()
+            self._synced = None
 
     @torch.no_grad()
     def _base_layer_loaded(self, base_layer, incompatible_keys) -> None:
@@ -269,7 +318,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
 
 class SLTrainLinear(_LazySync, nn.Module):
     """SLTrain: ``W = B A + S`` trained from scratch, with B [out, r], A [r, in] and S sparse
-    on a random fixed support (``density`` of the entries). ``y = (x A^T) B^T + x S^T``: the
+    on a random fixed support (``density`` of the entries; from ``seed``, or with None, the default,
+    from a seed drawn from torch's generator: each layer its own support). ``y = (x A^T) B^T + x S^T``: the
     sparse part runs as one GEMM against a dense buffer holding S in place (zeros elsewhere)
     and its values' gradient comes from SDDMM, so there is no dense weight gradient and no
     optimizer state of weight size (the buffer is weight-sized).
@@ -285,7 +335,7 @@ class SLTrainLinear(_LazySync, nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, density: float, bias: bool = True,
-                 seed: int = 0, *, device=None, dtype=None):
+                 seed: int | None = None, *, device=None, dtype=None):
         super().__init__()
         if not (isinstance(rank, int) and 1 <= rank <= min(in_features, out_features)):
             raise ValueError(f"rank must be an int in [1, {min(in_features, out_features)}], got {rank!r}")
@@ -299,10 +349,10 @@ class SLTrainLinear(_LazySync, nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.register_buffer("sparse_weight", torch.empty(out_features, in_features, **kw))
         nnz = max(1, round(density * in_features * out_features))
-        self.seed = seed
+        self.seed = _layer_seed(seed)  # kept: reset_parameters draws the same support again
         self.register_buffer("indices", torch.empty(nnz, dtype=torch.int64, device=device))
         self.values = nn.Parameter(torch.empty(nnz, **kw))
-        self._synced = None
+        self._synced = self._synced_indices = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -313,18 +363,33 @@ class SLTrainLinear(_LazySync, nn.Module):
             self.indices.copy_(choose_support(self.sparse_weight, self.values.numel(), "random", seed=self.seed))
             if self.bias is not None:
                 self.bias.zero_()
-        # W = B A + S starts like a kaiming-uniform dense layer split between the two parts
+        # bound = nn.Linear's init bound 1/sqrt(in): S's values are drawn as nn.Linear's entries
+        # (variance bound^2 / 3); B A's entries have variance bound^2 / 9 (r terms of
+        # (bound / 3r) (bound / 3)), a third of nn.Linear's
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A, -math.sqrt(bound), math.sqrt(bound))
         nn.init.uniform_(self.lora_B, -math.sqrt(bound / self.rank), math.sqrt(bound / self.rank))
         nn.init.uniform_(self.values, -bound, bound)
         self.sync_()  # S in its buffer now: a compiled forward (which never syncs) sees it
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_loaded_support(state_dict, prefix, self.in_features * self.out_features, type(self).__name__)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _sync_if_stale(self) -> None:
+        if not torch.compiler.is_compiling() and not _is_synced(self.indices, self._synced_indices):
+            self.sync_()  # a loaded support (load_state_dict without the buffer)
+        super()._sync_if_stale()
+
     @torch.no_grad()
     def sync_(self) -> None:
-        """Write the current values into the dense S buffer (done by forward when they changed)."""
+        """Write the current values into the dense S buffer (done by forward when they changed);
+        a support changed since the last sync (a loaded one) clears the buffer first."""
+        if not _is_synced(self.indices, self._synced_indices):
+            self.sparse_weight.zero_()
         self.sparse_weight.view(-1)[self.indices] = self.values.to(self.sparse_weight.dtype)
         self._synced = _values_stamp(self.values)
+        self._synced_indices = _values_stamp(self.indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._sync_if_stale()
@@ -332,9 +397,10 @@ class SLTrainLinear(_LazySync, nn.Module):
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def __setstate__(self, state):  # as SparseAdapterLinear's
+    def __setstate__(self, state):  # as SparseAdapterLinear's; the buffer came with the copy
         super().__setstate__(state)
         self._synced = None
+        self._synced_indices = _values_stamp(self.indices)
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight B A + S."""

@@ -28,24 +28,31 @@ def is_scalar(value) -> bool:
     return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
 
 
-def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained: bool = False) -> tuple:
+def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained: bool = False,
+                     trained: tuple = ()) -> tuple:
     """The grads a backward formula returns, made to raise if they are differentiated again.
     The formulas here call backward ops that have no autograd kernel of their own: under
     create_graph=True their outputs would carry no graph, and a second derivative through them
     would come back as silent zeros. Where grad mode is on (create_graph) and any input of the
-    formula (incoming grads or saved tensors) requires grad, the grads become aliases whose
-    backward raises, as torch.autograd.function.once_differentiable does (which looks at the
-    incoming grads only). depends_on_trained: the grads depend on a tensor that requires grad
-    but is not among `inputs` (e.g. values held in a weight outside the graph)."""
+    formula (incoming grads or saved tensors) requires grad, the grads become aliases made by
+    a node whose backward raises and whose inputs are those tensors, so that every path from
+    the grads to them (``.backward()`` and ``torch.autograd.grad`` alike) meets it.
+    (torch.autograd.function.once_differentiable looks at the incoming grads only, and its
+    node has no edges to the saved tensors: ``autograd.grad`` then gets silent zeros.)
+    depends_on_trained: the grads also depend on a tensor that requires grad but is not among
+    `inputs` (values held in a weight outside the graph), passed as `trained` where known."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    if not depends_on_trained and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+    needing = [t for t in (*inputs, *trained) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not depends_on_trained and not needing:
         return grads
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return grads
+    # with no input that requires grad (trained tensor unknown), the copies themselves do
+    copies = [grads[i].detach().requires_grad_(not needing) for i in present]
     aliases = _RaiseOnBackward.apply(f"{op}: double backward (a derivative of its gradients) is not supported",
-                                     *[grads[i].detach().requires_grad_() for i in present])
+                                     len(copies), *copies, *needing)
     out = list(grads)
     for i, a in zip(present, aliases):
         out[i] = a
@@ -53,12 +60,13 @@ def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained
 
 
 class _RaiseOnBackward(torch.autograd.Function):
-    """Copies of the grads whose own backward raises (first_order_only)."""
+    """Copies of the first n tensors (the grads), on a node whose backward raises; the rest
+    are the tensors the grads depend on (edges only)."""
 
     @staticmethod
-    def forward(ctx, message, *grads):
+    def forward(ctx, message, n, *tensors):
         ctx.message = message
-        return tuple(g.clone() for g in grads)
+        return tuple(g.clone() for g in tensors[:n])
 
     @staticmethod
     def backward(ctx, *_):

@@ -165,8 +165,15 @@ def _rank_mask(ids, ranks, max_rank, dtype):
     return (torch.arange(max_rank, device=ids.device) < row_rank.unsqueeze(1)).to(dtype)
 
 
+def _refuse_trained_scales(op: str, scales) -> None:
+    if scales is not None and scales.requires_grad:  # a constant here: its gradient would be dropped
+        raise RuntimeError(f"{op}: scales has no gradient (per-adapter constants); pass scales.detach(), or fold a "
+                           f"trained scale into the stacks")
+
+
 def _shrink_setup(ctx, inputs, output):
     x, a_stack, ids, ranks, scales = inputs
+    _refuse_trained_scales("lora_shrink", scales)
     ctx.save_for_backward(x, a_stack, ids, ranks, scales)
 
 
@@ -187,6 +194,7 @@ def _shrink_backward(ctx, grad_xa):
 
 def _expand_setup(ctx, inputs, output):
     y, xa, b_stack, ids, ranks, scales = inputs
+    _refuse_trained_scales("lora_expand", scales)
     ctx.save_for_backward(xa, b_stack, ids, ranks, scales)
     ctx.xa_dtype = xa.dtype
 

@@ -202,7 +202,9 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
         elif "exp_avg" in state:
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = state[key].to(dtype=torch.float32, memory_format=torch.contiguous_format)
+                # .contiguous(), not to(memory_format=contiguous_format): that keeps a transposed
+                # tensor's strides (torch AdamW's moments of a transposed param have them)
+                state[key] = state[key].to(dtype=torch.float32).contiguous()
 
     def _step_seed(self, step: int, bucket: int) -> int:
         # Philox streams are (seed, tensor index in the call): fold the call (bucket) in, so

@@ -119,8 +119,14 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
                  n_iter: int = 2, seed: int = 0, mode: str = "galore", proj_bits: int = 32,
-                 adaptive_refresh: float | None = None, refresh_patience: int = 2):
-        check_param_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), type(self).__name__)
+                 adaptive_refresh: float | None = None, refresh_patience: int = 2, maximize: bool = False,
+                 amsgrad: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False):
+        # torch.optim.AdamW's keywords are accepted (drop-in, as AdamW8bit's): foreach / fused
+        # change nothing, the others must stay False
+        check_param_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                               amsgrad=amsgrad, capturable=capturable, differentiable=differentiable),
+                          type(self).__name__)
         _check_galore_group(dict(rank=rank, update_proj_gap=update_proj_gap))
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits must be 32, 8 or 4, got {state_bits!r}")
@@ -333,9 +339,12 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         prev = None
         if self.mode == "fira":  # 0: no limit before the first residual
             prev = state.setdefault("fira_prev_norm", torch.zeros(1, device=p.device))
+        grad = None
+        if self.mode != "galore":  # the op reads G in the param's dtype (a grad_dtype grad is cast)
+            grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)
         galore_apply_(p, direction, *proj[:3], rank=group["rank"], blocksize=proj[3], right=bool(state["proj_right"]),
                       lr=lr, scale=group["scale"], weight_decay=group["weight_decay"], mode=self.mode,
-                      grad=p.grad if self.mode != "galore" else None, low=low if self.mode != "galore" else None,
+                      grad=grad, low=low if self.mode != "galore" else None,
                       residual_prev_norm=prev, residual_growth=_FIRA_GAMMA)
 
     def load_state_dict(self, state_dict: dict) -> None:
