@@ -433,3 +433,23 @@ def test_accepts_torch_adamw_keywords_as_adamw8bit_does():
     for flag in ("maximize", "amsgrad", "capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"does not support {flag}=True"):
             GaLoreAdamW([p], rank=2, **{flag: True})
+
+
+def test_a_rank_changed_mid_run_is_refused_before_any_update():
+    torch.manual_seed(0)
+    other, p = torch.nn.Parameter(torch.randn(6, 6)), torch.nn.Parameter(torch.randn(12, 30))
+    opt = GaLoreAdamW([other, p], lr=1e-2, rank=4, update_proj_gap=2)
+    for _ in range(2):
+        other.grad, p.grad = torch.randn(6, 6), torch.randn(12, 30)
+        opt.step()
+    for rank in (2, 8, None):
+        opt.param_groups[0]["rank"] = rank
+        before = [t.detach().clone() for t in (other, p)]
+        with pytest.raises(ValueError, match="has state at rank 4"):
+            opt.step()
+        assert all(torch.equal(t, b) for t, b in zip((other, p), before)) and int(opt.state[p]["step"]) == 2
+    opt.param_groups[0]["rank"] = 4
+    opt.step()  # back at its rank: steps again, and the state round-trips
+    fresh = GaLoreAdamW([torch.nn.Parameter(other.detach().clone()), torch.nn.Parameter(p.detach().clone())],
+                        lr=1e-2, rank=4, update_proj_gap=2)
+    fresh.load_state_dict(opt.state_dict())

@@ -235,6 +235,7 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                 state["proj_frozen"] = similar >= self.refresh_patience
             # a bool, not "left"/"right": torch's load_state_dict would iterate a str
             state["proj_right"] = right
+            state["proj_rank"] = rank
             if self.proj_bits == 32:
                 state["proj"] = new
             else:
@@ -253,11 +254,18 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         due: dict[tuple, list] = defaultdict(list)
         for group in self.param_groups:
             check_param_group(group, type(self).__name__)  # also a flag set on the group after construction
+            _check_galore_group(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 check_steppable(p, "GaLoreAdamW")
                 state = self.state[p]
+                made_with = state.get("proj_rank")
+                if made_with is not None and made_with != (group["rank"] if self._uses_galore(p, group) else None):
+                    # its moments are [rank, n] (or [m, rank]): they cannot step at another rank
+                    raise ValueError(f"GaLoreAdamW: a param of shape {tuple(p.shape)} has state at rank {made_with}, "
+                                     f"but its group's rank is now {group['rank']!r}; a rank cannot change mid-run "
+                                     f"(start a new optimizer, or put the param in a new group before its first step)")
                 step = int(state.setdefault("step", 0))
                 galore = self._uses_galore(p, group)
                 due_now = "proj_right" not in state or step % group["update_proj_gap"] == 0
