@@ -595,3 +595,15 @@ def test_continues_torch_adamw_state_of_a_transposed_small_param():
         tb.step()
     assert int(ours.state[a]["step"]) == 6
     torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
+def test_an_expanded_param_is_refused_before_anything_steps(cls):
+    ok = torch.nn.Parameter(torch.randn(8, 8))
+    bad = torch.nn.Parameter(torch.randn(1, 8).expand(8, 8))
+    opt = cls([ok, bad], lr=1e-2)
+    ok.grad, bad.grad = torch.randn(8, 8), torch.randn(8, 8)
+    before = ok.detach().clone()
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.step()
+    assert torch.equal(ok.detach(), before) and not opt.state[ok]

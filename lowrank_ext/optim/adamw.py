@@ -43,6 +43,9 @@ def check_steppable(p: torch.Tensor, optimizer: str) -> None:
     if p.dtype not in _PARAM_DTYPES or p.grad.dtype not in _PARAM_DTYPES:
         raise TypeError(f"{optimizer} steps float32/float16/bfloat16 params and grads, got {p.dtype} with a "
                         f"{p.grad.dtype} grad")
+    if torch._debug_has_internal_overlap(p) == 1:  # e.g. expanded: an in-place update cannot be written
+        raise RuntimeError(f"{optimizer}: a param of shape {tuple(p.shape)} has elements that share memory "
+                           f"(an expanded tensor); it cannot be updated in place")
 
 
 # torch.optim.AdamW options these optimizers do not implement: a group (or constructor)
