@@ -862,3 +862,25 @@ def test_adapter_only_state_dict_of_a_merged_layer_loads_into_an_unmerged_one():
     base_only = {k: v for k, v in src.state_dict().items() if not k.startswith("lora_") or k == "lora_merged"}
     with pytest.raises(RuntimeError, match="does not include"):
         _lora_with_adapter(seed=2).load_state_dict(base_only, strict=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_a_zero_scale_still_carries_the_adapters_nan(dtype):
+    # s (h B^T) with s = 0 and a NaN in B is NaN, as in torch; BLAS with alpha = 0 skipped it in
+    # some dtypes (y, the merged weight and dB came back finite)
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 8).to(dtype), torch.randn(5, 8).to(dtype)
+    a, b = torch.randn(2, 8).to(dtype), torch.randn(5, 2).to(dtype)
+    b[1, 0] = float("nan")
+    y, xa = lora_forward(x, w, None, a, b, scale=0.0)
+    assert y[:, 1].isnan().all() and y[:, [0, 2, 3, 4]].isfinite().all()
+    a_nan = a.clone()
+    a_nan[0, 3] = float("nan")
+    _, xa_nan = lora_forward(x, w, None, a_nan, b.nan_to_num(), scale=0.0)
+    grads = lora_backward(torch.ones(6, 5, dtype=dtype), x, w, a_nan, b.nan_to_num(), None, None, xa_nan, scale=0.0, dropout_p=0.0, seed=0,
+                          output_mask=[False, False, True, False, False])
+    # dB = 0 * g^T h: h's first column is NaN in every token (A's NaN), the other one finite
+    assert grads[2][:, 0].isnan().all() and (grads[2][:, 1] == 0).all()
+    merged = w.clone()
+    lora_merge_(merged, a, b, scale=0.0)
+    assert merged[1].isnan().all() and torch.equal(merged[[0, 2, 3, 4]], w[[0, 2, 3, 4]])

@@ -655,3 +655,22 @@ def test_hooked_base_layer_keeps_the_output_dtype_under_autocast():
         layer.base_layer.register_forward_hook(lambda *_: None)
         hooked = layer(x, ids)
     assert hooked.dtype == plain.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("n", [40, 600])  # chunked groups, and one whole group (straight BLAS calls)
+def test_a_zero_scale_still_carries_nan_on_every_path(dtype, n):
+    # 0 * (x A^T) is NaN where x's row is: the whole-group BLAS calls with alpha = 0 gave 0
+    torch.manual_seed(0)
+    ids = torch.zeros(n, dtype=torch.long)
+    x = torch.randn(n, 8, dtype=dtype)
+    x[3, 2] = float("nan")
+    zero = torch.tensor([0.0])
+    xa = lora_shrink(x, torch.randn(1, 4, 8, dtype=dtype), ids, None, zero)
+    assert xa[3].isnan().all() and torch.equal(xa[torch.arange(n) != 3], torch.zeros(n - 1, 4, dtype=xa.dtype))
+    b = torch.randn(1, 6, 4, dtype=dtype)
+    b[0, 1, 0] = float("nan")
+    y = lora_expand(torch.zeros(n, 6, dtype=dtype), torch.randn(n, 4, dtype=xa.dtype), b, ids, None, zero)
+    assert y[:, 1].isnan().all() and torch.equal(y[:, [0, 2, 3, 4, 5]], torch.zeros(n, 5, dtype=dtype))
+    outer = lora_grouped_outer(x, torch.randn(n, 5, dtype=dtype), ids, 1, zero)
+    assert outer[0, 2].isnan().all() and (outer[0, [0, 1, 3]] == 0).all()

@@ -674,3 +674,26 @@ def test_jacobi_svd_wrapper_takes_empty_matrices(shape):
     u, s, vh = ops.jacobi_svd(a)
     want = torch.linalg.svd(a, full_matrices=False)
     assert (u.shape, s.shape, vh.shape) == (want.U.shape, want.S.shape, want.Vh.shape)
+
+
+def test_fakes_do_not_guard_on_which_side_is_smaller():
+    # a Python min(m, n) over SymInts guarded on m >= n: one recompile when a dynamic dim crossed
+    # the other (rsvd, jacobi_svd, galore_project)
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+    from torch._dynamo.testing import CompileCounter
+
+    from lowrank_ext.ops.galore import galore_project
+    from lowrank_ext.ops.svd import jacobi_svd, rsvd
+    proj = torch.randn(2, 4)
+    cases = [(lambda g: galore_project(g, proj, rank=2, right=True), lambda m: torch.randn(m, 4)),
+             (lambda a: jacobi_svd(a)[1][:, :1], lambda m: torch.randn(2, m, 4)),
+             (lambda a: rsvd(a, 1, 1, 1)[1], lambda m: torch.randn(m, 4))]
+    with fx_config.patch(use_duck_shape=False):
+        for fn, make in cases:
+            torch._dynamo.reset()
+            counter = CompileCounter()
+            compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+            for m in (3, 7, 9):  # 3 < n = 4 < 7
+                compiled(make(m))
+            assert counter.frame_count == 1

@@ -22,6 +22,7 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace lowrank {
 
@@ -79,6 +80,21 @@ void rm_gemm(bool ta, bool tb, int64_t batch, int64_t m, int64_t n, int64_t k, c
              int64_t stride_a, const Acc* b, int64_t ldb, int64_t stride_b, Acc beta, Acc* c, int64_t ldc,
              int64_t stride_c, Acc alpha = Acc(1)) {
   if (m == 0 || n == 0) return;
+  if (alpha == Acc(0) && k > 0) {
+    // BLAS (and addmm_) skip the product for alpha = 0, but C = beta C + 0 (A B) must carry A's
+    // and B's NaN/Inf (an adapter's scale of 0, as 0 * (x A^T) in torch): the product is formed
+    // (rare: a zero scale) and added times 0
+    std::vector<Acc> prod(static_cast<size_t>(m * n));
+    for (int64_t i = 0; i < batch; ++i) {
+      rm_gemm<Acc>(ta, tb, 1, m, n, k, a + i * stride_a, lda, 0, b + i * stride_b, ldb, 0, Acc(0), prod.data(), n, 0,
+                   Acc(1));
+      Acc* ci = c + i * stride_c;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < n; ++j)
+          ci[r * ldc + j] = (beta == Acc(0) ? Acc(0) : beta * ci[r * ldc + j]) + Acc(0) * prod[r * n + j];
+    }
+    return;
+  }
   const blas_gemm_fn<Acc> gemm = find_blas_gemm<Acc>();
   if (gemm != nullptr && k > 0 && fits_blas_int({m, n, k, lda, ldb, ldc})) {
     const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);

@@ -114,7 +114,11 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   const at::Tensor xa = d.threshold ? k.x_dropped_a(xc, ac, d) : at::mm(xc, ac.t());
   const at::Tensor h = branch(xa, core, rank_scale).second.to(x.scalar_type());
   at::Tensor y = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
-  y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  if (scale != 0) {
+    y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  } else {  // BLAS skips the product for alpha = 0: s (h B^T) must still carry the adapter's NaN/Inf
+    y.add_(at::mm(h, lora_b.t()), 0);
+  }
   return {y, xa};
 }
 
@@ -146,7 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   // once as before (BLAS may sum in another order): MKL takes a slow path for g^T h
   // ([d_out, N] x [N, r], r small), 5.8 ms against 0.7 ms at N = 2048, d = 1024, r = 8 (2-core
   // CPU), and the swap was never slower over the benchmark's shapes
-  if (output_mask[2]) {
+  if (output_mask[2] && scale == 0) {  // alpha = 0 would skip the product (and its NaN/Inf)
+    grad_b = at::mm(g.t(), h.to(dtype)).mul_(0);
+  } else if (output_mask[2]) {
     if (g.is_cpu()) {
       grad_b = at::addmm(at::empty({s.r, s.d_out}, x.options()), h.to(dtype).t(), g, /*beta=*/0, /*alpha=*/scale)
                    .t()
@@ -218,7 +224,9 @@ void lora_merge_(at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor&
   at::Tensor left = lora_b.to(acc);
   if (core) left = at::mm(left, core->to(acc));
   if (rank_scale) left = at::mul(left, rank_scale->to(acc));
-  at::Tensor merged = at::addmm(weight.to(acc), left, lora_a.to(acc), /*beta=*/1, /*alpha=*/scale);
+  // alpha = 0 would let BLAS skip the product: a zero scale still carries the adapter's NaN/Inf
+  at::Tensor merged = scale != 0 ? at::addmm(weight.to(acc), left, lora_a.to(acc), /*beta=*/1, /*alpha=*/scale)
+                                 : weight.to(acc).add_(at::mm(left, lora_a.to(acc)), 0);
   weight.copy_(merged);
 }
 

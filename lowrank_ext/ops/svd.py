@@ -93,7 +93,7 @@ def _gaussian_sketch_fake(a, l, seed):
 def _jacobi_svd_fake(a):
     _check_matrix(a, "jacobi_svd")
     m, n = a.shape[-2:]
-    p = min(m, n)
+    p = torch.sym_min(m, n)  # not min(): a Python min over SymInts guards on which is smaller (a recompile)
     lead, wt = a.shape[:-2], _work(a.dtype)
     return a.new_empty(*lead, m, p, dtype=wt), a.new_empty(*lead, p, dtype=wt), a.new_empty(*lead, p, n, dtype=wt)
 
@@ -102,7 +102,8 @@ def _jacobi_svd_fake(a):
 def _rsvd_fake(a, k, oversample=10, n_iter=2, seed=0):
     _check_matrix(a, "rsvd")
     m, n = a.shape[-2:]
-    torch._check(1 <= k <= min(m, n), lambda: f"rsvd: k must be in [1, min(m, n)], got {k}")
+    for bound in (1 <= k, k <= m, k <= n):  # not min(m, n): no guard on which is smaller
+        torch._check(bound, lambda: f"rsvd: k must be in [1, min(m, n)], got {k}")
     lead, wt = a.shape[:-2], _work(a.dtype)
     return a.new_empty(*lead, m, k, dtype=wt), a.new_empty(*lead, k, dtype=wt), a.new_empty(*lead, k, n, dtype=wt)
 
@@ -116,7 +117,8 @@ def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0):
         torch._check(t.dim() == 2 and t.shape == a.shape and t.dtype == a.dtype,
                      lambda: "batched_rsvd: the matrices must be 2-D and share one shape and dtype")
     m, n = a.shape
-    torch._check(1 <= k <= min(m, n), lambda: f"batched_rsvd: k must be in [1, min(m, n)], got {k}")
+    for bound in (1 <= k, k <= m, k <= n):  # not min(m, n): no guard on which is smaller
+        torch._check(bound, lambda: f"batched_rsvd: k must be in [1, min(m, n)], got {k}")
     b, wt = len(mats), _work(a.dtype)
     return a.new_empty(b, m, k, dtype=wt), a.new_empty(b, k, dtype=wt), a.new_empty(b, k, n, dtype=wt)
 
@@ -125,6 +127,7 @@ def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0):
 def _svd_update_fake(u, s, x, k):
     torch._check(u.dim() == 2 and s.dim() == 1 and x.dim() == 2 and u.shape[0] == x.shape[0]
                  and s.shape[0] == u.shape[1], lambda: "svd_update: U [m, k0], S [k0], X [m, c]")
-    torch._check(1 <= k <= min(x.shape[0], u.shape[1] + x.shape[1]), lambda: f"svd_update: bad k = {k}")
+    for bound in (1 <= k, k <= x.shape[0], k <= u.shape[1] + x.shape[1]):  # no min(): no guard on the smaller
+        torch._check(bound, lambda: f"svd_update: bad k = {k}")
     wt = torch.float64 if torch.float64 in (u.dtype, x.dtype) else torch.float32
     return x.new_empty(x.shape[0], k, dtype=wt), x.new_empty(k, dtype=wt)
