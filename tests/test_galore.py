@@ -453,3 +453,19 @@ def test_a_rank_changed_mid_run_is_refused_before_any_update():
     fresh = GaLoreAdamW([torch.nn.Parameter(other.detach().clone()), torch.nn.Parameter(p.detach().clone())],
                         lr=1e-2, rank=4, update_proj_gap=2)
     fresh.load_state_dict(opt.state_dict())
+
+
+def test_turning_galore_on_mid_run_is_refused_before_any_update():
+    # full-Adam state (rank None, or a rank >= min(m, n)) cannot step as GaLore
+    for start in (None, 16):
+        torch.manual_seed(0)
+        bias, p = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(12, 30))
+        opt = GaLoreAdamW([bias, p], lr=1e-2, rank=start, update_proj_gap=2)
+        for _ in range(2):
+            bias.grad, p.grad = torch.randn(5), torch.randn(12, 30)
+            opt.step()
+        opt.param_groups[0]["rank"] = 4
+        before = [t.detach().clone() for t in (bias, p)]
+        with pytest.raises(ValueError, match=r"has state at rank None \(full Adam\)"):
+            opt.step()
+        assert all(torch.equal(t, b) for t, b in zip((bias, p), before)) and int(opt.state[p]["step"]) == 2

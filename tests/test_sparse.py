@@ -4,6 +4,7 @@ sddmm against the dense gradient gathered, bad inputs."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -931,3 +932,55 @@ def test_random_supports_differ_between_layers_unless_seeded():
     torch.manual_seed(0)
     assert torch.equal(SLTrainLinear(32, 32, 4, 0.05).indices, a.indices)
     assert torch.equal(SLTrainLinear(32, 32, 4, 0.05, seed=5).indices, SLTrainLinear(32, 32, 4, 0.05, seed=5).indices)
+
+
+def test_shira_adapter_only_load_with_assign_leaves_the_source_alone():
+    # assign=True makes the loaded tensors the layer's buffers: the load must not write into them
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    w, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer, other = _shira_trained(base, 1), _shira_trained(base, 2)
+    x = torch.randn(5, 16)
+    layer(x)
+    other(x)
+    other_applied = other.applied.clone()
+    sd = {k: v for k, v in other.state_dict().items() if not k.startswith("base_layer.")}
+    layer.load_state_dict(sd, strict=False, assign=True)
+    assert torch.equal(other.applied, other_applied)
+    torch.testing.assert_close(other(x), x @ _dense_with(w, other).t() + bias)
+    torch.testing.assert_close(layer(x), x @ _dense_with(w, other).t() + bias)
+    assert torch.equal(other.unfuse().weight, w) and torch.equal(layer.unfuse().weight, w)
+
+
+def test_sltrain_copies_after_a_support_only_load_are_right():
+    torch.manual_seed(0)
+    layer, other = SLTrainLinear(16, 12, 4, 0.1, seed=7), SLTrainLinear(16, 12, 4, 0.1, seed=3)
+    layer.load_state_dict({k: v for k, v in other.state_dict().items() if k != "sparse_weight"}, strict=False)
+    x = torch.randn(5, 16)
+    want = x @ other.to_dense().t() + other.bias.detach()
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(copied(x), want)
+
+
+def test_meta_layers_load_meta_state_dicts():
+    with torch.device("meta"):
+        shira = SparseAdapterLinear(nn.Linear(8, 6), nnz=4, seed=0)
+        sl = SLTrainLinear(8, 6, 2, 0.2, seed=0)
+    for layer in (shira, sl):
+        layer.load_state_dict(layer.state_dict(), assign=True)
+
+
+def test_shira_own_state_load_into_an_unfused_layer_leaves_later_base_loads_working():
+    # the flag "this load brings W_eff" stayed set (no base hook on an unfused layer to take it
+    # back), so a pretrained load after sync_() was ignored
+    torch.manual_seed(0)
+    layer = _shira_trained(nn.Linear(16, 12), 1)
+    sd = layer.state_dict()
+    layer.unfuse()
+    layer.load_state_dict(sd)
+    layer.sync_()
+    pretrained = nn.Linear(16, 12)
+    layer.base_layer.load_state_dict(pretrained.state_dict())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), x @ _dense_with(pretrained.weight.detach(), layer).t() + pretrained.bias)
+    assert torch.equal(layer.unfuse().weight, pretrained.weight)

@@ -55,7 +55,8 @@ def _check_loaded_support(state_dict, prefix: str, numel: int, layer: str) -> No
         return
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
         raise ValueError(f"{layer}: the loaded indices must be a 1-D integer tensor of flat indices")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel or idx.unique().numel() != idx.numel()):
+    if idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= numel
+                                            or idx.unique().numel() != idx.numel()):
         raise ValueError(f"{layer}: the loaded indices must be unique flat indices in [0, {numel}) of the weight")
 
 
@@ -214,7 +215,8 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # runs before base_layer's load: whether this load brings the kept entries with W_eff
         _check_loaded_support(state_dict, prefix, self.base_layer.weight.numel(), type(self).__name__)
-        self._loading_own_state = prefix + "base_values" in state_dict
+        # (an unfused layer has no hook on its base layer to take the flag back)
+        self._loading_own_state = prefix + "base_values" in state_dict and not self._unfused
         own = any(prefix + k in state_dict for k in ("indices", "values", "base_values", "applied"))
         with_base = prefix + "base_layer.weight" in state_dict
         if own and not self._unfused:
@@ -222,15 +224,16 @@ class SparseAdapterLinear(_LazySync, nn.Module):
             # otherwise leave this adapter's entries in it, which nothing could remove later
             with torch.no_grad():
                 self.base_layer.weight.view(-1)[self.indices] = self.base_values
-                self.applied.zero_()
+            self.applied = torch.zeros_like(self.applied)  # new tensors, not writes: see below
             self._synced = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if own and not with_base:
             # an adapter-only load: the weight is W, so the kept entries are read from it (saved
-            # ones describe the saving model's W) and nothing is applied until the next sync
-            with torch.no_grad():
-                self.base_values.copy_(self.base_layer.weight.detach().view(-1)[self.indices])
-                self.applied.zero_()
+            # ones describe the saving model's W) and nothing is applied until the next sync.
+            # Rebound, not written in place: with assign=True the buffers are the state_dict's
+            # tensors, which may be another layer's own
+            self.base_values = self.base_layer.weight.detach().view(-1)[self.indices].clone()
+            self.applied = torch.zeros_like(self.values.detach())
             self._synced = None
 
     @torch.no_grad()
@@ -397,10 +400,9 @@ class SLTrainLinear(_LazySync, nn.Module):
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def __setstate__(self, state):  # as SparseAdapterLinear's; the buffer came with the copy
+    def __setstate__(self, state):  # as SparseAdapterLinear's; the copied buffer may be stale too
         super().__setstate__(state)
-        self._synced = None
-        self._synced_indices = _values_stamp(self.indices)
+        self._synced = self._synced_indices = None
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight B A + S."""

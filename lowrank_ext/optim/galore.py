@@ -260,13 +260,16 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                     continue
                 check_steppable(p, "GaLoreAdamW")
                 state = self.state[p]
-                made_with = state.get("proj_rank")
-                if made_with is not None and made_with != (group["rank"] if self._uses_galore(p, group) else None):
+                # the rank the state was made at (None: full Adam), stamped at a param's first step
+                uses = group["rank"] if self._uses_galore(p, group) else None
+                if "proj_rank" in state and state["proj_rank"] != uses:
                     # its moments are [rank, n] (or [m, rank]): they cannot step at another rank
-                    raise ValueError(f"GaLoreAdamW: a param of shape {tuple(p.shape)} has state at rank {made_with}, "
+                    made = state["proj_rank"] if state["proj_rank"] is not None else "None (full Adam)"
+                    raise ValueError(f"GaLoreAdamW: a param of shape {tuple(p.shape)} has state at rank {made}, "
                                      f"but its group's rank is now {group['rank']!r}; a rank cannot change mid-run "
                                      f"(start a new optimizer, or put the param in a new group before its first step)")
                 step = int(state.setdefault("step", 0))
+                state.setdefault("proj_rank", uses)
                 galore = self._uses_galore(p, group)
                 due_now = "proj_right" not in state or step % group["update_proj_gap"] == 0
                 if galore and due_now and not state.get("proj_frozen", False):
