@@ -97,7 +97,10 @@ def _check_adapter_entry(name: str, w: torch.Tensor, idx: torch.Tensor, val: tor
 def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float | Sequence[float] = 1.0) -> Handle:
     """Adds ``alpha * values`` at each adapter's indices into the named weights, in place: several
     adapters (a list, with one alpha each or one for all) fuse in one scatter per weight.
-    Every index of every adapter is checked before any weight is written."""
+    Every index of every adapter is checked before any weight is written. Undo it with
+    :func:`remove` only: the model keeps the handle until then, so weights reset another way
+    (e.g. ``load_state_dict`` of the base weights) leave it, and a later ``remove`` of it
+    would subtract an adapter that is no longer there."""
     if isinstance(adapters, Mapping):
         adapters = [adapters]
     alphas = [float(alpha)] * len(adapters) if is_scalar(alpha) else [float(a) for a in alpha]

@@ -884,3 +884,22 @@ def test_a_zero_scale_still_carries_the_adapters_nan(dtype):
     merged = w.clone()
     lora_merge_(merged, a, b, scale=0.0)
     assert merged[1].isnan().all() and torch.equal(merged[[0, 2, 3, 4]], w[[0, 2, 3, 4]])
+
+
+def test_peft_accelerated_model_is_freed_at_del():
+    # the patched forward holds its layer weakly: a strong reference was a cycle that kept the
+    # weights alive until the cycle collector ran (a reloaded model's memory)
+    import gc
+    import weakref
+
+    from lowrank_ext.integrations.peft import accelerate
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), peft.LoraConfig(r=2, lora_alpha=4,
+                                                                                target_modules=["0"]))
+    assert accelerate(model) == 1
+    weight = weakref.ref(model.base_model.model[0].base_layer.weight)
+    gc.disable()
+    try:
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()

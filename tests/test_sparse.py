@@ -984,3 +984,43 @@ def test_shira_own_state_load_into_an_unfused_layer_leaves_later_base_loads_work
     x = torch.randn(5, 16)
     torch.testing.assert_close(layer(x), x @ _dense_with(pretrained.weight.detach(), layer).t() + pretrained.bias)
     assert torch.equal(layer.unfuse().weight, pretrained.weight)
+
+
+def test_shira_layer_is_freed_at_del_and_copies_keep_their_own_hook():
+    # the base layer's load hook holds the layer weakly (a bound method made a cycle)
+    import gc
+    import weakref
+    torch.manual_seed(0)
+    layer = _shira_trained(nn.Linear(16, 12), 1)
+    copied = copy.deepcopy(layer)
+    pretrained = nn.Linear(16, 12)
+    copied.base_layer.load_state_dict(pretrained.state_dict())  # the copy takes it as its W ...
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(copied(x), x @ _dense_with(pretrained.weight.detach(), copied).t() + pretrained.bias)
+    assert not torch.equal(layer.base_values, copied.base_values)  # ... the original does not
+    weight = weakref.ref(layer.base_layer.weight)
+    gc.disable()
+    try:
+        del layer
+        assert weight() is None
+    finally:
+        gc.enable()
+
+
+def test_shira_resyncs_values_replaced_at_a_reused_address():
+    # .data = new leaves the version at 0, and a new storage could land at the freed address of
+    # the synced one: the stamp matched and the forward used stale W_eff. The stamp now keeps the
+    # synced storage alive, so no new storage can share its address. (Whether an address repeats
+    # depends on the allocator; with glibc this sequence of sizes hits one.)
+    torch.manual_seed(0)
+    for n in (200, 5000, 100000):
+        layer = SparseAdapterLinear(nn.Linear(512, 512), nnz=n, seed=0)
+        w = layer.base_layer.weight.detach().clone()
+        x = torch.randn(2, 512)
+        layer(x)
+        synced_at = layer.values.data_ptr()
+        for k in range(1, 50):  # swaps of values, as from other adapters, until an address repeats
+            layer.values.data = torch.full((n,), float(k))
+            if layer.values.data_ptr() == synced_at:
+                break
+        torch.testing.assert_close(layer(x), x @ _dense_with(w, layer).t() + layer.base_layer.bias)

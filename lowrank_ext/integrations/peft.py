@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._weak import WeakModuleRef
 from ..nn.lora import calls_module_code
 from ..ops._common import autocast_on
 from ..ops.lora import lora_linear
@@ -83,8 +84,12 @@ class _FusedForward:
     forward: a wrapper installed on top of it (accelerate's hooks) may still call it."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
+        self._module = WeakModuleRef(module)  # the module holds this object: no cycle
         self.active = True
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.active:

@@ -23,7 +23,9 @@ class MultiLoRALinear(nn.Module):
 
     ``forward(x, adapter_ids)`` takes one id per token (``x.shape[:-1]``) or, for ``x [B, T, d]``,
     one per sequence (``[B]``): slot indices from :meth:`adapter_ids` (``-1``: base layer
-    only), or a list of adapter names (``None``: base only). Both stacks are parameters, so
+    only), or a list of adapter names (``None``: base only). Under ``torch.compile`` pass the
+    ids tensor: a list of names is a Python constant, so each new list compiles again (and past
+    Dynamo's cache limit the layer runs eagerly). Both stacks are parameters, so
     several adapters train at once (each slot's gradient comes from its own tokens only);
     the base layer is frozen. No dropout on the adapter branch. An optimizer steps each stack
     as one parameter: slots without tokens get a zero gradient, not none, so weight decay

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._weak import WeakModuleRef
 from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
 from ..ops.sparse import sddmm
 
@@ -61,15 +62,17 @@ def _check_loaded_support(state_dict, prefix: str, numel: int, layer: str) -> No
 
 
 def _values_stamp(values: torch.Tensor) -> tuple:
-    """What identifies the values a layer last synced into its weight: the tensor object (kept,
-    so its id cannot be reused), its storage and its version counter. A changed version is an
-    optimizer step; a changed object or storage is load_state_dict(assign=True) or .data = ...,
-    whose new tensor may carry the same version number."""
-    return values, values.data_ptr(), values._version
+    """What identifies the values a layer last synced into its weight: the tensor object, a
+    view of its storage then (kept, so that a replaced storage's memory, and its address, cannot
+    be reused), and its version counter. A changed version is an optimizer step; a changed
+    object or storage is load_state_dict(assign=True) or .data = ..., whose new tensor may carry
+    the same version number."""
+    return values, values.detach(), values._version
 
 
 def _is_synced(values: torch.Tensor, stamp: tuple | None) -> bool:
-    return stamp is not None and stamp[0] is values and stamp[1:] == (values.data_ptr(), values._version)
+    return (stamp is not None and stamp[0] is values and stamp[1].data_ptr() == values.data_ptr()
+            and stamp[2] == values._version)
 
 
 class _LazySync:
@@ -85,6 +88,19 @@ class _LazySync:
         # runs before the children's (SHiRA's base_layer holds W_eff): both see the synced state
         self._sync_if_stale()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class _BaseLoadHook:
+    """SparseAdapterLinear's load hook on its base layer, holding the layer weakly (a bound
+    method would make base_layer -> layer -> base_layer a cycle)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = WeakModuleRef(layer)
+
+    def __call__(self, base_layer, incompatible_keys) -> None:
+        layer = self.layer()
+        if layer is not None:
+            layer._base_layer_loaded(base_layer, incompatible_keys)
 
 
 class _FusedSparseLinear(torch.autograd.Function):
@@ -203,7 +219,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self._loading_own_state = False
         # weights loaded into base_layer after wrapping (pretrained ones) are the new W; a load of
         # this layer's own state_dict brings W_eff and the kept entries together (see the hooks)
-        self._base_hook = base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
+        self._base_hook = base_layer.register_load_state_dict_post_hook(_BaseLoadHook(self))
 
     def __setstate__(self, state):  # a copy's version counters restart: sync on its first forward
         super().__setstate__(state)
@@ -279,7 +295,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         self.applied.copy_(self.values)
         self._synced = _values_stamp(self.values)
         if self._unfused:  # the base layer is this layer's again (unfuse() let it go)
-            self._base_hook = self.base_layer.register_load_state_dict_post_hook(self._base_layer_loaded)
+            self._base_hook = self.base_layer.register_load_state_dict_post_hook(_BaseLoadHook(self))
         self._unfused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
