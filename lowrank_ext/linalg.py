@@ -4,7 +4,8 @@
     factors = batched_rsvd([W1, W2, ...], k) # many matrices, one batched call per shape
     svd = StreamingSVD(k); svd.update(X1); svd.update(X2); svd.U, svd.S
 
-Results are fp32 for fp32/fp16/bf16 inputs and fp64 for fp64, reproducible for a seed, with
+Results are fp32 for fp32/fp16/bf16 inputs and fp64 for fp64, reproducible for a seed (on one
+machine and thread count: BLAS may sum in another order elsewhere), with
 each column of U sign-fixed (its largest-magnitude entry positive). CPU and CUDA kernels
 (CUDA unverified on a GPU so far).
 """

@@ -98,7 +98,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
     """Adds ``alpha * values`` at each adapter's indices into the named weights, in place: several
     adapters (a list, with one alpha each or one for all) fuse in one scatter per weight.
     Every index of every adapter is checked before any weight is written. Undo it with
-    :func:`remove` only: the model keeps the handle until then, so weights reset another way
+    :func:`remove` only: each weight keeps the handle until then, so weights reset another way
     (e.g. ``load_state_dict`` of the base weights) leave it, and a later ``remove`` of it
     would subtract an adapter that is no longer there."""
     if isinstance(adapters, Mapping):

@@ -115,6 +115,26 @@ def _check_galore_group(group: dict) -> None:
 
 
 class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
+    """GaLore AdamW (see the module docstring for the method and what this implementation adds).
+
+    Group options: ``lr`` (1e-3), ``betas``, ``eps``, ``weight_decay`` (0.0, the published code's
+    default; torch AdamW's is 1e-2), ``rank`` (128; None: plain Adam for the group),
+    ``update_proj_gap`` (200 steps between refreshes), ``scale`` (0.25). Optimizer options:
+    ``state_bits`` (32, 8 or 4: Adam's moments), ``proj_bits`` (32, 8 or 4: the projections),
+    ``mode`` ("galore", "fira" or "frugal"), ``proj_method`` ("rsvd", with ``oversample`` 10 and
+    ``n_iter`` 2, or "svd"), ``seed`` (the refreshes' sketches), ``adaptive_refresh`` (None, or a
+    similarity threshold in (0, 1], with ``refresh_patience`` 2). torch AdamW's ``foreach`` /
+    ``fused`` are accepted and change nothing; ``maximize``, ``amsgrad``, ``capturable`` and
+    ``differentiable`` must stay False. A group's rank cannot change once its params have state.
+
+    Example::
+
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10))
+        opt = GaLoreAdamW(model.parameters(), lr=1e-3, rank=8, update_proj_gap=50, state_bits=8)
+        model(torch.randn(16, 64)).square().mean().backward()
+        opt.step()
+    """
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rank: int | None = 128, update_proj_gap: int = 200,
                  scale: float = 0.25, state_bits: int = 32, proj_method: str = "rsvd", oversample: int = 10,
