@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .linalg import StreamingSVD, rsvd
-from .nn.lora import LoRALinear
+from .nn.lora import LoRALinear, check_weight_is_stored
 
 __all__ = ["pissa_init", "eva_init", "lora_sb_init"]
 
@@ -70,6 +70,7 @@ def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = Non
         raise ValueError("pissa_init initialises a plain LoRA adapter (no core, no rank scale)")
     if lora.merged:
         raise ValueError("unmerge the adapter before re-initialising it")
+    check_weight_is_stored(lora.base_layer, "pissa_init")  # the residual is written into W
     w = lora.base_layer.weight
     a, b = lora.lora_A[lora.adapter_name].weight, lora.lora_B[lora.adapter_name].weight
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 weights keep fp64 accuracy

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .nn.lora import check_weight_is_stored
 from .ops._common import is_scalar
 from .ops.sparse import sparse_scatter_add_
 
@@ -60,6 +61,7 @@ def _weight(model: nn.Module, name: str, sync: bool = False) -> torch.Tensor:
     module = getattr(module, "base_layer", module)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
+    check_weight_is_stored(module, f"sparse adapters on {name!r}")
     return module.weight
 
 

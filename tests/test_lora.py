@@ -903,3 +903,15 @@ def test_peft_accelerated_model_is_freed_at_del():
         assert weight() is None
     finally:
         gc.enable()
+
+
+def test_merge_and_pissa_refuse_a_hook_computed_weight():
+    # the older torch.nn.utils.weight_norm / spectral_norm move `weight` out of _parameters and
+    # recompute it in a pre-hook: a merge (or PiSSA's residual) written into it was lost
+    from lowrank_ext.init import pissa_init
+    for norm in (torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm):
+        layer = LoRALinear(norm(nn.Linear(8, 6)), r=2)
+        with pytest.raises(ValueError, match="computed on each access"):
+            layer.merge()
+        with pytest.raises(ValueError, match="computed on each access"):
+            pissa_init(layer, r=2)

@@ -1024,3 +1024,21 @@ def test_shira_resyncs_values_replaced_at_a_reused_address():
             if layer.values.data_ptr() == synced_at:
                 break
         torch.testing.assert_close(layer(x), x @ _dense_with(w, layer).t() + layer.base_layer.bias)
+
+
+@pytest.mark.parametrize("norm", ["parametrizations", "hooks"])
+def test_sparse_adapters_refuse_a_computed_base_weight(norm):
+    # weight_norm / spectral_norm recompute the weight on each access: an adapter written into
+    # it was silently lost (the layer ran the base alone)
+    from lowrank_ext import sparse as sparse_mod
+
+    def normed():
+        lin = nn.Linear(8, 6)
+        if norm == "parametrizations":
+            return torch.nn.utils.parametrizations.weight_norm(lin)
+        return torch.nn.utils.weight_norm(lin)
+    with pytest.raises(ValueError, match="computed on each access"):
+        SparseAdapterLinear(normed(), nnz=4, seed=0)
+    model = nn.Sequential(normed())
+    with pytest.raises(ValueError, match="computed on each access"):
+        sparse_mod.apply(model, {"0": (torch.tensor([1, 2]), torch.ones(2))})

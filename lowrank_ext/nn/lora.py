@@ -20,6 +20,16 @@ __all__ = ["LoRALinear", "inject_lora"]
 _FUSABLE_FORWARDS = (nn.Linear.forward, nn.Dropout.forward, nn.Identity.forward)
 
 
+def check_weight_is_stored(module: nn.Module, what: str) -> None:
+    """Refuses a ``weight`` computed on each access (torch.nn.utils.parametrize, e.g. the
+    parametrizations' weight_norm / spectral_norm, or the older hook-based weight_norm /
+    spectral_norm, which move it out of ``_parameters``): writing into it in place would change a
+    temporary, and the adapter would be silently lost."""
+    if parametrize.is_parametrized(module, "weight") or "weight" not in module._parameters:
+        raise ValueError(f"{what}: the weight of {type(module).__name__} is computed on each access "
+                         f"(parametrized, e.g. weight_norm or spectral_norm), so it cannot be written in place")
+
+
 def calls_module_code(*modules: nn.Module) -> bool:
     """Whether calling any of these modules would run code of its own beyond the plain
     ``nn.Linear`` / ``nn.Dropout`` / ``nn.Identity`` forward: forward or backward hooks (the
@@ -157,10 +167,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``base_layer.weight`` (forward then runs the base alone)."""
-        if parametrize.is_parametrized(self.base_layer, "weight"):
-            # its weight is computed on each access: a merge would write into a temporary
-            raise ValueError("merge: base_layer.weight is parametrized (e.g. weight_norm); the adapter cannot be "
-                             "folded into it")
+        check_weight_is_stored(self.base_layer, "merge")  # a merge would write into a temporary
         if not self.merged:
             a, b, core, rank_scale = self._lora_tensors()
             lora_merge_(self.base_layer.weight, a, b, core, rank_scale, scale=self.scaling)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._weak import WeakModuleRef
+from .lora import check_weight_is_stored
 from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
 from ..ops.sparse import sddmm
 
@@ -146,9 +147,11 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     W_eff follows the values lazily: each forward, and ``state_dict()``, first folds in what
     changed since the last one (the parameter's version counter tells), so an optimizer step
     needs no extra call; ``base_layer.weight`` read directly is current after a forward or
-    :meth:`sync_`. Call :meth:`sync_` after each step yourself under ``torch.compile`` (and
-    before ``torch.export``: a traced forward never syncs) and with code that writes the
-    values without bumping their version counter: torch's ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
+    :meth:`sync_`. Call :meth:`sync_` yourself after each step, and after any other change of
+    the values or a load, under ``torch.compile`` and under torch's selective activation
+    checkpointing (a traced forward never syncs; a sync recorded by selective checkpointing is
+    not replayed by its recompute, which then fails), before ``torch.export``, and with code
+    that writes the values without bumping their version counter: torch's ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
     third-party optimizers do), e.g. through
     ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
     the support are kept (``nnz`` values), so :meth:`unfuse` restores ``W`` bit for bit.
@@ -182,6 +185,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"SparseAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        check_weight_is_stored(base_layer, "SparseAdapterLinear")  # W_eff is written into it in place
         weight = base_layer.weight
         if not weight.is_contiguous():
             raise ValueError("the base layer's weight must be contiguous")
@@ -344,8 +348,9 @@ class SLTrainLinear(_LazySync, nn.Module):
     optimizer state of weight size (the buffer is weight-sized).
 
     S's buffer follows the values as SparseAdapterLinear's W_eff does (synced before a forward
-    and a ``state_dict()``; call :meth:`sync_` after each step under ``torch.compile``, before
-    ``torch.export``, with ``fused=True`` optimizers or after writes through ``values.data``).
+    and a ``state_dict()``; call :meth:`sync_` after each step, change of the values or load
+    under ``torch.compile`` and selective activation checkpointing, before ``torch.export``,
+    with ``fused=True`` optimizers or after writes through ``values.data``).
 
     Example::
 
