@@ -1,7 +1,7 @@
 """Quantization codes and a small user-facing API over the block-wise quantization ops.
 
 Codes are sorted float32 tensors of ``2**bits`` entries, spanning about [-1, 1] (signed; the
-signed linear code reaches -128/127) or [0, 1] (unsigned); a value ``x`` in a block with absolute maximum ``absmax`` is stored as the
+signed linear code reaches -2^(b-1) / (2^(b-1) - 1): -128/127 at 8 bits, -8/7 at 4) or [0, 1] (unsigned); a value ``x`` in a block with absolute maximum ``absmax`` is stored as the
 index of the code entry nearest to ``x / absmax`` (the boundary between two entries is their
 fp32-rounded midpoint, and a tie goes to the lower entry, so a value within an ulp of a
 midpoint may go to the farther entry, by at most that ulp). Any sorted user code is accepted.

@@ -51,7 +51,7 @@ class Handle:
     after: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _weight(model: nn.Module, name: str, sync: bool = False) -> torch.Tensor:
+def _weight(model: nn.Module, name: str, sync: bool = False, write: bool = False) -> torch.Tensor:
     module = model.get_submodule(name)
     if sync and hasattr(module, "_sync_if_stale"):
         # apply: a SparseAdapterLinear's W_eff current before others write into it (a sync after
@@ -61,7 +61,8 @@ def _weight(model: nn.Module, name: str, sync: bool = False) -> torch.Tensor:
     module = getattr(module, "base_layer", module)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear")
-    check_weight_is_stored(module, f"sparse adapters on {name!r}")
+    if write:  # save / load only read the shape
+        check_weight_is_stored(module, f"sparse adapters on {name!r}")
     return module.weight
 
 
@@ -112,7 +113,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
     per_weight: dict[str, tuple[list, list, list]] = {}
     for adapter, a in zip(adapters, alphas):  # everything is checked before the first write
         for name, (idx, val) in adapter.items():
-            w = _weight(model, name, sync=True)
+            w = _weight(model, name, sync=True, write=True)
             _check_adapter_entry(name, w, idx, val)
             i, v, al = per_weight.setdefault(name, ([], [], []))
             i.append(idx.to(device=w.device, dtype=torch.int64))
@@ -154,6 +155,8 @@ def remove(model: nn.Module, handle: Handle) -> None:
     if handle.removed:
         raise ValueError("this adapter handle was already removed")
     weights = _unique_weights(model, handle.entries)
+    for name in handle.entries:
+        _weight(model, name, write=True)
     if any(handle not in _applied(w) for w in weights):
         raise ValueError("this handle was not applied to this model")
     last = all(_applied(w)[-1] is handle for w in weights)

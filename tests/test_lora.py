@@ -915,3 +915,20 @@ def test_merge_and_pissa_refuse_a_hook_computed_weight():
             layer.merge()
         with pytest.raises(ValueError, match="computed on each access"):
             pissa_init(layer, r=2)
+
+
+def test_computed_weight_check_passes_stored_weights():
+    # a frozen weight kept as a buffer is stored (only weight_norm-style recomputation is refused)
+    class BufferLinear(nn.Linear):
+        def __init__(self):
+            super().__init__(8, 6)
+            w = self.weight.detach().clone()
+            del self.weight
+            self.register_buffer("weight", w)
+    layer = LoRALinear(BufferLinear(), r=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 8)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)

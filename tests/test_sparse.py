@@ -1042,3 +1042,19 @@ def test_sparse_adapters_refuse_a_computed_base_weight(norm):
     model = nn.Sequential(normed())
     with pytest.raises(ValueError, match="computed on each access"):
         sparse_mod.apply(model, {"0": (torch.tensor([1, 2]), torch.ones(2))})
+
+
+def test_sparse_save_reads_a_weight_normed_model_and_moves_free_the_stamp(tmp_path):
+    # save / load only read the weights' shapes: a weight-normed model is fine there
+    from lowrank_ext import sparse as sparse_mod
+    model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(8, 6)))
+    adapter = {"0": (torch.tensor([1, 2]), torch.ones(2))}
+    sparse_mod.save(adapter, str(tmp_path / "a.safetensors"), model=model)
+    loaded = sparse_mod.load(str(tmp_path / "a.safetensors"), model=model)
+    assert torch.equal(loaded["0"][0], adapter["0"][0])
+    # .to() / .half() make new values: the sync stamp must not pin the old storage
+    layer = _shira_trained(nn.Linear(16, 12), 1)
+    layer(torch.randn(2, 16))
+    assert layer._synced is not None
+    layer.half()
+    assert layer._synced is None

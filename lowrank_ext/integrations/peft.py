@@ -89,7 +89,12 @@ class _FusedForward:
 
     @property
     def module(self) -> nn.Module:
-        return self._module()
+        module = self._module()
+        if module is None:  # e.g. a shallow copy (copy.copy) of the layer outliving the model
+            raise ReferenceError("the PEFT layer of this fused forward is gone (it holds its layer weakly: a "
+                                 "shallow copy of an accelerated layer, or a forward kept after its model was "
+                                 "dropped, outlived it); restore() the model before a shallow copy")
+        return module
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.active:

@@ -23,9 +23,14 @@ _FUSABLE_FORWARDS = (nn.Linear.forward, nn.Dropout.forward, nn.Identity.forward)
 def check_weight_is_stored(module: nn.Module, what: str) -> None:
     """Refuses a ``weight`` computed on each access (torch.nn.utils.parametrize, e.g. the
     parametrizations' weight_norm / spectral_norm, or the older hook-based weight_norm /
-    spectral_norm, which move it out of ``_parameters``): writing into it in place would change a
-    temporary, and the adapter would be silently lost."""
-    if parametrize.is_parametrized(module, "weight") or "weight" not in module._parameters:
+    spectral_norm, which recompute it in a forward pre-hook): writing into it in place would
+    change a temporary, and the adapter would be silently lost. A weight kept as a buffer or a
+    plain attribute is stored, and passes."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    recomputed = any(isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight"
+                     for h in module._forward_pre_hooks.values())
+    if parametrize.is_parametrized(module, "weight") or recomputed:
         raise ValueError(f"{what}: the weight of {type(module).__name__} is computed on each access "
                          f"(parametrized, e.g. weight_norm or spectral_norm), so it cannot be written in place")
 

@@ -85,6 +85,12 @@ class _LazySync:
         if not torch.compiler.is_compiling() and not _is_synced(self.values, self._synced):
             self.sync_()
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cpu() make new values: the stamp would keep the old storage alive
+        # (on a GPU after model.cpu(), for instance); the next forward syncs anyway
+        self._synced = None
+        return super()._apply(fn, recurse)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # runs before the children's (SHiRA's base_layer holds W_eff): both see the synced state
         self._sync_if_stale()
@@ -150,7 +156,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
     :meth:`sync_`. Call :meth:`sync_` yourself after each step, and after any other change of
     the values or a load, under ``torch.compile`` and under torch's selective activation
     checkpointing (a traced forward never syncs; a sync recorded by selective checkpointing is
-    not replayed by its recompute, which then fails), before ``torch.export``, and with code
+    not replayed by its recompute, which may then fail), before ``torch.export``, and with code
     that writes the values without bumping their version counter: torch's ``fused=True`` optimizers, and writes through ``values.data`` (as some EMA helpers and
     third-party optimizers do), e.g. through
     ``optimizer.register_step_post_hook(lambda *_: layer.sync_())``. The base entries under
