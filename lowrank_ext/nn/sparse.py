@@ -427,6 +427,10 @@ class SLTrainLinear(_LazySync, nn.Module):
         y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
+    def _apply(self, fn, recurse: bool = True):  # the indices' stamp too (it keeps their storage)
+        self._synced_indices = None
+        return super()._apply(fn, recurse)
+
     def __setstate__(self, state):  # as SparseAdapterLinear's; the copied buffer may be stale too
         super().__setstate__(state)
         self._synced = self._synced_indices = None
