@@ -12,6 +12,7 @@ Each randomized SVD is reproducible for its ``seed``.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,21 @@ def _as_lora(layer: nn.Module, r: int | None, alpha: float | None, **kwargs) -> 
     raise TypeError(f"expected an nn.Linear or a LoRALinear, got {type(layer).__name__}")
 
 
+def _frozen_only_on_success(init):
+    """An init given a plain nn.Linear wraps it (which freezes its parameters) before its own
+    checks: a call that raises gives the layer back with its requires_grad flags as they were."""
+    @functools.wraps(init)
+    def wrapped(layer, *args, **kwargs):
+        flags = [(p, p.requires_grad) for p in layer.parameters()] if not isinstance(layer, LoRALinear) else []
+        try:
+            return init(layer, *args, **kwargs)
+        except BaseException:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+    return wrapped
+
+
 def _top_r(w: torch.Tensor, r: int, n_iter: int | None, oversample: int, seed: int):
     if r > min(w.shape):  # slicing would return fewer columns, then broadcast into A and B
         raise ValueError(f"r={r} exceeds min(d_out, d_in) = {min(w.shape)} of the weight {tuple(w.shape)}")
@@ -46,6 +62,7 @@ def _top_r(w: torch.Tensor, r: int, n_iter: int | None, oversample: int, seed: i
 
 
 @torch.no_grad()
+@_frozen_only_on_success
 def pissa_init(layer: nn.Module, r: int | None = None, alpha: float | None = None, *, n_iter: int | None = 4,
                oversample: int = 10, seed: int = 0) -> LoRALinear:
     """PiSSA: ``W = U S Vh``; ``B = U_r sqrt(S_r / scale)``, ``A = sqrt(S_r / scale) Vh_r``
@@ -144,6 +161,7 @@ def eva_init(model: nn.Module, batches: Iterable[Any], r: int | None = None,
 
 
 @torch.no_grad()
+@_frozen_only_on_success
 def lora_sb_init(layer: nn.Module, grad: torch.Tensor, lr: float, r: int | None = None, *, n_iter: int | None = 2,
                  oversample: int = 10, seed: int = 0) -> LoRALinear:
     """LoRA-SB: the first full fine-tuning step ``dW = -lr * grad`` (``grad`` the gradient of

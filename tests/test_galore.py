@@ -469,3 +469,19 @@ def test_turning_galore_on_mid_run_is_refused_before_any_update():
         with pytest.raises(ValueError, match=r"has state at rank None \(full Adam\)"):
             opt.step()
         assert all(torch.equal(t, b) for t, b in zip((bias, p), before)) and int(opt.state[p]["step"]) == 2
+
+
+def test_a_refused_step_leaves_new_params_without_state():
+    # the checks stamped step and rank on params before a later param raised: their group's
+    # rank could then not change, though none of them had stepped
+    fresh, old = torch.nn.Parameter(torch.randn(12, 30)), torch.nn.Parameter(torch.randn(12, 30))
+    opt = GaLoreAdamW([{"params": [old], "rank": 4}, {"params": [fresh], "rank": 4}], lr=1e-2)
+    old.grad = torch.randn(12, 30)
+    opt.step()
+    opt.param_groups[0]["rank"] = 2  # old's rank changed: the next step is refused
+    fresh.grad = torch.randn(12, 30)
+    with pytest.raises(ValueError, match="has state at rank 4"):
+        opt.step()
+    assert not opt.state[fresh]
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        GaLoreAdamW([fresh], scale=None)

@@ -674,3 +674,10 @@ def test_a_zero_scale_still_carries_nan_on_every_path(dtype, n):
     assert y[:, 1].isnan().all() and torch.equal(y[:, [0, 2, 3, 4, 5]], torch.zeros(n, 5, dtype=dtype))
     outer = lora_grouped_outer(x, torch.randn(n, 5, dtype=dtype), ids, 1, zero)
     assert outer[0, 2].isnan().all() and (outer[0, [0, 1, 3]] == 0).all()
+
+
+def test_adapter_names_must_be_strings():
+    layer = MultiLoRALinear(nn.Linear(8, 6), max_adapters=2, max_rank=2)
+    with pytest.raises(TypeError, match="must be a str"):
+        layer.load_adapter(7, torch.randn(2, 8), torch.randn(6, 2))
+    assert layer.adapter_names == []

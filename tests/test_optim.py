@@ -607,3 +607,27 @@ def test_an_expanded_param_is_refused_before_anything_steps(cls):
     with pytest.raises(RuntimeError, match="share memory"):
         opt.step()
     assert torch.equal(ok.detach(), before) and not opt.state[ok]
+
+
+@pytest.mark.parametrize("bad", [dict(betas=(0.9,)), dict(betas=(0.9, 0.999, 0.5)), dict(eps="1e-8"),
+                                 dict(weight_decay=None)])
+def test_a_bad_group_value_is_refused_before_anything_steps(bad):
+    # it passed the checks and raised mid-step, after the first group had moved
+    a, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = AdamW8bit([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    a.grad, b.grad = torch.randn(8, 8), torch.randn(8, 8)
+    opt.step()
+    opt.param_groups[1].update(bad)
+    before = a.detach().clone()
+    with pytest.raises(ValueError):
+        opt.step()
+    assert torch.equal(a.detach(), before) and int(opt.state[a]["step"]) == 1
+
+
+def test_loading_torch_state_of_another_size_is_refused():
+    p = torch.nn.Parameter(torch.randn(70, 64))
+    ref = torch.optim.AdamW([torch.nn.Parameter(torch.randn(64, 80))])
+    ref.param_groups[0]["params"][0].grad = torch.randn(64, 80)
+    ref.step()
+    with pytest.raises(ValueError, match="exp_avg has 5120 entries"):
+        AdamW8bit([p], min_quant_size=10 ** 9).load_state_dict(ref.state_dict())

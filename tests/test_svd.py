@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lowrank_ext import init, linalg
 from lowrank_ext.nn import LoRALinear, inject_lora
@@ -697,3 +698,13 @@ def test_fakes_do_not_guard_on_which_side_is_smaller():
             for m in (3, 7, 9):  # 3 < n = 4 < 7
                 compiled(make(m))
             assert counter.frame_count == 1
+
+
+def test_inits_that_raise_leave_the_linear_trainable():
+    base = nn.Linear(4, 8)
+    with pytest.raises(ValueError):
+        init.pissa_init(base, r=16)  # r > min(d_out, d_in)
+    assert base.weight.requires_grad and base.bias.requires_grad
+    with pytest.raises(ValueError):
+        init.lora_sb_init(base, torch.randn(3, 3), lr=1e-3, r=2)  # grad of the wrong shape
+    assert base.weight.requires_grad

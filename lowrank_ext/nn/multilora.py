@@ -104,6 +104,8 @@ class MultiLoRALinear(nn.Module):
         """Copy ``lora_a [r, d_in]`` and ``lora_b [d_out, r]`` into ``name``'s slot (a free one for
         a new name); returns the slot. ``scale`` defaults to ``alpha / r`` (PEFT's), and to 1
         without alpha."""
+        if not isinstance(name, str):  # the names travel in the state_dict as JSON keys
+            raise TypeError(f"an adapter name must be a str, got {type(name).__name__}")
         d_out, d_in = self.lora_b.shape[1], self.lora_a.shape[2]
         r = lora_a.shape[0] if lora_a.dim() == 2 else 0
         if lora_a.dim() != 2 or lora_a.shape[1] != d_in or not 1 <= r <= self.max_rank:

@@ -19,6 +19,7 @@ Example::
 """
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -53,6 +54,13 @@ def check_steppable(p: torch.Tensor, optimizer: str) -> None:
 _UNSUPPORTED_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable")
 
 
+def _is_real(value) -> bool:
+    """A real number: Python, numpy or a one-element float tensor (schedulers may set tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_param_group(group: dict, optimizer: str) -> None:
     for flag in _UNSUPPORTED_FLAGS:
         if group.get(flag, False):
@@ -66,8 +74,10 @@ def check_param_group(group: dict, optimizer: str) -> None:
     # earlier groups had stepped
     for key, ok, what in (("lr", lambda v: 0.0 <= v, "learning rate"), ("eps", lambda v: 0.0 <= v, "epsilon value"),
                           ("weight_decay", lambda v: 0.0 <= v, "weight_decay value")):
-        if key in group and not ok(float(group[key])):
-            raise ValueError(f"Invalid {what}: {group[key]}")
+        if key in group and not (_is_real(group[key]) and ok(float(group[key]))):
+            raise ValueError(f"Invalid {what}: {group[key]!r}")
+    if "betas" in group and not (len(group["betas"]) == 2 and all(_is_real(b) for b in group["betas"])):
+        raise ValueError(f"betas must be two numbers, got {group['betas']!r}")
     for i, beta in enumerate(group.get("betas", ())):
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
@@ -281,6 +291,10 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                     raise ValueError(f"cannot continue this state_dict: the moments of a param of shape "
                                      f"{tuple(p.shape)} were saved in another format than this "
                                      f"{type(self).__name__}'s ({self.bits}-bit, blocks of {self.blocksizes})")
+                for key in ("exp_avg", "exp_avg_sq"):  # fp32 moments (e.g. torch AdamW's): the param's size
+                    if torch.is_tensor(state.get(key)) and state[key].numel() != p.numel():
+                        raise ValueError(f"cannot continue this state_dict: its {key} has {state[key].numel()} "
+                                         f"entries, the param of shape {tuple(p.shape)} {p.numel()}")
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):

@@ -54,6 +54,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -112,6 +113,9 @@ def _check_galore_group(group: dict) -> None:
         raise ValueError(f"rank must be a positive int or None, got {rank!r}")
     if not (isinstance(gap, int) and gap >= 1):
         raise ValueError(f"update_proj_gap must be a positive int, got {gap!r}")
+    scale = group.get("scale", 1.0)
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
 class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
@@ -288,13 +292,15 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                     raise ValueError(f"GaLoreAdamW: a param of shape {tuple(p.shape)} has state at rank {made}, "
                                      f"but its group's rank is now {group['rank']!r}; a rank cannot change mid-run "
                                      f"(start a new optimizer, or put the param in a new group before its first step)")
-                step = int(state.setdefault("step", 0))
-                state.setdefault("proj_rank", uses)
+                step = int(state.get("step", 0))
                 galore = self._uses_galore(p, group)
                 due_now = "proj_right" not in state or step % group["update_proj_gap"] == 0
                 if galore and due_now and not state.get("proj_frozen", False):
                     due[(tuple(p.shape), p.device, group["rank"], step)].append((p, state, group))
                 work.append((p, state, group, galore))
+        for p, state, group, galore in work:  # every check passed: the new params' state begins
+            state.setdefault("step", 0)
+            state.setdefault("proj_rank", group["rank"] if galore else None)
         projected = {}  # param -> its projected gradient, where a refresh formed it
         for (_, _, _, step), items in due.items():  # one batched (randomized) SVD per shape
             projected.update(self._refresh(items, step))
