@@ -932,3 +932,17 @@ def test_computed_weight_check_passes_stored_weights():
     before = layer(x)
     layer.merge()
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_layer_refuses_a_state_dict_of_other_shapes_before_writing():
+    # the children loaded what fit: the merged weight and its adapter came from two places
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 4), r=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    layer.merge()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    other = LoRALinear(nn.Linear(5, 7), r=2).state_dict()  # d_out 7: base and B mismatch
+    with pytest.raises(RuntimeError, match="nothing was loaded into it"):
+        layer.load_state_dict(other)
+    assert layer.merged and all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())

@@ -681,3 +681,16 @@ def test_adapter_names_must_be_strings():
     with pytest.raises(TypeError, match="must be a str"):
         layer.load_adapter(7, torch.randn(2, 8), torch.randn(6, 2))
     assert layer.adapter_names == []
+
+
+def test_a_load_of_stacks_of_another_size_leaves_names_and_scales_alone():
+    # ranks, scales and names loaded without their stacks pointed a name at another adapter
+    small = MultiLoRALinear(nn.Linear(5, 6), max_adapters=2, max_rank=4)
+    small.load_adapter("fr", torch.randn(2, 5), torch.randn(6, 2))
+    big = MultiLoRALinear(nn.Linear(5, 6), max_adapters=2, max_rank=8)
+    big.load_adapter("de", torch.randn(3, 5), torch.randn(6, 3), scale=3.0)
+    before = {k: v.clone() for k, v in small.state_dict().items() if k in ("lora_a", "lora_b", "ranks", "scales")}
+    with pytest.raises(RuntimeError, match="size mismatch for lora_a"):
+        small.load_state_dict(big.state_dict())
+    assert small.adapter_names == ["fr"]
+    assert all(torch.equal(v, small.state_dict()[k]) for k, v in before.items())

@@ -1058,3 +1058,16 @@ def test_sparse_save_reads_a_weight_normed_model_and_moves_free_the_stamp(tmp_pa
     assert layer._synced is not None
     layer.half()
     assert layer._synced is None
+
+
+def test_shira_failed_load_of_another_nnz_leaves_a_consistent_layer():
+    # the load reset W and zeroed `applied`, then the buffers failed their size check while the
+    # base weight (the other layer's W_eff) loaded: W_eff no longer matched the kept entries
+    torch.manual_seed(0)
+    layer = _shira_trained(nn.Linear(16, 12), 1)
+    other = SparseAdapterLinear(nn.Linear(16, 12), nnz=7, seed=3)
+    layer(torch.randn(2, 16))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(other.state_dict())
+    flat = layer.base_layer.weight.detach().view(-1)
+    assert torch.equal(flat[layer.indices], layer._w_eff_entries(layer.applied))

@@ -35,6 +35,17 @@ def check_weight_is_stored(module: nn.Module, what: str) -> None:
                          f"(parametrized, e.g. weight_norm or spectral_norm), so it cannot be written in place")
 
 
+def state_fits(module: nn.Module, state_dict, prefix: str) -> bool:
+    """Whether every tensor of ``module`` (children included) that ``state_dict`` holds has the
+    module's shape: a load where one does not fails (torch reports a size mismatch), and a layer
+    that keeps flags or derived state beside its tensors must then change neither."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        saved = state_dict.get(prefix + name)
+        if isinstance(saved, torch.Tensor) and saved.shape != t.shape:
+            return False
+    return True
+
+
 def calls_module_code(*modules: nn.Module) -> bool:
     """Whether calling any of these modules would run code of its own beyond the plain
     ``nn.Linear`` / ``nn.Dropout`` / ``nn.Identity`` forward: forward or backward hooks (the
@@ -215,12 +226,18 @@ class LoRALinear(nn.Module):
                                f"adapter together (this state_dict has "
                                f"{'the base weight' if has_base else 'the adapter' if has_adapter else 'neither'} "
                                f"only); unmerge() before loading a part")
+        fits = state_fits(self, state_dict, prefix)
+        if self.merged and not fits:
+            # a failed load would leave the merged weight and the adapter it holds from two places
+            # (the children load what fits): refused before anything of this layer is written
+            raise RuntimeError(f"{name}: this LoRALinear is merged and the state_dict's tensors do not all have its "
+                               f"shapes (a size mismatch); nothing was loaded into it")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if merged_key in unexpected_keys:
             unexpected_keys.remove(merged_key)
-        if has_base and has_adapter:  # the children load both next: the layer takes the saved form
-            self.merged = saved_merged
+        if has_base and has_adapter and fits:
+            self.merged = saved_merged  # the children load both next: the layer takes the saved form
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "

@@ -80,6 +80,23 @@ class MultiLoRALinear(nn.Module):
 
     # the name -> slot map travels with the state_dict, as a uint8 tensor of JSON: a state_dict
     # of tensors only is what safetensors (save_file / save_model) can write
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mismatched = [(name, state_dict[prefix + name], t)
+                      for name, t in [*self._parameters.items(), *self._buffers.items()]
+                      if t is not None and isinstance(state_dict.get(prefix + name), torch.Tensor)
+                      and state_dict[prefix + name].shape != t.shape]
+        if mismatched:
+            # stacks of another size: nothing of this layer's own state loads (ranks, scales and
+            # names alone would point the names at other adapters' weights); the mismatches are
+            # reported as torch reports them
+            for name, saved, t in mismatched:
+                error_msgs.append(f"size mismatch for {prefix}{name}: copying a param with shape {tuple(saved.shape)} "
+                                  f"from checkpoint, the shape in current model is {tuple(t.shape)}.")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def get_extra_state(self) -> torch.Tensor:
         text = json.dumps({"slots": self._slots}).encode()
         return torch.frombuffer(bytearray(text), dtype=torch.uint8)

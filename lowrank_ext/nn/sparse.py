@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._weak import WeakModuleRef
-from .lora import check_weight_is_stored
+from .lora import check_weight_is_stored, state_fits
 from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
 from ..ops.sparse import sddmm
 
@@ -242,8 +242,11 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         # runs before base_layer's load: whether this load brings the kept entries with W_eff
         _check_loaded_support(state_dict, prefix, self.base_layer.weight.numel(), type(self).__name__)
         # (an unfused layer has no hook on its base layer to take the flag back)
-        self._loading_own_state = prefix + "base_values" in state_dict and not self._unfused
-        own = any(prefix + k in state_dict for k in ("indices", "values", "base_values", "applied"))
+        # a load that fails its size checks changes nothing here (the base layer's hook then
+        # takes whatever weight did load as a new W, with nothing applied: consistent)
+        fits = state_fits(self, state_dict, prefix)
+        self._loading_own_state = fits and prefix + "base_values" in state_dict and not self._unfused
+        own = fits and any(prefix + k in state_dict for k in ("indices", "values", "base_values", "applied"))
         with_base = prefix + "base_layer.weight" in state_dict
         if own and not self._unfused:
             # the weight back to W first: a new support (another adapter's checkpoint) would
