@@ -131,8 +131,8 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
             w = _weight(model, name)
             idx = torch.cat(i)
             before = w.view(-1)[idx].clone()
+            written.append((w, idx, before))  # before the write: an interrupt inside it is rolled back too
             sparse_scatter_add_(w, i, v, al)
-            written.append((w, idx, before))
             handle.entries[name] = (i, v, al, before)
     except BaseException:  # whatever stopped the writes: the weights go back as they were
         for w, idx, before in reversed(written):

@@ -1071,3 +1071,22 @@ def test_shira_failed_load_of_another_nnz_leaves_a_consistent_layer():
         layer.load_state_dict(other.state_dict())
     flat = layer.base_layer.weight.detach().view(-1)
     assert torch.equal(flat[layer.indices], layer._w_eff_entries(layer.applied))
+
+
+def test_apply_rolls_back_a_write_interrupted_after_it_landed(monkeypatch):
+    # an interrupt (KeyboardInterrupt) right after a scatter returned left that weight written
+    from lowrank_ext import sparse as sparse_mod
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    before = [m.weight.detach().clone() for m in model]
+    real, calls = sparse_mod.sparse_scatter_add_, []
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sparse_mod, "sparse_scatter_add_", interrupted)
+    adapter = {"0": (torch.tensor([1, 7]), torch.ones(2)), "1": (torch.tensor([0, 3]), torch.ones(2))}
+    with pytest.raises(KeyboardInterrupt):
+        sparse_mod.apply(model, adapter)
+    assert all(torch.equal(m.weight.detach(), b) for m, b in zip(model, before))
