@@ -75,10 +75,10 @@ def _applied(w: torch.Tensor) -> list[Handle]:
     return w._lowrank_sparse_handles
 
 
-def _unique_weights(model: nn.Module, names) -> list[torch.Tensor]:
+def _unique_weights(model: nn.Module, names, write: bool = False) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for name in names:
-        w = _weight(model, name)
+        w = _weight(model, name, write=write)
         seen.setdefault(id(w), w)
     return list(seen.values())
 
@@ -154,9 +154,7 @@ def remove(model: nn.Module, handle: Handle) -> None:
     saved entries still hold it)."""
     if handle.removed:
         raise ValueError("this adapter handle was already removed")
-    weights = _unique_weights(model, handle.entries)
-    for name in handle.entries:
-        _weight(model, name, write=True)
+    weights = _unique_weights(model, handle.entries, write=True)
     if any(handle not in _applied(w) for w in weights):
         raise ValueError("this handle was not applied to this model")
     last = all(_applied(w)[-1] is handle for w in weights)

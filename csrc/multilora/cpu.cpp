@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aten_gemm.h"
 #include "common/cpu_blas.h"
 #include "common/cpu_parallel.h"
 #include "common/cpu_transpose.h"
@@ -452,12 +453,8 @@ at::Tensor lora_grouped_outer_cpu(const at::Tensor& left, const at::Tensor& righ
   at::Tensor out = at::zeros({num_adapters, left.size(1), right.size(1)}, left.options().dtype(acc));
   for_each_group(g, num_adapters, [&](int64_t a) {
     at::Tensor dst = out.select(0, a);
-    const at::Tensor l = rows_of(left, g, a).to(acc).t(), r = rows_of(right, g, a).to(acc);
-    if (sc[a] != 0) {
-      dst.addmm_(l, r, /*beta=*/0, /*alpha=*/sc[a]);
-    } else {  // alpha = 0 would skip the product: 0 times it still carries its NaN/Inf
-      at::mm_out(dst, l, r).mul_(0);
-    }
+    addmm_carrying_nan_(dst, rows_of(left, g, a).to(acc).t(), rows_of(right, g, a).to(acc), /*beta=*/0,
+                        /*alpha=*/sc[a]);
   });
   return out;
 }

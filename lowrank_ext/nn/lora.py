@@ -35,15 +35,14 @@ def check_weight_is_stored(module: nn.Module, what: str) -> None:
                          f"(parametrized, e.g. weight_norm or spectral_norm), so it cannot be written in place")
 
 
-def state_fits(module: nn.Module, state_dict, prefix: str) -> bool:
-    """Whether every tensor of ``module`` (children included) that ``state_dict`` holds has the
-    module's shape: a load where one does not fails (torch reports a size mismatch), and a layer
-    that keeps flags or derived state beside its tensors must then change neither."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        saved = state_dict.get(prefix + name)
-        if isinstance(saved, torch.Tensor) and saved.shape != t.shape:
-            return False
-    return True
+def state_mismatches(module: nn.Module, state_dict, prefix: str, recurse: bool = True) -> list[tuple]:
+    """(name, saved shape, shape) of each tensor of ``module`` (and its children, with
+    ``recurse``) that ``state_dict`` holds in another shape: a load with one fails (torch
+    reports a size mismatch), and a layer that keeps flags or derived state beside its tensors
+    must then change neither."""
+    tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+    return [(name, tuple(saved.shape), tuple(t.shape)) for name, t in tensors
+            if isinstance(saved := state_dict.get(prefix + name), torch.Tensor) and saved.shape != t.shape]
 
 
 def calls_module_code(*modules: nn.Module) -> bool:
@@ -226,7 +225,7 @@ class LoRALinear(nn.Module):
                                f"adapter together (this state_dict has "
                                f"{'the base weight' if has_base else 'the adapter' if has_adapter else 'neither'} "
                                f"only); unmerge() before loading a part")
-        fits = state_fits(self, state_dict, prefix)
+        fits = not state_mismatches(self, state_dict, prefix)
         if self.merged and not fits:
             # a failed load would leave the merged weight and the adapter it holds from two places
             # (the children load what fits): refused before anything of this layer is written

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops._common import as_rows, autocast_on
 from ..ops.multilora import multi_lora_linear
-from .lora import calls_module_code
+from .lora import calls_module_code, state_mismatches
 
 __all__ = ["MultiLoRALinear"]
 
@@ -78,25 +78,22 @@ class MultiLoRALinear(nn.Module):
             self.scales = scales.to(device=self.scales.device)
         return out
 
-    # the name -> slot map travels with the state_dict, as a uint8 tensor of JSON: a state_dict
-    # of tensors only is what safetensors (save_file / save_model) can write
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        mismatched = [(name, state_dict[prefix + name], t)
-                      for name, t in [*self._parameters.items(), *self._buffers.items()]
-                      if t is not None and isinstance(state_dict.get(prefix + name), torch.Tensor)
-                      and state_dict[prefix + name].shape != t.shape]
+        mismatched = state_mismatches(self, state_dict, prefix, recurse=False)
         if mismatched:
             # stacks of another size: nothing of this layer's own state loads (ranks, scales and
             # names alone would point the names at other adapters' weights); the mismatches are
             # reported as torch reports them
-            for name, saved, t in mismatched:
-                error_msgs.append(f"size mismatch for {prefix}{name}: copying a param with shape {tuple(saved.shape)} "
-                                  f"from checkpoint, the shape in current model is {tuple(t.shape)}.")
+            for name, saved, shape in mismatched:
+                error_msgs.append(f"size mismatch for {prefix}{name}: copying a param with shape {saved} "
+                                  f"from checkpoint, the shape in current model is {shape}.")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    # the name -> slot map travels with the state_dict, as a uint8 tensor of JSON: a state_dict
+    # of tensors only is what safetensors (save_file / save_model) can write
     def get_extra_state(self) -> torch.Tensor:
         text = json.dumps({"slots": self._slots}).encode()
         return torch.frombuffer(bytearray(text), dtype=torch.uint8)

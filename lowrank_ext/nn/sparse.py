@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._weak import WeakModuleRef
-from .lora import check_weight_is_stored, state_fits
+from .lora import check_weight_is_stored, state_mismatches
 from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
 from ..ops.sparse import sddmm
 
@@ -136,8 +136,8 @@ class _FusedSparseLinear(torch.autograd.Function):
         # second derivatives that autograd cannot see raise instead of coming back as zeros:
         # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative)
         if ctx.needs_input_grad[3]:
-            (grad_x,) = first_order_only("SparseAdapterLinear/SLTrainLinear (through the values)", (grad_x,), (),
-                                         depends_on_trained=True, trained=(ctx.values,))
+            (grad_x,) = first_order_only("SparseAdapterLinear/SLTrainLinear (through the values)", (grad_x,),
+                                         (ctx.values,))
             (grad_values,) = first_order_only("SparseAdapterLinear/SLTrainLinear (the values' gradient)",
                                               (grad_values,), (grad_y, x))
         return grad_x, None, grad_bias, grad_values, None, None
@@ -244,7 +244,7 @@ class SparseAdapterLinear(_LazySync, nn.Module):
         # (an unfused layer has no hook on its base layer to take the flag back)
         # a load that fails its size checks changes nothing here (the base layer's hook then
         # takes whatever weight did load as a new W, with nothing applied: consistent)
-        fits = state_fits(self, state_dict, prefix)
+        fits = not state_mismatches(self, state_dict, prefix)
         self._loading_own_state = fits and prefix + "base_values" in state_dict and not self._unfused
         own = fits and any(prefix + k in state_dict for k in ("indices", "values", "base_values", "applied"))
         with_base = prefix + "base_layer.weight" in state_dict

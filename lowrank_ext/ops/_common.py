@@ -28,8 +28,7 @@ def is_scalar(value) -> bool:
     return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
 
 
-def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained: bool = False,
-                     trained: tuple = ()) -> tuple:
+def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
     """The grads a backward formula returns, made to raise if they are differentiated again.
     The formulas here call backward ops that have no autograd kernel of their own: under
     create_graph=True their outputs would carry no graph, and a second derivative through them
@@ -39,18 +38,15 @@ def first_order_only(op: str, grads: tuple, inputs: tuple, *, depends_on_trained
     the grads to them (``.backward()`` and ``torch.autograd.grad`` alike) meets it.
     (torch.autograd.function.once_differentiable looks at the incoming grads only, and its
     node has no edges to the saved tensors: ``autograd.grad`` then gets silent zeros.)
-    depends_on_trained: the grads also depend on a tensor that requires grad but is not among
-    `inputs` (values held in a weight outside the graph), passed as `trained` where known."""
+    ``inputs``: every tensor the grads depend on, also one autograd cannot see (values held in
+    a weight outside the graph)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    needing = [t for t in (*inputs, *trained) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not depends_on_trained and not needing:
-        return grads
+    needing = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     present = [i for i, g in enumerate(grads) if g is not None]
-    if not present:
+    if not needing or not present:
         return grads
-    # with no input that requires grad (trained tensor unknown), the copies themselves do
-    copies = [grads[i].detach().requires_grad_(not needing) for i in present]
+    copies = [grads[i].detach() for i in present]
     aliases = _RaiseOnBackward.apply(f"{op}: double backward (a derivative of its gradients) is not supported",
                                      len(copies), *copies, *needing)
     out = list(grads)

@@ -46,10 +46,8 @@ def galore_apply_(param, direction, proj, proj_absmax=None, proj_code=None, *, r
 def _check_fake(t, proj, rank, right):
     torch._check(t.dim() == 2 and t.dtype in _FLOATS, lambda: f"expected a 2-D float tensor, got {t.shape} {t.dtype}")
     m, n = t.shape
-    # two checks, not min(m, n): a Python min over SymInts guards on which is smaller (a recompile)
-    torch._check(1 <= rank, lambda: f"rank must be in [1, min(m, n)], got {rank}")
-    torch._check(rank <= m, lambda: f"rank must be in [1, min(m, n)], got {rank}")
-    torch._check(rank <= n, lambda: f"rank must be in [1, min(m, n)], got {rank}")
+    for bound in (1 <= rank, rank <= m, rank <= n):  # not min(m, n): no guard on which is smaller
+        torch._check(bound, lambda: f"rank must be in [1, min(m, n)], got {rank}")
     if proj.dtype != torch.uint8:
         want = (rank, n) if right else (m, rank)
         torch._check(tuple(proj.shape) == want and proj.dtype == torch.float32,

@@ -54,7 +54,7 @@ def check_steppable(p: torch.Tensor, optimizer: str) -> None:
 _UNSUPPORTED_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable")
 
 
-def _is_real(value) -> bool:
+def is_real_number(value) -> bool:
     """A real number: Python, numpy or a one-element float tensor (schedulers may set tensors)."""
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
@@ -74,9 +74,9 @@ def check_param_group(group: dict, optimizer: str) -> None:
     # earlier groups had stepped
     for key, ok, what in (("lr", lambda v: 0.0 <= v, "learning rate"), ("eps", lambda v: 0.0 <= v, "epsilon value"),
                           ("weight_decay", lambda v: 0.0 <= v, "weight_decay value")):
-        if key in group and not (_is_real(group[key]) and ok(float(group[key]))):
+        if key in group and not (is_real_number(group[key]) and ok(float(group[key]))):
             raise ValueError(f"Invalid {what}: {group[key]!r}")
-    if "betas" in group and not (len(group["betas"]) == 2 and all(_is_real(b) for b in group["betas"])):
+    if "betas" in group and not (len(group["betas"]) == 2 and all(is_real_number(b) for b in group["betas"])):
         raise ValueError(f"betas must be two numbers, got {group['betas']!r}")
     for i, beta in enumerate(group.get("betas", ())):
         if not 0.0 <= float(beta) < 1.0:

@@ -54,7 +54,6 @@ Example::
 from __future__ import annotations
 
 import math
-import numbers
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -64,7 +63,8 @@ from .. import quant
 from ..ops.svd import batched_rsvd
 from ..ops.galore import galore_apply_, galore_project
 from ..ops.optim import adamw_step_quantized_
-from .adamw import SettingsPickle, check_param_group, check_saved_groups, check_steppable, quantized_moment_fits
+from .adamw import (SettingsPickle, check_param_group, check_saved_groups, check_steppable, is_real_number,
+                    quantized_moment_fits)
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW"]
@@ -114,7 +114,7 @@ def _check_galore_group(group: dict) -> None:
     if not (isinstance(gap, int) and gap >= 1):
         raise ValueError(f"update_proj_gap must be a positive int, got {gap!r}")
     scale = group.get("scale", 1.0)
-    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+    if not (is_real_number(scale) and math.isfinite(float(scale))):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
@@ -259,7 +259,6 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                 state["proj_frozen"] = similar >= self.refresh_patience
             # a bool, not "left"/"right": torch's load_state_dict would iterate a str
             state["proj_right"] = right
-            state["proj_rank"] = rank
             if self.proj_bits == 32:
                 state["proj"] = new
             else:
@@ -284,16 +283,15 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                     continue
                 check_steppable(p, "GaLoreAdamW")
                 state = self.state[p]
+                galore = self._uses_galore(p, group)
                 # the rank the state was made at (None: full Adam), stamped at a param's first step
-                uses = group["rank"] if self._uses_galore(p, group) else None
-                if "proj_rank" in state and state["proj_rank"] != uses:
+                if "proj_rank" in state and state["proj_rank"] != (group["rank"] if galore else None):
                     # its moments are [rank, n] (or [m, rank]): they cannot step at another rank
                     made = state["proj_rank"] if state["proj_rank"] is not None else "None (full Adam)"
                     raise ValueError(f"GaLoreAdamW: a param of shape {tuple(p.shape)} has state at rank {made}, "
                                      f"but its group's rank is now {group['rank']!r}; a rank cannot change mid-run "
                                      f"(start a new optimizer, or put the param in a new group before its first step)")
                 step = int(state.get("step", 0))
-                galore = self._uses_galore(p, group)
                 due_now = "proj_right" not in state or step % group["update_proj_gap"] == 0
                 if galore and due_now and not state.get("proj_frozen", False):
                     due[(tuple(p.shape), p.device, group["rank"], step)].append((p, state, group))
