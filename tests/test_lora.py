@@ -4,6 +4,7 @@ LoRA layer, inject_lora, PEFT acceleration, torch.compile and autocast."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -532,6 +533,37 @@ def test_double_backward_raises_instead_of_returning_zeros():
                                 create_graph=True)
     with pytest.raises(RuntimeError, match="lora_forward: double backward"):
         torch.autograd.grad(ga.sum(), x)
+
+
+def test_torch_func_grad_and_jacrev_run_through_the_op():
+    # torch.func's transforms need the autograd.Function form with a setup_context staticmethod
+    # (the ops' own kernels use it while a transform is active): gradients as autograd of the math
+    x, w, b, a, bb, _, _ = _tensors(5, 12, 7, 3, torch.float64, "plain")
+
+    def plain(x, a, bb):
+        return x @ w.t() + b + 0.5 * (x @ a.t()) @ bb.t()
+    got = torch.func.grad(lambda *t: lora_linear(t[0], w, b, t[1], t[2], scale=0.5).square().sum(),
+                          argnums=(0, 1, 2))(x, a, bb)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    want = torch.autograd.grad(plain(*leaves).square().sum(), leaves)
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g, ref)
+    with warnings.catch_warnings():  # vmap runs lora_backward per sample (no batching rule), and says so
+        warnings.simplefilter("ignore", UserWarning)
+        jac = torch.func.jacrev(lambda x: lora_linear(x, w, b, a, bb, scale=0.5))(x)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda x: plain(x, a, bb), x))
+
+
+def test_ops_called_directly_differentiate_with_defaults_left_out():
+    # the dispatcher hands the autograd kernel no trailing arguments equal to their defaults
+    x, w, b, a, bb, _, _ = _tensors(4, 6, 5, 2, torch.float64, "plain")
+    a.requires_grad_()
+    y, _ = torch.ops.lowrank.lora_forward(x, w, b, a, bb, None, None, 1.0)
+    (ga,) = torch.autograd.grad(y.sum(), a)
+    a2 = a.detach().requires_grad_()
+    (want,) = torch.autograd.grad((x @ w.t() + b + (x @ a2.t()) @ bb.t()).sum(), a2)
+    torch.testing.assert_close(ga, want)
+    assert type(y.grad_fn).__name__ == "lowrank_lora_forwardBackward"
 
 
 def test_merge_refuses_what_autograd_cannot_record():

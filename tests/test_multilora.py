@@ -203,6 +203,21 @@ def test_gradcheck_float64():
         torch.autograd.grad(gb.sum(), xa)
 
 
+def test_torch_func_grad_matches_autograd_of_the_reference():
+    g = torch.Generator().manual_seed(0)
+    ids, ranks = torch.tensor([1, -1, 0, 1, 2, 0]), torch.tensor([2, 3, 1])
+    scales = torch.tensor([0.5, 1.5, -1.0], dtype=torch.float64)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 5), (4, 5), (4,)))
+    a, bs = torch.randn(3, 3, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 3, generator=g,
+                                                                                dtype=torch.float64)
+    got = torch.func.grad(lambda *t: multi_lora_linear(t[0], w, b, t[1], t[2], ids, ranks, scales).square().sum(),
+                          argnums=(0, 1, 2))(x, a, bs)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bs)]
+    ref = multi_lora_linear_ref(leaves[0], w, b, leaves[1], leaves[2], ids, ranks, scales)
+    for g_, want in zip(got, torch.autograd.grad(ref.square().sum(), leaves)):
+        torch.testing.assert_close(g_, want)
+
+
 def test_scales_that_require_grad_are_refused():
     # scales are per-adapter constants: a trained one would silently get no gradient
     x, a = torch.randn(4, 6), torch.randn(2, 3, 6, requires_grad=True)

@@ -6,14 +6,22 @@ import math
 import numbers
 
 import torch
+from torch._functorch.utils import enable_single_level_autograd_function
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, features], every leading dim flattened into rows (a 1-D x is one row).
     Unlike reshape(-1, d) it also works for an empty x with d = 0, whose rows reshape cannot infer."""
+    if x.dim() == 2:
+        return x  # no view: each would be one more autograd node per call
     if x.dim() == 0:
         raise ValueError("x must have a feature dimension (at least 1-D [..., d]), got a 0-d tensor")
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def from_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``y [rows, f]`` computed from :func:`as_rows` of ``x``, back in x's leading dims."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def as_int64_seed(seed: int) -> int:
@@ -59,10 +67,15 @@ class _RaiseOnBackward(torch.autograd.Function):
     """Copies of the first n tensors (the grads), on a node whose backward raises; the rest
     are the tensors the grads depend on (edges only)."""
 
+    generate_vmap_rule = True  # clones: jacrev / vmap of a grad batch them
+
     @staticmethod
-    def forward(ctx, message, n, *tensors):
-        ctx.message = message
+    def forward(message, n, *tensors):
         return tuple(g.clone() for g in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form also runs under torch.func transforms
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *_):
@@ -76,6 +89,77 @@ def autocast_on(device_type: str) -> bool:
 
 
 def autocast_off(device_type: str):
-    """torch.autocast(device_type, enabled=False), or no context on device types without autocast."""
-    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-        else contextlib.nullcontext()
+    """torch.autocast(device_type, enabled=False) where autocast is on, else no context (entering and
+    leaving torch.autocast costs ~30 us a call: most calls run without autocast)."""
+    return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
+
+
+# The Autograd kernels of the differentiable ops. torch.library.register_autograd would do,
+# but its generic kernel re-reads the op's schema argument by argument on every call (each
+# read of schema.arguments builds the whole list again): ~80-110 us per forward for
+# lora_forward's 11 arguments on the 2-core dev VMs, more than the rest of a small layer's
+# overhead. This kernel reads the schema once, at registration.
+_AUTOGRAD_LIB = torch.library.Library("lowrank", "IMPL")
+
+
+def register_autograd(op_name: str, backward, *, setup_context):
+    """Register ``backward`` / ``setup_context`` (torch.library.register_autograd's contract:
+    ``setup_context(ctx, inputs, output)`` with every positional argument in ``inputs``;
+    ``backward(ctx, *grads)`` returns one gradient or None per argument) as the Autograd kernel
+    of ``torch.ops.lowrank.<op_name>``. For ops without keyword-only or tensor-list arguments.
+
+    Returns the op as the package's own functions call it, every argument given: the same
+    results as calling ``torch.ops.lowrank.<op_name>``, minus one round trip from the dispatcher
+    into Python and back (~30 us a call)."""
+    op = getattr(torch.ops.lowrank, op_name).default
+    arguments = op._schema.arguments
+    if any(a.kwarg_only or "[]" in str(a.type) for a in arguments):
+        raise TypeError(f"register_autograd: {op_name} has keyword-only or list arguments; use torch.library's")
+    # the dispatcher drops trailing arguments that equal their defaults: put them back
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in arguments)
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def forward_and_setup(ctx, *args):
+        output = below_autograd(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    # One Function in two forms (grad_fn: lowrank_<op>Backward). Under torch.func transforms the
+    # kernel runs at one transform level, on that level's unwrapped tensors, where
+    # autograd.Function.apply would hand the call back to functorch (and find no rule at this
+    # key): there it runs torch's single-level form, as functorch's own rule for
+    # autograd.Function does (private API: torch 2.14). That form binds its arguments through
+    # inspect.signature on every apply (~60 us here), so the plain form runs everywhere else.
+    name = f"lowrank_{op_name}"
+    plain = type(name, (torch.autograd.Function,),
+                 {"forward": staticmethod(forward_and_setup), "backward": staticmethod(backward)})
+    single_level = type(name, (torch.autograd.function._SingleLevelFunction,),
+                        {"forward": staticmethod(below_autograd), "setup_context": staticmethod(setup_context),
+                         "backward": staticmethod(backward)})
+
+    def kernel(keyset, *args):
+        if len(args) < len(defaults):
+            args = args + defaults[len(args):]
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if torch._C._are_functorch_transforms_active():
+                with enable_single_level_autograd_function():
+                    return single_level.apply(*args)
+            return plain.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _AUTOGRAD_LIB.impl(op_name, kernel, "Autograd", with_keyset=True)
+
+    def call(*args):
+        # through the dispatcher where it must see the call: a compiled graph records the op
+        # (AOTAutograd meets the kernel above), torch.func transforms wrap it
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return op(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return plain.apply(*args)
+        return below_autograd(*args)
+
+    return call

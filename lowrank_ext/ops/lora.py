@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_int64_seed, as_rows, autocast_off, autocast_on, first_order_only
+from ._common import (as_int64_seed, as_rows, autocast_off, autocast_on, first_order_only, from_rows,
+                      register_autograd)
 
 __all__ = ["lora_linear", "lora_forward", "lora_backward", "lora_merge_"]
 
@@ -66,10 +67,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x, weight, bias, lora_a, lora_b, core, rank_scale = map(cast, (x, weight, bias, lora_a, lora_b, core,
                                                                        rank_scale))
     with autocast_off(device_type):
-        lead = x.shape[:-1]
-        y, _ = torch.ops.lowrank.lora_forward(as_rows(x), weight, bias, lora_a, lora_b, core,
-                                              rank_scale, scale, dropout_p, *_seed_args(seed))
-    return y.reshape(*lead, weight.shape[0])
+        y, _ = _lora_forward(as_rows(x), weight, bias, lora_a, lora_b, core, rank_scale, scale, dropout_p,
+                             *_seed_args(seed))
+    return from_rows(y, x)
 
 
 @torch.library.register_fake("lowrank::lora_forward")
@@ -139,4 +139,4 @@ def _backward(ctx, grad_y, _grad_xa):
     return gx, grad_w, grad_b, ga, gb, gc, gr, None, None, None, None
 
 
-torch.library.register_autograd("lowrank::lora_forward", _backward, setup_context=_setup_context)
+_lora_forward = register_autograd("lora_forward", _backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, autocast_off, autocast_on, first_order_only
+from ._common import as_rows, autocast_off, autocast_on, first_order_only, from_rows, register_autograd
 
 __all__ = ["monarch", "blockdiag", "monarch_forward", "monarch_backward", "blockdiag_forward", "blockdiag_backward"]
 
@@ -73,9 +73,8 @@ def monarch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *, save_interme
     if save_intermediate is None:
         save_intermediate = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
     with autocast_off(x.device.type):
-        lead = x.shape[:-1]
-        y, _ = torch.ops.lowrank.monarch_forward(as_rows(x), w1, w2, save_intermediate)
-    return y.reshape(*lead, y.shape[-1])
+        y, _ = _monarch_forward(as_rows(x), w1, w2, save_intermediate)
+    return from_rows(y, x)
 
 
 def blockdiag(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -88,9 +87,8 @@ def blockdiag(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     x, w = _autocast(x.device.type, x, w)
     with autocast_off(x.device.type):
-        lead = x.shape[:-1]
-        y = torch.ops.lowrank.blockdiag_forward(as_rows(x), w)
-    return y.reshape(*lead, y.shape[-1])
+        y = _blockdiag_forward(as_rows(x), w)
+    return from_rows(y, x)
 
 
 def _check_fake(x, w1, w2, op):
@@ -161,6 +159,5 @@ def _blockdiag_backward(ctx, grad_y):
     return first_order_only("blockdiag_forward", tuple(g if m else None for g, m in zip(out, mask)), (grad_y, x, w))
 
 
-torch.library.register_autograd("lowrank::monarch_forward", _monarch_backward, setup_context=_monarch_setup_context)
-torch.library.register_autograd("lowrank::blockdiag_forward", _blockdiag_backward,
-                                setup_context=_blockdiag_setup_context)
+_monarch_forward = register_autograd("monarch_forward", _monarch_backward, setup_context=_monarch_setup_context)
+_blockdiag_forward = register_autograd("blockdiag_forward", _blockdiag_backward, setup_context=_blockdiag_setup_context)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, autocast_off, autocast_on, first_order_only
+from ._common import as_rows, autocast_off, autocast_on, first_order_only, from_rows, register_autograd
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
 
@@ -40,7 +40,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def lora_shrink(x, a_stack, token_adapter_ids, ranks=None, scales=None) -> torch.Tensor:
     """``x [N, d_in]`` -> ``xa [N, R]`` (fp32; fp64 for fp64 x): each row times its adapter's A,
     scaled by its adapter's scale; zero past the adapter's rank and on rows with id -1."""
-    return torch.ops.lowrank.lora_shrink(x, a_stack, token_adapter_ids, ranks, scales)
+    return _lora_shrink(x, a_stack, token_adapter_ids, ranks, scales)
 
 
 def lora_expand_(y, xa, b_stack, token_adapter_ids, ranks=None, scales=None) -> None:
@@ -51,7 +51,7 @@ def lora_expand_(y, xa, b_stack, token_adapter_ids, ranks=None, scales=None) -> 
 
 def lora_expand(y, xa, b_stack, token_adapter_ids, ranks=None, scales=None) -> torch.Tensor:
     """Out-of-place :func:`lora_expand_`: returns a new tensor (differentiable in y, xa, b_stack)."""
-    return torch.ops.lowrank.lora_expand(y, xa, b_stack, token_adapter_ids, ranks, scales)
+    return _lora_expand(y, xa, b_stack, token_adapter_ids, ranks, scales)
 
 
 def lora_grouped_outer(left, right, token_adapter_ids, num_adapters: int, scales=None) -> torch.Tensor:
@@ -79,17 +79,16 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             return t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
         x, weight, bias, a_stack, b_stack = map(cast, (x, weight, bias, a_stack, b_stack))
     with autocast_off(device_type):
-        lead = x.shape[:-1]
         x2 = as_rows(x)
-        ids = token_adapter_ids.reshape(-1)
+        ids = token_adapter_ids if token_adapter_ids.dim() == 1 else token_adapter_ids.reshape(-1)
         y = torch.nn.functional.linear(x2, weight, bias)
-        xa = torch.ops.lowrank.lora_shrink(x2, a_stack, ids, ranks, scales)
+        xa = _lora_shrink(x2, a_stack, ids, ranks, scales)
         if torch.is_grad_enabled() and (x.requires_grad or a_stack.requires_grad or b_stack.requires_grad
                                         or weight.requires_grad or (bias is not None and bias.requires_grad)):
-            y = torch.ops.lowrank.lora_expand(y, xa, b_stack, ids, ranks, None)
+            y = _lora_expand(y, xa, b_stack, ids, ranks, None)
         else:
             torch.ops.lowrank.lora_expand_(y, xa, b_stack, ids, ranks, None)
-    return y.reshape(*lead, weight.shape[0])
+    return from_rows(y, x)
 
 
 # ---- fake kernels ----
@@ -182,8 +181,7 @@ def _shrink_backward(ctx, grad_xa):
     need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_a = None
     if need_x:  # x[n] -> scale A^T: the expand of grad_xa through the transposed stack
-        grad_x = torch.ops.lowrank.lora_expand(x.new_zeros(x.shape), grad_xa, a_stack.transpose(1, 2), ids, ranks,
-                                               scales)
+        grad_x = _lora_expand(x.new_zeros(x.shape), grad_xa, a_stack.transpose(1, 2), ids, ranks, scales)
     if need_a:  # the padding of the stack gets no gradient: xa does not depend on it
         g = grad_xa * _rank_mask(ids, ranks, a_stack.shape[1], grad_xa.dtype)
         grad_a = torch.ops.lowrank.lora_grouped_outer(g, x, ids, a_stack.shape[0], scales).to(a_stack.dtype)
@@ -205,7 +203,7 @@ def _expand_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grad_xa = grad_b = None
     if need_xa:  # zero past each rank and on rows with id -1, as the forward reads xa
-        grad_xa = torch.ops.lowrank.lora_shrink(grad_out, b_stack.transpose(1, 2), ids, ranks, scales)
+        grad_xa = _lora_shrink(grad_out, b_stack.transpose(1, 2), ids, ranks, scales)
         grad_xa = grad_xa.to(ctx.xa_dtype)
     if need_b:
         xm = xa * _rank_mask(ids, ranks, b_stack.shape[2], xa.dtype)
@@ -214,5 +212,5 @@ def _expand_backward(ctx, grad_out):
     return grad_out if need_y else None, grad_xa, grad_b, None, None, None
 
 
-torch.library.register_autograd("lowrank::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
-torch.library.register_autograd("lowrank::lora_expand", _expand_backward, setup_context=_expand_setup)
+_lora_shrink = register_autograd("lora_shrink", _shrink_backward, setup_context=_shrink_setup)
+_lora_expand = register_autograd("lora_expand", _expand_backward, setup_context=_expand_setup)
