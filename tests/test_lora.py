@@ -566,6 +566,19 @@ def test_ops_called_directly_differentiate_with_defaults_left_out():
     assert type(y.grad_fn).__name__ == "lowrank_lora_forwardBackward"
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_records_the_fused_op(strict):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), r=4, dropout=0.1).eval()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 5, 16)
+    ep = torch.export.export(layer, (x,), strict=strict)
+    assert any(n.target is torch.ops.lowrank.lora_forward.default for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x), layer.base_layer(x) + layer.scaling * layer.lora_B["default"](
+        layer.lora_A["default"](x)))
+
+
 def test_merge_refuses_what_autograd_cannot_record():
     # like torch's in-place ops: a leaf weight that requires grad is written only under no_grad,
     # and adapters that require grad are not read outside it (their gradient would be lost)

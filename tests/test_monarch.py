@@ -372,3 +372,14 @@ def test_torch_func_grad_matches_autograd_of_the_reference():
         warnings.simplefilter("ignore", UserWarning)
         batched = torch.func.vmap(lambda x: monarch(x, w1, w2))(xs)
     torch.testing.assert_close(batched, torch.stack([monarch_ref(x, w1, w2) for x in xs]))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_records_the_op(strict):
+    torch.manual_seed(0)
+    layer = MonarchLinear(16, 16, nblocks=4)
+    x = torch.randn(3, 16)
+    ep = torch.export.export(layer, (x,), strict=strict)
+    assert any(n.target is torch.ops.lowrank.monarch_forward.default for n in ep.graph.nodes)
+    want = monarch_ref(x, layer.blkdiag1, layer.blkdiag2).detach() + (0 if layer.bias is None else layer.bias.detach())
+    torch.testing.assert_close(ep.module()(x), want)
