@@ -217,7 +217,9 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 # .contiguous(), not to(memory_format=contiguous_format): that keeps a transposed
                 # tensor's strides (torch AdamW's moments of a transposed param have them)
-                state[key] = state[key].to(dtype=torch.float32).contiguous()
+                moment = state[key]
+                if moment.dtype != torch.float32 or not moment.is_contiguous():  # once, after a load
+                    state[key] = moment.to(dtype=torch.float32).contiguous()
 
     def _step_seed(self, step: int, bucket: int) -> int:
         # Philox streams are (seed, tensor index in the call): fold the call (bucket) in, so
@@ -239,17 +241,21 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                     check_steppable(p, type(self).__name__)
         for group_no, group in enumerate(self.param_groups):
             buckets: dict[tuple, list] = defaultdict(list)
+            counters = []
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 self._prepare_state(p, state)
-                state["step"] += 1
-                step = int(state["step"].item())  # a CPU tensor: no device sync
+                counters.append(state["step"])
+                step = int(state["step"].item()) + 1  # a CPU tensor: no device sync
                 quantized = "exp_avg_q" in state
                 # one call steps its tensors with one pair of codes (each state holds its own)
                 codes = (id(state.get("exp_avg_code")), id(state.get("exp_avg_sq_code")))
-                buckets[(p.device, p.dtype, p.grad.dtype, step, quantized, codes)].append((p, state))
+                buckets[(p.device, p.dtype, grad.dtype, step, quantized, codes)].append((p, state))
+            if counters:
+                torch._foreach_add_(counters, 1)  # one call, not one in-place add per param
             beta1, beta2 = group["betas"]
             for bucket_no, ((device, _, _, step, quantized, _), items) in enumerate(buckets.items()):
                 bucket_id = (group_no << 16) + bucket_no
