@@ -302,10 +302,11 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         projected = {}  # param -> its projected gradient, where a refresh formed it
         for (_, _, _, step), items in due.items():  # one batched (randomized) SVD per shape
             projected.update(self._refresh(items, step))
-        # Project, then Adam: fp32 moments in torch ops; quantized moments in one fused
-        # multi-tensor call per (group, device, step) (dequantize -> fp32 update -> re-quantize)
-        quantized: dict[tuple, list] = defaultdict(list)
-        for group_no, (p, state, group, galore) in enumerate(work):
+        # Project, then Adam per (group, device, step) bucket: fp32 moments in one foreach call
+        # per elementwise op (not one call per param and op); quantized moments in one fused
+        # multi-tensor call (dequantize -> fp32 update -> re-quantize)
+        buckets: dict[tuple, list] = defaultdict(list)
+        for p, state, group, galore in work:
             g = p.grad.float() if not galore else None
             proj = None
             if galore:
@@ -315,28 +316,41 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                     g = galore_project(p.grad, *proj[:3], rank=group["rank"], blocksize=proj[3],
                                        right=bool(state["proj_right"]))
             state["step"] = step = int(state["step"]) + 1
+            if self.state_bits != 32 and "exp_avg_q" not in state:
+                self._init_quantized(state, g.numel(), p.device)
+            buckets[(id(group), p.device, step)].append((p, state, group, proj, g))
+        for bucket_no, ((_, device, step), items) in enumerate(buckets.items()):
             if self.state_bits == 32:
-                self._apply(p, state, group, proj, self._adam_fp32(g, state, group, step), g)
+                updates = self._adam_fp32(items, step)
             else:
-                if "exp_avg_q" not in state:
-                    self._init_quantized(state, g.numel(), p.device)
-                quantized[(id(group), p.device, step)].append((p, state, group, proj, g))
-        for bucket_no, ((_, device, step), items) in enumerate(quantized.items()):
-            updates = self._adam_quantized(items, device, step, bucket_no)
+                updates = self._adam_quantized(items, device, step, bucket_no)
+            self._apply_full(items, updates)
             for (p, state, group, proj, g), update in zip(items, updates):
-                self._apply(p, state, group, proj, update, g)
+                if proj is not None:
+                    self._apply(p, state, group, proj, update, g)
         return loss
 
     @staticmethod
-    def _adam_fp32(g: torch.Tensor, state: dict, group: dict, step: int) -> torch.Tensor:
-        """The published code's Adam direction m / (sqrt(v) + eps); bias corrections in _apply."""
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+    def _adam_fp32(items: list, step: int) -> list[torch.Tensor]:
+        """The published code's Adam direction m / (sqrt(v) + eps) sqrt(1 - beta2^t) / (1 - beta1^t)
+        for one bucket (one group: one set of betas and eps)."""
+        group = items[0][2]
         beta1, beta2 = group["betas"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        return (m / (v.sqrt() + group["eps"])) * (math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step))
+        for _, state, _, _, g in items:
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+        m = [it[1]["exp_avg"] for it in items]
+        v = [it[1]["exp_avg_sq"] for it in items]
+        g = [it[4] for it in items]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, g, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        denominators = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominators, group["eps"])
+        directions = torch._foreach_div(m, denominators)
+        torch._foreach_mul_(directions, math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step))
+        return directions
 
     def _adam_quantized(self, items: list, device: torch.device, step: int, bucket_no: int) -> list[torch.Tensor]:
         """The fused quantized AdamW op run on zero buffers with lr = 1 and no decay leaves
@@ -358,19 +372,29 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
                               stochastic_exp_avg_sq=sr_v)
         return [o.neg_() for o in outs]
 
-    def _apply(self, p: torch.Tensor, state: dict, group: dict, proj: tuple | None, direction: torch.Tensor,
+    @staticmethod
+    def _apply_full(items: list, directions: list[torch.Tensor]) -> None:
+        """The params of a bucket that are not GaLore params: W <- (1 - lr wd) (W - lr direction),
+        Adam on the full gradient (in foreach calls, as the moments)."""
+        full = [(p, d) for (p, _, _, proj, _), d in zip(items, directions) if proj is None]
+        if not full:
+            return
+        group = items[0][2]
+        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        targets = [p if p.dtype == torch.float32 else p.float() for p, _ in full]
+        torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, [d for _, d in full], alpha=-lr * decay)
+        for (p, _), target in zip(full, targets):
+            if target is not p:
+                p.copy_(target)
+
+    def _apply(self, p: torch.Tensor, state: dict, group: dict, proj: tuple, direction: torch.Tensor,
                low: torch.Tensor) -> None:
         """W <- (1 - lr wd) (W - lr * scale * back(direction) [- the residual step]): for GaLore
         params one ``galore_apply_`` call, which reads W, the projection (dequantized as it
         loads) and, for Fira / FRUGAL, G (twice for Fira), with no [m, n] temporary (the published
         code's decoupled weight decay, applied after the update)."""
-        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        if proj is None:  # not a GaLore parameter: Adam on the full gradient
-            target = p if p.dtype == torch.float32 else p.float()
-            target.mul_(decay).add_(direction, alpha=-lr * decay)
-            if target is not p:
-                p.copy_(target)
-            return
+        lr = group["lr"]
         prev = None
         if self.mode == "fira":  # 0: no limit before the first residual
             prev = state.setdefault("fira_prev_norm", torch.zeros(1, device=p.device))
