@@ -3,6 +3,7 @@ mask (Philox, regenerated in backward), gradcheck, bad inputs, LoRALinear agains
 LoRA layer, inject_lora, PEFT acceleration, torch.compile and autocast."""
 from __future__ import annotations
 
+import io
 import math
 import warnings
 
@@ -552,6 +553,47 @@ def test_torch_func_grad_and_jacrev_run_through_the_op():
         warnings.simplefilter("ignore", UserWarning)
         jac = torch.func.jacrev(lambda x: lora_linear(x, w, b, a, bb, scale=0.5))(x)
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda x: plain(x, a, bb), x))
+
+
+def test_torch_func_keeps_the_gradients_of_captured_tensors():
+    # adapters captured from outside a transform are tracked by plain autograd around it: an
+    # output of vjp still depends on them, and a gradient of the transform's gradient (a second
+    # derivative through the op) raises as autograd.grad(create_graph=True) does, never zeros
+    x, w, b, a, bb, _, _ = _tensors(4, 8, 6, 3, torch.float64, "plain")
+    a.requires_grad_()
+    bb.requires_grad_()
+    y, _ = torch.func.vjp(lambda x: lora_linear(x, w, b, a, bb, scale=0.5), x)
+    a2, b2 = a.detach().requires_grad_(), bb.detach().requires_grad_()
+    want = torch.autograd.grad((x @ w.t() + b + 0.5 * (x @ a2.t()) @ b2.t()).square().sum(), (a2, b2))
+    for g, ref in zip(torch.autograd.grad(y.square().sum(), (a, bb)), want):
+        torch.testing.assert_close(g, ref)
+    gx = torch.func.grad(lambda x: lora_linear(x, w, b, a, bb, scale=0.5).square().sum())(x)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        torch.autograd.grad(gx.square().sum(), a)
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        torch.func.grad(lambda a_: torch.func.grad(
+            lambda x: lora_linear(x, w, b, a_, bb.detach(), scale=0.5).square().sum())(x).square().sum())(a.detach())
+
+
+def test_jit_trace_records_the_op():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 6), r=3)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():  # torch 2.14 deprecates torch.jit, still used to ship models
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(layer, x)  # checks that two traces agree
+        assert "lowrank::lora_forward" in str(traced.graph)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    loaded(x).square().sum().backward()
+    layer(x).square().sum().backward()
+    grads = {n: p.grad for n, p in loaded.named_parameters() if p.grad is not None}
+    assert set(grads) == {"lora_A.default.weight", "lora_B.default.weight"}
+    for name, g in grads.items():
+        torch.testing.assert_close(g, layer.get_parameter(name).grad)
 
 
 def test_ops_called_directly_differentiate_with_defaults_left_out():

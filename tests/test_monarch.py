@@ -362,11 +362,16 @@ def test_torch_func_grad_matches_autograd_of_the_reference():
     leaves = [t.clone().requires_grad_() for t in (x, w1)]
     for g_, ref in zip(got, torch.autograd.grad(blockdiag_ref(*leaves).square().sum(), leaves)):
         torch.testing.assert_close(g_, ref)
-    # the op called directly (its autograd kernel under the transform), and vmap (torch's per-sample
-    # fallback: the ops have no batching rule)
-    got = torch.func.grad(lambda w: torch.ops.lowrank.monarch_forward(x, w, w2)[0].square().sum())(w1)
+    # a parameter captured from outside the transform keeps its (outer) gradient
+    w1_outer = w1.clone().requires_grad_()
+    y, _ = torch.func.vjp(lambda x: monarch(x, w1_outer, w2), x)
     leaf = w1.clone().requires_grad_()
-    torch.testing.assert_close(got, torch.autograd.grad(monarch_ref(x, leaf, w2).square().sum(), leaf)[0])
+    torch.testing.assert_close(torch.autograd.grad(y.square().sum(), w1_outer)[0],
+                               torch.autograd.grad(monarch_ref(x, leaf, w2).square().sum(), leaf)[0])
+    # the op called directly cannot reach outer levels from its kernel: it refuses, not drops them
+    with pytest.raises(RuntimeError, match="through lowrank_ext.ops.monarch.monarch"):
+        torch.func.grad(lambda w: torch.ops.lowrank.monarch_forward(x, w, w2)[0].square().sum())(w1)
+    # vmap: torch's per-sample fallback (the ops have no batching rule)
     xs = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops._common import as_rows, autocast_on
-from ..ops.multilora import multi_lora_linear
+from ..ops.multilora import lora_expand, lora_shrink, multi_lora_linear
 from .lora import calls_module_code, state_mismatches
 
 __all__ = ["MultiLoRALinear"]
@@ -219,9 +219,9 @@ class MultiLoRALinear(nn.Module):
             # extra [N, d_out] buffer: the fused in-place add needs one dtype and no base call)
             dt = self.lora_a.dtype
             x2, flat_ids = as_rows(x), ids.reshape(-1)
-            xa = torch.ops.lowrank.lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)
+            xa = lora_shrink(x2.to(dt), self.lora_a, flat_ids, self.ranks, self.scales)
             zeros = x2.new_zeros(x2.shape[0], self.base_layer.out_features, dtype=dt)
-            delta = torch.ops.lowrank.lora_expand(zeros, xa, self.lora_b, flat_ids, self.ranks, None)
+            delta = lora_expand(zeros, xa, self.lora_b, flat_ids, self.ranks, None)
             base = self.base_layer(x)  # its dtype (autocast's, say) is the output's, as without a hook
             return base + delta.to(base.dtype).reshape(*lead, -1)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_a, self.lora_b, ids,

@@ -6,7 +6,6 @@ import math
 import numbers
 
 import torch
-from torch._functorch.utils import enable_single_level_autograd_function
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,15 +101,16 @@ def autocast_off(device_type: str):
 _AUTOGRAD_LIB = torch.library.Library("lowrank", "IMPL")
 
 
-def register_autograd(op_name: str, backward, *, setup_context):
+def register_autograd(op_name: str, backward, *, setup_context, function: str):
     """Register ``backward`` / ``setup_context`` (torch.library.register_autograd's contract:
     ``setup_context(ctx, inputs, output)`` with every positional argument in ``inputs``;
     ``backward(ctx, *grads)`` returns one gradient or None per argument) as the Autograd kernel
     of ``torch.ops.lowrank.<op_name>``. For ops without keyword-only or tensor-list arguments.
+    ``function`` names the public function that calls the op (for an error message).
 
     Returns the op as the package's own functions call it, every argument given: the same
     results as calling ``torch.ops.lowrank.<op_name>``, minus one round trip from the dispatcher
-    into Python and back (~30 us a call)."""
+    into Python and back (~30 us a call), and it also runs under torch.func transforms."""
     op = getattr(torch.ops.lowrank, op_name).default
     arguments = op._schema.arguments
     if any(a.kwarg_only or "[]" in str(a.type) for a in arguments):
@@ -127,26 +127,28 @@ def register_autograd(op_name: str, backward, *, setup_context):
         setup_context(ctx, args, output)
         return output
 
-    # One Function in two forms (grad_fn: lowrank_<op>Backward). Under torch.func transforms the
-    # kernel runs at one transform level, on that level's unwrapped tensors, where
-    # autograd.Function.apply would hand the call back to functorch (and find no rule at this
-    # key): there it runs torch's single-level form, as functorch's own rule for
-    # autograd.Function does (private API: torch 2.14). That form binds its arguments through
-    # inspect.signature on every apply (~60 us here), so the plain form runs everywhere else.
+    # One Function in two forms (grad_fn: lowrank_<op>Backward). torch.func transforms need the
+    # one with a setup_context staticmethod: functorch applies it again at each transform level,
+    # down to plain autograd, and generate_vmap_rule lets vmap run its forward on batched
+    # tensors. torch binds that form's arguments through inspect.signature on every apply
+    # (~60 us here), so the plain form runs everywhere else.
     name = f"lowrank_{op_name}"
     plain = type(name, (torch.autograd.Function,),
                  {"forward": staticmethod(forward_and_setup), "backward": staticmethod(backward)})
-    single_level = type(name, (torch.autograd.function._SingleLevelFunction,),
-                        {"forward": staticmethod(below_autograd), "setup_context": staticmethod(setup_context),
-                         "backward": staticmethod(backward)})
+    func_form = type(name, (torch.autograd.Function,),
+                     {"forward": staticmethod(below_autograd), "setup_context": staticmethod(setup_context),
+                      "backward": staticmethod(backward), "generate_vmap_rule": True})
 
     def kernel(keyset, *args):
         if len(args) < len(defaults):
             args = args + defaults[len(args):]
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             if torch._C._are_functorch_transforms_active():
-                with enable_single_level_autograd_function():
-                    return single_level.apply(*args)
+                # here the call is already inside one transform level: a Function applied from
+                # here would record at that level only, and tensors of outer levels (captured
+                # parameters, an outer grad's input) would silently get no gradient
+                raise RuntimeError(f"torch.ops.lowrank.{op_name} needs a gradient under a torch.func transform: "
+                                   f"call it through lowrank_ext.ops.{function}, which these transforms support")
             return plain.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -154,10 +156,12 @@ def register_autograd(op_name: str, backward, *, setup_context):
     _AUTOGRAD_LIB.impl(op_name, kernel, "Autograd", with_keyset=True)
 
     def call(*args):
-        # through the dispatcher where it must see the call: a compiled graph records the op
-        # (AOTAutograd meets the kernel above), torch.func transforms wrap it
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # through the dispatcher where it must see the op: a compiled graph records it (AOTAutograd
+        # meets the kernel above), and so does torch.jit.trace
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             return op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return func_form.apply(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return plain.apply(*args)
         return below_autograd(*args)

@@ -139,4 +139,5 @@ def _backward(ctx, grad_y, _grad_xa):
     return gx, grad_w, grad_b, ga, gb, gc, gr, None, None, None, None
 
 
-_lora_forward = register_autograd("lora_forward", _backward, setup_context=_setup_context)
+_lora_forward = register_autograd("lora_forward", _backward, setup_context=_setup_context,
+                                  function="lora.lora_linear")

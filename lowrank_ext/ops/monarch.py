@@ -159,5 +159,7 @@ def _blockdiag_backward(ctx, grad_y):
     return first_order_only("blockdiag_forward", tuple(g if m else None for g, m in zip(out, mask)), (grad_y, x, w))
 
 
-_monarch_forward = register_autograd("monarch_forward", _monarch_backward, setup_context=_monarch_setup_context)
-_blockdiag_forward = register_autograd("blockdiag_forward", _blockdiag_backward, setup_context=_blockdiag_setup_context)
+_monarch_forward = register_autograd("monarch_forward", _monarch_backward, setup_context=_monarch_setup_context,
+                                     function="monarch.monarch")
+_blockdiag_forward = register_autograd("blockdiag_forward", _blockdiag_backward,
+                                       setup_context=_blockdiag_setup_context, function="monarch.blockdiag")

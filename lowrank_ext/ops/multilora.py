@@ -212,5 +212,7 @@ def _expand_backward(ctx, grad_out):
     return grad_out if need_y else None, grad_xa, grad_b, None, None, None
 
 
-_lora_shrink = register_autograd("lora_shrink", _shrink_backward, setup_context=_shrink_setup)
-_lora_expand = register_autograd("lora_expand", _expand_backward, setup_context=_expand_setup)
+_lora_shrink = register_autograd("lora_shrink", _shrink_backward, setup_context=_shrink_setup,
+                                 function="multilora.lora_shrink")
+_lora_expand = register_autograd("lora_expand", _expand_backward, setup_context=_expand_setup,
+                                 function="multilora.lora_expand")
