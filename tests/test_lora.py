@@ -576,6 +576,14 @@ def test_torch_func_keeps_the_gradients_of_captured_tensors():
             lambda x: lora_linear(x, w, b, a_, bb.detach(), scale=0.5).square().sum())(x).square().sum())(a.detach())
 
 
+def test_compiling_a_torch_func_transform_raises_instead_of_dropping_gradients():
+    # the compiled graph calls the op itself, whose kernel cannot reach outer transform levels
+    x, w, b, a, bb, _, _ = _tensors(4, 8, 6, 3, torch.float32, "plain")
+    with pytest.raises(Exception, match="needs a gradient under a torch.func transform"):
+        torch.compile(torch.func.grad(lambda a: lora_linear(x, w, b, a, bb, scale=0.5).square().sum()),
+                      fullgraph=True)(a)
+
+
 def test_jit_trace_records_the_op():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 6), r=3)

@@ -147,8 +147,9 @@ def register_autograd(op_name: str, backward, *, setup_context, function: str):
                 # here the call is already inside one transform level: a Function applied from
                 # here would record at that level only, and tensors of outer levels (captured
                 # parameters, an outer grad's input) would silently get no gradient
-                raise RuntimeError(f"torch.ops.lowrank.{op_name} needs a gradient under a torch.func transform: "
-                                   f"call it through lowrank_ext.ops.{function}, which these transforms support")
+                raise RuntimeError(f"torch.ops.lowrank.{op_name} needs a gradient under a torch.func transform, "
+                                   f"which it supports when called through lowrank_ext.ops.{function} in eager "
+                                   f"mode (not torch.ops.lowrank.{op_name} directly, not inside torch.compile)")
             return plain.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
