@@ -584,6 +584,23 @@ def test_compiling_a_torch_func_transform_raises_instead_of_dropping_gradients()
                       fullgraph=True)(a)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward-AD module scripts a helper
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    # the ops have no forward-mode formula: a dual input used to come back with no tangent
+    import torch.autograd.forward_ad as fwAD
+    x, w, b, a, bb, _, _ = _tensors(4, 8, 6, 3, torch.float32, "plain")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        for call in (lambda: lora_linear(dual, w, b, a, bb, scale=0.5),
+                     lambda: torch.ops.lowrank.lora_forward(dual, w, b, a, bb, None, None, 0.5)):
+            with pytest.raises(NotImplementedError, match="jvp"):
+                call()
+            with torch.no_grad(), pytest.raises(NotImplementedError, match="jvp"):
+                call()
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda x: lora_linear(x, w, b, a, bb, scale=0.5), (x,), (torch.ones_like(x),))
+
+
 def test_jit_trace_records_the_op():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 6), r=3)

@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,12 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
 
 
+def has_tangent(args) -> bool:
+    """Whether a tensor among args is a forward-mode AD dual tensor (inside fwAD.dual_level())."""
+    return fwAD._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in args)
+
+
 # The Autograd kernels of the differentiable ops. torch.library.register_autograd would do,
 # but its generic kernel re-reads the op's schema argument by argument on every call (each
 # read of schema.arguments builds the whole list again): ~80-110 us per forward for
@@ -142,7 +149,7 @@ def register_autograd(op_name: str, backward, *, setup_context, function: str):
     def kernel(keyset, *args):
         if len(args) < len(defaults):
             args = args + defaults[len(args):]
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
             if torch._C._are_functorch_transforms_active():
                 # here the call is already inside one transform level: a Function applied from
                 # here would record at that level only, and tensors of outer levels (captured
@@ -163,8 +170,8 @@ def register_autograd(op_name: str, backward, *, setup_context, function: str):
             return op(*args)
         if torch._C._are_functorch_transforms_active():
             return func_form.apply(*args)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return plain.apply(*args)
+        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
+            return plain.apply(*args)  # with a tangent: raises (no forward-mode formula) instead of dropping it
         return below_autograd(*args)
 
     return call
