@@ -10,7 +10,7 @@ from torch import nn
 
 from .._weak import WeakModuleRef
 from .lora import check_weight_is_stored, state_mismatches
-from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only
+from ..ops._common import as_rows, autocast_off, autocast_on, first_order_only, from_rows
 from ..ops.sparse import sddmm
 
 __all__ = ["SparseAdapterLinear", "SLTrainLinear", "choose_support"]
@@ -115,24 +115,29 @@ class _FusedSparseLinear(torch.autograd.Function):
     the same W_eff, grad of S's values by SDDMM at its support; W gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, rows, cols):
+    def forward(ctx, x, weight, bias, values, indices, in_features):
         device_type = x.device.type
         if autocast_on(device_type):  # cast as autocast casts nn.Linear's inputs, and save those
             dt = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        ctx.save_for_backward(x, weight, rows, cols)
+        # the flat indices, not rows and cols: split in backward only where the values need a
+        # gradient (no two index passes per forward, half the saved index bytes)
+        ctx.save_for_backward(x, weight, indices)
+        ctx.in_features = in_features
         ctx.values = values  # held in W_eff: grad x depends on it (first_order_only's edge)
         with autocast_off(device_type):
             return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, rows, cols = ctx.saved_tensors
+        x, weight, indices = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype)
         grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
         grad_bias = as_rows(grad_y).sum(0) if ctx.needs_input_grad[2] else None
-        grad_values = sddmm(grad_y, x, rows, cols) if ctx.needs_input_grad[3] else None
+        grad_values = None
+        if ctx.needs_input_grad[3]:
+            grad_values = sddmm(grad_y, x, indices // ctx.in_features, indices % ctx.in_features)
         # second derivatives that autograd cannot see raise instead of coming back as zeros:
         # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative)
         if ctx.needs_input_grad[3]:
@@ -323,8 +328,9 @@ class SparseAdapterLinear(_LazySync, nn.Module):
                                "(requires_grad=False)")
         # the Function sees rows: F.linear of an N-D x returns a view, and a view made inside
         # a custom Function cannot be modified in place (y += r, relu_) as nn.Linear's output can
-        y = _FusedSparseLinear.apply(as_rows(x), w, self.base_layer.bias, self.values, self.rows, self.cols)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = _FusedSparseLinear.apply(as_rows(x), w, self.base_layer.bias, self.values, self.indices,
+                                     self.base_layer.in_features)
+        return from_rows(y, x)
 
     def adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) of this layer's adapter (flat indices into the weight)."""
@@ -426,8 +432,7 @@ class SLTrainLinear(_LazySync, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._sync_if_stale()
-        rows, cols = self.indices // self.in_features, self.indices % self.in_features
-        y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, rows, cols)
+        y = _FusedSparseLinear.apply(x, self.sparse_weight, self.bias, self.values, self.indices, self.in_features)
         return y + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def _apply(self, fn, recurse: bool = True):  # the indices' stamp too (it keeps their storage)
