@@ -161,22 +161,25 @@ class LoRALinear(nn.Module):
         return self.lora_A[name].weight, self.lora_B[name].weight, core, rank_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
         if self.merged:
-            return self.base_layer(x)
+            return base(x)
         name = self.adapter_name
-        a, b, core, rank_scale = self._lora_tensors()
-        if calls_module_code(self.base_layer, self.lora_A[name], self.lora_B[name]):
+        module_a, module_b = self.lora_A[name], self.lora_B[name]
+        core = self.lora_core[name] if self.lora_core is not None else None
+        rank_scale = self.lora_rank_scale[name] if self.lora_rank_scale is not None else None
+        if calls_module_code(base, module_a, module_b):
             # the same function with the modules called, so that their hooks run (PEFT's form)
-            h = self.lora_A[name](F.dropout(x, self.dropout, self.training))
+            h = module_a(F.dropout(x, self.dropout, self.training))
             if rank_scale is not None:
                 h = h * rank_scale
             if core is not None:
                 h = h @ core.t()
-            return self.base_layer(x) + self.scaling * self.lora_B[name](h)
+            return base(x) + self.scaling * module_b(h)
         p = self.dropout if self.training else 0.0
         # a CPU scalar tensor from torch's default generator: no device sync, and traceable
         seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0.0 else 0
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, core, rank_scale,
+        return lora_linear(x, base.weight, base.bias, module_a.weight, module_b.weight, core, rank_scale,
                            scale=self.scaling, dropout_p=p, seed=seed)
 
     @torch.no_grad()
