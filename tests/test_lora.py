@@ -555,6 +555,7 @@ def test_torch_func_grad_and_jacrev_run_through_the_op():
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda x: plain(x, a, bb), x))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap's per-sample fallback
 def test_torch_func_keeps_the_gradients_of_captured_tensors():
     # adapters captured from outside a transform are tracked by plain autograd around it: an
     # output of vjp still depends on them, and a gradient of the transform's gradient (a second
@@ -574,6 +575,15 @@ def test_torch_func_keeps_the_gradients_of_captured_tensors():
     with pytest.raises(RuntimeError, match="lora_forward: double backward"):
         torch.func.grad(lambda a_: torch.func.grad(
             lambda x: lora_linear(x, w, b, a_, bb.detach(), scale=0.5).square().sum())(x).square().sum())(a.detach())
+    # nested transforms and a jacobian of captured adapters: raise too, never zeros (a tensor that an
+    # outer level tracks reads requires_grad=False inside the transform)
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        torch.func.grad(lambda a_: torch.func.grad(
+            lambda x: lora_linear(x, w, b, a_, bb.detach(), scale=0.5).sum())(x).square().sum())(a.detach())
+    jac = torch.func.jacrev(lambda x: lora_linear(x, w, b, a, bb, scale=0.5))(x)
+    assert jac.requires_grad
+    with pytest.raises(RuntimeError, match="lora_forward: double backward"):
+        jac.square().sum().backward()
 
 
 def test_compiling_a_torch_func_transform_raises_instead_of_dropping_gradients():

@@ -218,6 +218,19 @@ def test_torch_func_grad_matches_autograd_of_the_reference():
         torch.testing.assert_close(g_, want)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward-AD module scripts a helper
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    # also on the in-place serving path (nothing requires grad): it wrote the LoRA term without one
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    a, bs, ids = torch.randn(3, 4, 8), torch.randn(3, 6, 4), torch.tensor([0, 1, 2, -1, 1])
+    with fwAD.dual_level(), torch.no_grad():
+        for args in ((x, w, b, a, fwAD.make_dual(bs, torch.ones_like(bs))), (fwAD.make_dual(x, torch.ones_like(x)),
+                                                                           w, b, a, bs)):
+            with pytest.raises(NotImplementedError, match="jvp"):
+                multi_lora_linear(*args, ids)
+
+
 def test_scales_that_require_grad_are_refused():
     # scales are per-adapter constants: a trained one would silently get no gradient
     x, a = torch.randn(4, 6), torch.randn(2, 3, 6, requires_grad=True)

@@ -528,6 +528,13 @@ def test_shira_second_derivatives_raise_instead_of_losing_terms():
     for g in (gx, gv):
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad((g ** 2).sum(), layer.values)
+    # and for x alone (a gradient penalty): gx's path through the incoming gradient meets the node
+    # too (it skipped it: SHiRA said x was unused, SLTrain's came back without this layer's term)
+    sltrain = SLTrainLinear(4, 3, rank=2, density=0.5, seed=1, dtype=torch.float64)
+    for module in (layer, sltrain):
+        (gx,) = torch.autograd.grad((module(x) ** 2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad((gx ** 2).sum(), x)
     # frozen values: W_eff is a constant and x's gradient can be differentiated again
     layer.values.requires_grad_(False)
     (gx,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)

@@ -139,10 +139,12 @@ class _FusedSparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_values = sddmm(grad_y, x, indices // ctx.in_features, indices % ctx.in_features)
         # second derivatives that autograd cannot see raise instead of coming back as zeros:
-        # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative)
+        # grad_x's through the values (W_eff holds them, outside the graph), and sddmm's (no derivative).
+        # grad_x's node also takes grad_y: its own path through grad_y is cut by the node, so a
+        # derivative along it (d/dx of a gradient penalty) must meet the node too, not skip it
         if ctx.needs_input_grad[3]:
             (grad_x,) = first_order_only("SparseAdapterLinear/SLTrainLinear (through the values)", (grad_x,),
-                                         (ctx.values,))
+                                         (ctx.values, grad_y))
             (grad_values,) = first_order_only("SparseAdapterLinear/SLTrainLinear (the values' gradient)",
                                               (grad_values,), (grad_y, x))
         return grad_x, None, grad_bias, grad_values, None, None

@@ -50,7 +50,10 @@ def first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
     a weight outside the graph)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    needing = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    # under torch.func transforms a tensor tracked by an outer transform level reads
+    # requires_grad=False here: every input goes to the node, and functorch links it where tracked
+    functorch = torch._C._are_functorch_transforms_active()
+    needing = [t for t in inputs if isinstance(t, torch.Tensor) and (functorch or t.requires_grad)]
     present = [i for i, g in enumerate(grads) if g is not None]
     if not needing or not present:
         return grads

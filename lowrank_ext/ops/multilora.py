@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, autocast_off, autocast_on, first_order_only, from_rows, register_autograd
+from ._common import (as_rows, autocast_off, autocast_on, first_order_only, from_rows, has_tangent,
+                      register_autograd)
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
 
@@ -83,8 +84,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         ids = token_adapter_ids if token_adapter_ids.dim() == 1 else token_adapter_ids.reshape(-1)
         y = torch.nn.functional.linear(x2, weight, bias)
         xa = _lora_shrink(x2, a_stack, ids, ranks, scales)
-        if torch.is_grad_enabled() and (x.requires_grad or a_stack.requires_grad or b_stack.requires_grad
-                                        or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        tensors = (x, weight, bias, a_stack, b_stack)
+        if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or has_tangent(tensors):
             y = _lora_expand(y, xa, b_stack, ids, ranks, None)
         else:
             torch.ops.lowrank.lora_expand_(y, xa, b_stack, ids, ranks, None)
