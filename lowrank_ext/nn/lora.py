@@ -154,20 +154,22 @@ class LoRALinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
 
-    def _lora_tensors(self):
+    def _adapter_parts(self):
+        """The active adapter's lora_A and lora_B modules, core and rank scale (None where absent)."""
         name = self.adapter_name
         core = self.lora_core[name] if self.lora_core is not None else None
         rank_scale = self.lora_rank_scale[name] if self.lora_rank_scale is not None else None
-        return self.lora_A[name].weight, self.lora_B[name].weight, core, rank_scale
+        return self.lora_A[name], self.lora_B[name], core, rank_scale
+
+    def _lora_tensors(self):
+        module_a, module_b, core, rank_scale = self._adapter_parts()
+        return module_a.weight, module_b.weight, core, rank_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if self.merged:
             return base(x)
-        name = self.adapter_name
-        module_a, module_b = self.lora_A[name], self.lora_B[name]
-        core = self.lora_core[name] if self.lora_core is not None else None
-        rank_scale = self.lora_rank_scale[name] if self.lora_rank_scale is not None else None
+        module_a, module_b, core, rank_scale = self._adapter_parts()
         if calls_module_code(base, module_a, module_b):
             # the same function with the modules called, so that their hooks run (PEFT's form)
             h = module_a(F.dropout(x, self.dropout, self.training))

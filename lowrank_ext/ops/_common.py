@@ -97,8 +97,13 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
 
 
-def has_tangent(args) -> bool:
-    """Whether a tensor among args is a forward-mode AD dual tensor (inside fwAD.dual_level())."""
+def needs_autograd(args) -> bool:
+    """Whether a call on args must go through autograd: grad mode with an input that requires
+    grad, or a forward-mode AD dual tensor among them (inside fwAD.dual_level(); the fused ops
+    have no forward-mode formula, so their Functions raise for one instead of dropping it).
+    Plain Python, so that Dynamo traces it inside a compiled multi_lora_linear."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return True
     return fwAD._current_level >= 0 and any(
         isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in args)
 
@@ -152,7 +157,7 @@ def register_autograd(op_name: str, backward, *, setup_context, function: str):
     def kernel(keyset, *args):
         if len(args) < len(defaults):
             args = args + defaults[len(args):]
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
+        if needs_autograd(args):
             if torch._C._are_functorch_transforms_active():
                 # here the call is already inside one transform level: a Function applied from
                 # here would record at that level only, and tensors of outer levels (captured
@@ -173,8 +178,8 @@ def register_autograd(op_name: str, backward, *, setup_context, function: str):
             return op(*args)
         if torch._C._are_functorch_transforms_active():
             return func_form.apply(*args)
-        if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or has_tangent(args):
-            return plain.apply(*args)  # with a tangent: raises (no forward-mode formula) instead of dropping it
+        if needs_autograd(args):
+            return plain.apply(*args)
         return below_autograd(*args)
 
     return call

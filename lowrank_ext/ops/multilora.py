@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (as_rows, autocast_off, autocast_on, first_order_only, from_rows, has_tangent,
+from ._common import (as_rows, autocast_off, autocast_on, first_order_only, from_rows, needs_autograd,
                       register_autograd)
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_", "lora_grouped_outer", "multi_lora_linear"]
@@ -81,11 +81,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         x, weight, bias, a_stack, b_stack = map(cast, (x, weight, bias, a_stack, b_stack))
     with autocast_off(device_type):
         x2 = as_rows(x)
-        ids = token_adapter_ids if token_adapter_ids.dim() == 1 else token_adapter_ids.reshape(-1)
+        ids = token_adapter_ids.reshape(-1)
         y = torch.nn.functional.linear(x2, weight, bias)
         xa = _lora_shrink(x2, a_stack, ids, ranks, scales)
-        tensors = (x, weight, bias, a_stack, b_stack)
-        if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or has_tangent(tensors):
+        if needs_autograd((x, weight, bias, a_stack, b_stack)):
             y = _lora_expand(y, xa, b_stack, ids, ranks, None)
         else:
             torch.ops.lowrank.lora_expand_(y, xa, b_stack, ids, ranks, None)
