@@ -145,17 +145,24 @@ def test_jacobi_empty():
 
 # ---------------------------------------------------------------------------- rsvd
 
-@pytest.fixture(params=["householder", "cholesky_qr"])
-def cpu_orthonormalization(request, monkeypatch):
-    """rsvd's orthonormalisation on CPU: Householder QR (the default there), or the shifted
-    CholeskyQR with its Householder fallback that CUDA runs, checked here without a GPU."""
-    monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", request.param)
+@pytest.fixture(params=["cpu", "cuda"])
+def cpu_algorithms(request, monkeypatch):
+    """The drivers' algorithms on CPU: the CPU's own (Householder QR, LAPACK's small SVD: the
+    defaults there), or the ones CUDA runs (shifted CholeskyQR with its Householder fallback,
+    the Jacobi kernel for the small SVD), checked here without a GPU."""
+    cuda_algorithms = request.param == "cuda"
+    monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", "cholesky_qr" if cuda_algorithms else "householder")
+    monkeypatch.setenv("LOWRANK_CPU_SMALL_SVD", "jacobi" if cuda_algorithms else "lapack")
     return request.param
 
 
-def test_cpu_orthonormalization_setting_is_checked(monkeypatch):
+def test_cpu_algorithm_settings_are_checked(monkeypatch):
     monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", "cholesky")
     with pytest.raises(RuntimeError, match="must be 'householder' or 'cholesky_qr'"):
+        ops.rsvd(torch.randn(20, 10), 3)
+    monkeypatch.setenv("LOWRANK_CPU_ORTHONORMALIZATION", "householder")
+    monkeypatch.setenv("LOWRANK_CPU_SMALL_SVD", "gesvd")
+    with pytest.raises(RuntimeError, match="must be 'lapack' or 'jacobi'"):
         ops.rsvd(torch.randn(20, 10), 3)
 
 
@@ -167,7 +174,7 @@ DECAYS = {"geometric": lambda p: 0.9 ** torch.arange(p, dtype=torch.float64),
 @pytest.mark.parametrize("decay", list(DECAYS))
 @pytest.mark.parametrize("shape,k", [((400, 300), 20), ((250, 500), 32), ((1000, 120), 10), ((2048, 1024), 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype, cpu_orthonormalization):
+def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype, cpu_algorithms):
     m, n = shape
     s = DECAYS[decay](min(m, n))
     a = _with_spectrum(m, n, s, dtype)
@@ -184,7 +191,7 @@ def test_rsvd_error_within_5_percent_of_optimal(decay, shape, k, dtype, cpu_orth
     assert bool((sv[:-1] >= sv[1:]).all())
 
 
-def test_rsvd_matches_the_fp64_reference_algorithm(cpu_orthonormalization):
+def test_rsvd_matches_the_fp64_reference_algorithm(cpu_algorithms):
     s = 0.8 ** torch.arange(60, dtype=torch.float64)
     a = _with_spectrum(90, 60, s)
     u, sv, vh = ops.rsvd(a, 8, 6, 1, 5)
@@ -217,7 +224,7 @@ def test_rsvd_signs_are_fixed():
     torch.testing.assert_close(vh_neg, -vh, atol=1e-10, rtol=0)
 
 
-def test_rsvd_rank_deficient_and_zero(device, cpu_orthonormalization):
+def test_rsvd_rank_deficient_and_zero(device, cpu_algorithms):
     """Rank 3 < k + oversample: with CholeskyQR the power iterations' second Cholesky fails
     there and must fall back (on a GPU without a host sync: Householder QR selected on the
     device)."""
@@ -231,7 +238,7 @@ def test_rsvd_rank_deficient_and_zero(device, cpu_orthonormalization):
     assert torch.equal(s, torch.zeros(5, device=device)) and _orth_err(u) < 1e-6 and _orth_err(vh.t()) < 1e-6
 
 
-def test_rsvd_batched_equals_loop_and_batched_rsvd_groups(cpu_orthonormalization):
+def test_rsvd_batched_equals_loop_and_batched_rsvd_groups(cpu_algorithms):
     s = 1.0 / (1.0 + torch.arange(64, dtype=torch.float64))
     a = _with_spectrum(80, 64, s, torch.float32, batch=(5,))
     u, sv, vh = ops.rsvd(a, 10)
@@ -250,7 +257,7 @@ def test_rsvd_batched_equals_loop_and_batched_rsvd_groups(cpu_orthonormalization
 
 
 @pytest.mark.parametrize("views", ["contiguous", "transposed"])
-def test_batched_rsvd_equals_rsvd_of_the_stack(device, views, cpu_orthonormalization):
+def test_batched_rsvd_equals_rsvd_of_the_stack(device, views, cpu_algorithms):
     """The list op reads each matrix where it lies (CPU) and must give rsvd's bits for their
     stack laid out as they are (transposed views: the transposed view of a stack, as GaLore
     passed before): the same sketch, products and QRs per matrix."""
@@ -345,7 +352,7 @@ def test_cuda_kernels_agree_with_cpu():
 
 # ---------------------------------------------------------------------------- svd_update / StreamingSVD
 
-def test_svd_update_exact_while_rank_fits(cpu_orthonormalization):
+def test_svd_update_exact_while_rank_fits(cpu_algorithms):
     a = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 30, dtype=torch.float64)
     u0, s0, _ = torch.linalg.svd(a[:, :10], full_matrices=False)
     u, s = ops.svd_update(u0[:, :6], s0[:6], a[:, 10:], 6)
@@ -356,7 +363,7 @@ def test_svd_update_exact_while_rank_fits(cpu_orthonormalization):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype, cpu_orthonormalization):
+def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype, cpu_algorithms):
     m, n, k = 200, 3000, 12
     signal = _with_spectrum(m, n, torch.linspace(10, 5, k, dtype=torch.float64))
     a = (signal + 1e-3 * torch.randn(m, n, dtype=torch.float64) / math.sqrt(n)).to(dtype)
@@ -520,7 +527,7 @@ def test_rsvd_of_a_transposed_batch_reads_it_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("block", [1, 2, 5, 100])
-def test_streaming_on_data_of_lower_rank_than_it_keeps(dtype, block, cpu_orthonormalization):
+def test_streaming_on_data_of_lower_rank_than_it_keeps(dtype, block, cpu_algorithms):
     # rank 3 < k + oversample: later blocks lie in span(U), their residual is rounding noise;
     # U must stay orthonormal and S must not count a direction twice
     a = (torch.randn(64, 3, dtype=torch.float64) @ torch.randn(3, 60, dtype=torch.float64)).to(dtype)
@@ -545,7 +552,7 @@ def test_svd_update_with_x_inside_span_u():
 
 
 @pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e20, 1e-30)), (torch.float64, (1e160, 1e-160))])
-def test_jacobi_and_rsvd_of_huge_and_tiny_matrices(dtype, scales):
+def test_jacobi_and_rsvd_of_huge_and_tiny_matrices(dtype, scales, cpu_algorithms):
     # the squares of such entries overflow or underflow; the result must scale with A
     a = torch.randn(30, 20, dtype=torch.float64)
     s_ref = torch.linalg.svdvals(a)
@@ -568,6 +575,19 @@ def test_jacobi_of_non_finite_matrices_is_nan_and_leaves_the_others():
         assert torch.isnan(t[1]).all() and torch.isnan(t[2]).all()
     u0, s0, vh0 = ops.jacobi_svd(a[0])
     assert torch.equal(u[0], u0) and torch.equal(s[0], s0) and torch.equal(vh[0], vh0)
+
+
+def test_rsvd_of_non_finite_matrices_is_nan_and_leaves_the_others(cpu_algorithms):
+    a = torch.randn(3, 40, 30)
+    a[1, 2, 1] = float("inf")
+    a[2, 0, 0] = float("nan")
+    u, s, vh = linalg.rsvd(a, 5)
+    for t in (u, s, vh):
+        assert torch.isnan(t[1]).all() and torch.isnan(t[2]).all()
+    u0, s0, vh0 = linalg.rsvd(a[0], 5)  # alone: LAPACK may run multi-threaded, round differently
+    for t, t0 in ((u, u0), (s, s0), (vh, vh0)):
+        torch.testing.assert_close(t[0], t0)
+    torch.testing.assert_close(s0.double(), torch.linalg.svdvals(a[0].double())[:5], rtol=0.1, atol=0)
 
 
 def test_galore_step_with_a_huge_gradient_stays_finite():
