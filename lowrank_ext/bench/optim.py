@@ -10,6 +10,11 @@ eps 1e-8, weight decay 0.01. Providers:
 * ``torch AdamW (foreach)``      the reference: torch.optim.AdamW(foreach=True)
 * ``lowrank_ext AdamW8bit``      lowrank_ext.optim.AdamW8bit (fused quantized step)
 * ``lowrank_ext AdamW4bit``      lowrank_ext.optim.AdamW4bit
+* ``lowrank_ext AdamW8bit (bitsandbytes' scheme)``  AdamW8bit set to bitsandbytes' quantization:
+                                 dynamic codes for both moments (unsigned for the second), nearest
+                                 rounding, blocks of 256: the like-for-like kernel comparison (the
+                                 default's stochastically rounded log-code second moment, chosen so
+                                 that beta2's slow EMA is not stalled, is about half of its step on CPU)
 * ``lowrank_ext fp32 fused``     torch.ops.lowrank.adamw_step_fp32_ over all tensors with
                                  fp32 moments: our kernel with fp32 state (comparison point)
 * ``torch AdamW (fused=True)``   torch.optim.AdamW(fused=True)
@@ -72,6 +77,7 @@ CUDA_TARGET_VS_BNB = 1.3
 
 REFERENCE = "torch AdamW (foreach)"
 OURS_8BIT, OURS_4BIT = "lowrank_ext AdamW8bit", "lowrank_ext AdamW4bit"
+OURS_8BIT_BNB_SCHEME = "lowrank_ext AdamW8bit (bitsandbytes' scheme)"
 OURS_FP32 = "lowrank_ext fp32 fused"
 TORCH_FUSED = "torch AdamW (fused=True)"
 BNB_8BIT = "bitsandbytes AdamW8bit"
@@ -104,6 +110,7 @@ def _formats() -> dict[str, Any]:
         OURS_FP32: "fp32",
         OURS_8BIT: _Quantized(8, *AdamW8bit.default_blocksizes, min_numel=min_q),
         OURS_4BIT: _Quantized(4, *AdamW4bit.default_blocksizes, min_numel=min_q),
+        OURS_8BIT_BNB_SCHEME: _Quantized(8, 256, 256, min_numel=min_q),
         BNB_8BIT: _Quantized(8, 256, 256),                      # bnb: blocks of 256, fp32 small
         TORCHAO_8BIT: _Quantized(8, 256, 256, multiple_of=256, small_moments="param"),
         TORCHAO_4BIT: _Quantized(4, 128, 128, multiple_of=128, small_moments="param"),
@@ -257,6 +264,15 @@ def _ours(bits: int) -> Callable[[Case, dict], Timed]:
     return setup
 
 
+def _ours_bnb_scheme(case: Case, inputs: dict) -> Timed:
+    from lowrank_ext import quant
+    from lowrank_ext.optim import AdamW8bit, state_bytes_per_param
+    return _stepper(case, inputs, OURS_8BIT_BNB_SCHEME, lambda ps: AdamW8bit(
+        ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, blocksize_exp_avg_sq=256,
+        code_exp_avg_sq=quant.dynamic_code(8, signed=False), stochastic_moments=(False, False)),
+        state_bytes_per_param)
+
+
 class _Fp32Fused:
     """All tensors stepped by one ``lowrank::adamw_step_fp32_`` call with fp32 moments: the
     same kernel machinery as the quantized step, without the codes (the comparison point)."""
@@ -320,6 +336,7 @@ def providers(device: torch.device) -> list[Provider]:
         Provider(REFERENCE, "reference", _torch_adamw(foreach=True)),
         Provider(OURS_8BIT, "ours", _ours(8)),
         Provider(OURS_4BIT, "ours", _ours(4)),
+        Provider(OURS_8BIT_BNB_SCHEME, "ours", _ours_bnb_scheme),
         Provider(OURS_FP32, "ours", _ours_fp32),
         Provider(TORCH_FUSED, "peer", _torch_adamw(fused=True)),
         # ~1 s (bitsandbytes) and ~2.7 s (torchao) per step on the 2-core CPUs: small budget
@@ -417,6 +434,12 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             msg += (f"; {bnb:.2f}x bitsandbytes AdamW8bit (>= {CUDA_TARGET_VS_BNB:g}x: "
                     f"{met(bnb >= CUDA_TARGET_VS_BNB)})" if bnb else "; bitsandbytes not measured")
         lines.append(msg + quick)
+    for r in rows:  # the same kernel with bitsandbytes' quantization scheme: like for like
+        bnb = r.vs_peer.get(BNB_8BIT)
+        if r.provider == OURS_8BIT_BNB_SCHEME and r.status == "ok" and bnb:
+            lines.append(f"like for like, {device.type} {r.case.label}: our 8-bit step with bitsandbytes' "
+                         f"scheme (dynamic codes, nearest, blocks of 256) {r.median_s * 1e3:.1f} ms, "
+                         f"{bnb:.1f}x bitsandbytes AdamW8bit")
     return lines
 
 
