@@ -1,6 +1,7 @@
 // Argument checks and the device-generic drivers of the svd family. The drivers are plain
-// ATen code (GEMMs, Cholesky and triangular solves go to the vendor libraries through ATen)
-// around the family's two kernels, the Gaussian sketch and the one-sided Jacobi SVD.
+// ATen code (GEMMs, QR, Cholesky, triangular solves and, on CPU, the small SVDs go to the
+// vendor libraries through ATen) around the family's two kernels, the Gaussian sketch and the
+// one-sided Jacobi SVD (the small SVDs on GPUs).
 #include "svd/ops.h"
 
 #include <ATen/TensorOperators.h>
@@ -33,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "common/checks.h"
 #include "common/cpu_blas.h"
@@ -136,7 +138,9 @@ bool cpu_lapack_small_svd(const at::Tensor& a) {
 
 // U, S, Vh (reduced) of a [m, n] or [b, m, n] work-dtype matrix, as call_jacobi_svd returns them:
 // columns of U signed by fix_signs, NaN factors for a matrix holding inf or NaN (where LAPACK's
-// result is undefined), the others untouched by it.
+// result is undefined), the others untouched by it. Should gesdd report no convergence (torch
+// then raises; not seen here in fp64 on finite input, but MKL has been reported to on rare
+// inputs) the call falls back to the Jacobi kernel, which cannot fail.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& a_in) {
   if (!cpu_lapack_small_svd(a_in)) return call_jacobi_svd(a_in);
   const at::Tensor a = a_in.dim() == 2 ? a_in.unsqueeze(0) : a_in;
@@ -150,19 +154,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& a_in)
   const at::Tensor clean =
       (all_finite ? a : at::where(finite.view({-1, 1, 1}), a, at::zeros_like(a))).to(at::kDouble);
   at::Tensor u, s, vh;
-  if (b < at::get_num_threads() || at::in_parallel_region()) {
-    std::tie(u, s, vh) = at::linalg_svd(clean, /*full_matrices=*/false);
-  } else {  // a matrix per thread, single-threaded LAPACK (as householder_qr_cpu)
-    u = at::empty({b, m, p}, clean.options());
-    s = at::empty({b, p}, clean.options());
-    vh = at::empty({b, p, n}, clean.options());
-    parallel_for_as_caller(0, b, 1, [&](int64_t b0, int64_t b1) {
-      const SingleThreadedBlas one_thread;
-      for (int64_t i = b0; i < b1; ++i) {
-        at::Tensor ui = u.select(0, i), si = s.select(0, i), vhi = vh.select(0, i);
-        at::linalg_svd_out(ui, si, vhi, clean.select(0, i), /*full_matrices=*/false);
-      }
-    });
+  try {
+    if (b < at::get_num_threads() || at::in_parallel_region()) {
+      std::optional<SingleThreadedBlas> one_thread;  // on a worker of a parallel region (cpu_blas.h)
+      if (at::in_parallel_region()) one_thread.emplace();
+      std::tie(u, s, vh) = at::linalg_svd(clean, /*full_matrices=*/false);
+    } else {  // a matrix per thread, single-threaded LAPACK (as householder_qr_cpu)
+      u = at::empty({b, m, p}, clean.options());
+      s = at::empty({b, p}, clean.options());
+      vh = at::empty({b, p, n}, clean.options());
+      parallel_for_as_caller(0, b, 1, [&](int64_t b0, int64_t b1) {
+        const SingleThreadedBlas one_thread;
+        for (int64_t i = b0; i < b1; ++i) {
+          at::Tensor ui = u.select(0, i), si = s.select(0, i), vhi = vh.select(0, i);
+          at::linalg_svd_out(ui, si, vhi, clean.select(0, i), /*full_matrices=*/false);
+        }
+      });
+    }
+  } catch (const c10::Error&) {
+    return call_jacobi_svd(a_in);
   }
   u = u.to(a.scalar_type());
   s = s.to(a.scalar_type());
@@ -412,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, 
   }
   q = orthonormalize(q).q;
   // A ~ Q Q^T A = Q Z^T with Z = A^T Q = Q2 R, so A ~ Q R^T Q2^T: only the l x l R^T needs an
-  // SVD (the Jacobi kernel), and both factors come out of GEMMs.
+  // SVD (small_svd), and both factors come out of GEMMs.
   const Orthonormal z = orthonormalize(product(a, q, /*transpose_a=*/true));
   auto [ur, sr, vhr] = small_svd(z.r.transpose(1, 2));
   at::Tensor u = batched_mm(q, ur.narrow(2, 0, k));
