@@ -9,8 +9,9 @@ batched_rsvd, svd_update}`` with their fake registrations.
 
 fp16/bf16 inputs are computed, and returned, in fp32; fp64 stays fp64. Results are
 reproducible for a seed on one machine and thread count (other thread counts agree up to
-rounding: LAPACK's multi-threaded QR and some small GEMMs round differently) and
-sign-fixed: each column of U has its largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU, and
+rounding: LAPACK's multi-threaded QR and some small GEMMs round differently; known exception
+on CPU: the first batched call after ``torch.set_num_threads`` can differ from later ones in
+the last bits, from MKL's QR, cause not found) and sign-fixed: each column of U has its largest-magnitude entry positive. None of the ops has an autograd formula. Kernels: CPU, and
 CUDA (unverified on a GPU so far: see the README; no host synchronisation in rsvd there).
 """
 from __future__ import annotations
