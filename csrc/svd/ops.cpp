@@ -121,6 +121,15 @@ void fix_signs(at::Tensor& u, at::Tensor* vh) {
   if (vh) *vh = *vh * sign.transpose(-2, -1);
 }
 
+// A CPU algorithm switch read from the environment at each call: true for the CPU's default
+// (unset or `dflt`), false for `other` (the GPU's algorithm, run on CPU by the tests).
+bool cpu_default_algorithm(const char* name, const char* dflt, const char* other) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || std::strcmp(env, dflt) == 0) return true;
+  TORCH_CHECK(std::strcmp(env, other) == 0, name, " must be '", dflt, "' or '", other, "', got '", env, "'");
+  return false;
+}
+
 // The small SVDs inside the drivers (rsvd's l x l R^T, svd_update's middle matrix): the Jacobi
 // kernel on GPUs, where one launch runs a whole batch; on CPU, LAPACK's divide-and-conquer
 // gesdd (at::linalg_svd) in fp64, 3-5x faster than the fp32 Jacobi kernel at these sizes on
@@ -128,12 +137,15 @@ void fix_signs(at::Tensor& u, at::Tensor* vh) {
 // 30 against 140 ms): StreamingSVD 2.1x and rsvd 2-4% faster there (interleaved A/B).
 // LOWRANK_CPU_SMALL_SVD=jacobi runs the kernel on CPU (the tests run the drivers both ways).
 bool cpu_lapack_small_svd(const at::Tensor& a) {
-  if (!a.device().is_cpu()) return false;
-  const char* env = std::getenv("LOWRANK_CPU_SMALL_SVD");
-  if (env == nullptr || std::strcmp(env, "lapack") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "jacobi") == 0, "LOWRANK_CPU_SMALL_SVD must be 'lapack' or 'jacobi', got '", env,
-              "'");
-  return false;
+  return a.device().is_cpu() && cpu_default_algorithm("LOWRANK_CPU_SMALL_SVD", "lapack", "jacobi");
+}
+
+// u, s, vh with NaN in every batch entry whose input was not finite (finite: [b] bools).
+void nan_where_not_finite(const at::Tensor& finite, at::Tensor& u, at::Tensor& s, at::Tensor& vh) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  u = at::where(finite.view({-1, 1, 1}), u, at::full_like(u, nan));
+  s = at::where(finite.view({-1, 1}), s, at::full_like(s, nan));
+  vh = at::where(finite.view({-1, 1, 1}), vh, at::full_like(vh, nan));
 }
 
 // U, S, Vh (reduced) of a [m, n] or [b, m, n] work-dtype matrix, as call_jacobi_svd returns them:
@@ -177,12 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_svd(const at::Tensor& a_in)
   u = u.to(a.scalar_type());
   s = s.to(a.scalar_type());
   vh = vh.to(a.scalar_type());
-  if (!all_finite) {
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    u = at::where(finite.view({-1, 1, 1}), u, at::full_like(u, nan));
-    s = at::where(finite.view({-1, 1}), s, at::full_like(s, nan));
-    vh = at::where(finite.view({-1, 1, 1}), vh, at::full_like(vh, nan));
-  }
+  if (!all_finite) nan_where_not_finite(finite, u, s, vh);
   fix_signs(u, &vh);
   if (a_in.dim() == 2) return {u.squeeze(0), s.squeeze(0), vh.squeeze(0)};
   return {u, s, vh};
@@ -212,12 +219,7 @@ struct Orthonormal {
 // LOWRANK_CPU_ORTHONORMALIZATION=cholesky_qr runs the GPU's CholeskyQR on CPU (the tests
 // check that algorithm this way on machines without a GPU).
 bool cpu_householder(const at::Tensor& y) {
-  if (!y.device().is_cpu()) return false;
-  const char* env = std::getenv("LOWRANK_CPU_ORTHONORMALIZATION");
-  if (env == nullptr || std::strcmp(env, "householder") == 0) return true;
-  TORCH_CHECK(std::strcmp(env, "cholesky_qr") == 0,
-              "LOWRANK_CPU_ORTHONORMALIZATION must be 'householder' or 'cholesky_qr', got '", env, "'");
-  return false;
+  return y.device().is_cpu() && cpu_default_algorithm("LOWRANK_CPU_ORTHONORMALIZATION", "householder", "cholesky_qr");
 }
 
 // Reduced Householder QR of each matrix of a CPU batch. With at least as many matrices as
@@ -383,10 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
     }
     if (q_tall.defined()) u = batched_mm(q_tall, u);
     s = s / scale.view({-1, 1});
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    u = at::where(finite.view({-1, 1, 1}), u, at::full_like(u, nan));
-    s = at::where(finite.view({-1, 1}), s, at::full_like(s, nan));
-    vh = at::where(finite.view({-1, 1, 1}), vh, at::full_like(vh, nan));
+    nan_where_not_finite(finite, u, s, vh);
   }
   if (wide) {  // A^T = U S Vh  =>  A = Vh^T S U^T
     std::swap(u, vh);

@@ -256,23 +256,20 @@ def _torch_adamw(**kw) -> Callable[[Case, dict], Timed]:
     return setup
 
 
-def _ours(bits: int) -> Callable[[Case, dict], Timed]:
+def _ours(bits: int, name: str, options: Callable[[], dict] = dict) -> Callable[[Case, dict], Timed]:
+    """Our AdamW8bit / AdamW4bit, with its defaults or the keywords `options()` returns."""
     def setup(case: Case, inputs: dict) -> Timed:
         from lowrank_ext.optim import AdamW4bit, AdamW8bit, state_bytes_per_param
         cls = AdamW8bit if bits == 8 else AdamW4bit
-        return _stepper(case, inputs, OURS_8BIT if bits == 8 else OURS_4BIT,
-                        lambda ps: cls(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY),
-                        state_bytes_per_param)
+        return _stepper(case, inputs, name, lambda ps: cls(
+            ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **options()), state_bytes_per_param)
     return setup
 
 
-def _ours_bnb_scheme(case: Case, inputs: dict) -> Timed:
+def _bnb_like_options() -> dict:
     from lowrank_ext import quant
-    from lowrank_ext.optim import AdamW8bit, state_bytes_per_param
-    return _stepper(case, inputs, OURS_8BIT_BNB_SCHEME, lambda ps: AdamW8bit(
-        ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, blocksize_exp_avg_sq=256,
-        code_exp_avg_sq=quant.dynamic_code(8, signed=False), stochastic_moments=(False, False)),
-        state_bytes_per_param)
+    return dict(blocksize_exp_avg_sq=256, code_exp_avg_sq=quant.dynamic_code(8, signed=False),
+                stochastic_moments=(False, False))
 
 
 class _Fp32Fused:
@@ -336,9 +333,9 @@ def _torchao(bits: int) -> Callable[[Case, dict], Timed]:
 def providers(device: torch.device) -> list[Provider]:
     return [
         Provider(REFERENCE, "reference", _torch_adamw(foreach=True)),
-        Provider(OURS_8BIT, "ours", _ours(8)),
-        Provider(OURS_4BIT, "ours", _ours(4)),
-        Provider(OURS_8BIT_BNB_SCHEME, "ours", _ours_bnb_scheme),
+        Provider(OURS_8BIT, "ours", _ours(8, OURS_8BIT)),
+        Provider(OURS_4BIT, "ours", _ours(4, OURS_4BIT)),
+        Provider(OURS_8BIT_BNB_SCHEME, "ours", _ours(8, OURS_8BIT_BNB_SCHEME, _bnb_like_options)),
         Provider(OURS_FP32, "ours", _ours_fp32),
         Provider(TORCH_FUSED, "peer", _torch_adamw(fused=True)),
         # ~1 s (bitsandbytes) and ~2.7 s (torchao) per step on the 2-core CPUs: small budget
@@ -395,6 +392,10 @@ def check(case: Case, inputs: dict, ref_out: list[torch.Tensor], out: list[torch
 
 # ----------------------------------------------------------------------------- summary
 
+def _quick_tag(r: Row) -> str:
+    return " [quick shapes: indicative only]" if r.case.params["numel"] < 40_000_000 else ""
+
+
 def summary(rows: list[Row], device: torch.device) -> list[str]:
     """Per-provider GB/s and % of peak (see the module docstring), then the issue's
     targets for information (speed is never asserted)."""
@@ -415,7 +416,7 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
         if r.provider != OURS_8BIT or r.status != "ok":
             continue
         ms = r.median_s * 1e3
-        quick = " [quick shapes: indicative only]" if r.case.params["numel"] < 40_000_000 else ""
+        quick = _quick_tag(r)
         bnb = r.vs_peer.get(BNB_8BIT)
         if device.type == "cpu":
             msg = f"target, CPU 8-bit step {r.case.label}: {ms:.1f} ms"
@@ -439,10 +440,9 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
     for r in rows:  # the same kernel with a quantization scheme like bitsandbytes': like for like
         bnb = r.vs_peer.get(BNB_8BIT)
         if r.provider == OURS_8BIT_BNB_SCHEME and r.status == "ok" and bnb:
-            quick = " [quick shapes: indicative only]" if r.case.params["numel"] < 40_000_000 else ""
             lines.append(f"like for like, {device.type} {r.case.label}: our 8-bit step with a bitsandbytes-like "
                          f"scheme (dynamic codes, nearest, blocks of 256) {r.median_s * 1e3:.1f} ms, "
-                         f"{bnb:.1f}x bitsandbytes AdamW8bit{quick}")
+                         f"{bnb:.1f}x bitsandbytes AdamW8bit{_quick_tag(r)}")
     return lines
 
 
