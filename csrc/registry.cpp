@@ -159,13 +159,16 @@ TORCH_LIBRARY(lowrank, m) {
   // one-sided Jacobi SVD of small matrices A [.., m, n] (min(m, n) up to a few hundred):
   // U [.., m, p], S [.., p] descending, Vh [.., p, n], p = min(m, n); U's columns sign-fixed
   m.def("jacobi_svd(Tensor A) -> (Tensor U, Tensor S, Tensor Vh)");
-  // randomized SVD, top k of A [.., m, n]: sketch of k + oversample columns, n_iter power
+  // randomized SVD, top k of A [.., m, n]: sketch of l = k + oversample columns, n_iter power
   // iterations (orthonormalised by Householder QR on CPU, shifted CholeskyQR3 with a
-  // Householder fallback on CUDA), Jacobi on the small factor
-  m.def("rsvd(Tensor A, int k, int oversample=10, int n_iter=2, int seed=0) -> (Tensor U, Tensor S, Tensor Vh)");
+  // Householder fallback on CUDA), the small factor's SVD (LAPACK on CPU, Jacobi on CUDA).
+  // start [.., m, j] (j <= l): a warm start, the first basis's first j columns (the rest: the
+  // first l - j of the Gaussian sketch)
+  m.def("rsvd(Tensor A, int k, int oversample=10, int n_iter=2, int seed=0, Tensor? start=None) "
+        "-> (Tensor U, Tensor S, Tensor Vh)");
   // rsvd of the stack of b matrices [m, n] of one shape, dtype and device (U [b, m, k], S [b, k],
-  // Vh [b, k, n]), without forming the stack on CPU: each matrix is read where it lies
-  m.def("batched_rsvd(Tensor[] A, int k, int oversample=10, int n_iter=2, int seed=0) "
+  // Vh [b, k, n]), without forming the stack on CPU: each matrix is read where it lies; start [b, m, j]
+  m.def("batched_rsvd(Tensor[] A, int k, int oversample=10, int n_iter=2, int seed=0, Tensor? start=None) "
         "-> (Tensor U, Tensor S, Tensor Vh)");
   // incremental SVD: the top k of [U diag(S), X] for new columns X [m, c]
   m.def("svd_update(Tensor U, Tensor S, Tensor X, int k) -> (Tensor U_new, Tensor S_new)");

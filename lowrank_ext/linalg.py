@@ -20,11 +20,19 @@ from .ops import svd as _ops
 __all__ = ["rsvd", "batched_rsvd", "StreamingSVD"]
 
 
-def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
-         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+         start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``k`` singular triplets of ``A [m, n]`` (or a batch ``[b, m, n]``) by randomized
-    SVD (Halko, Martinsson, Tropp): a Gaussian sketch of ``k + oversample`` columns,
+    SVD (Halko, Martinsson, Tropp): a Gaussian sketch of ``l = k + oversample`` columns,
     ``n_iter`` power iterations, then an exact SVD of the small projected matrix.
+
+    ``start`` ``[m, j]`` (``[b, m, j]`` for a batch), ``1 <= j <= l``: a warm start for a matrix
+    that changed little since its last SVD (a GaLore gradient between refreshes, say; PowerSGD
+    warm-starts the same way): the range finder begins from those j columns (the previous ``U``)
+    and the first ``l - j`` columns of the Gaussian sketch, instead of ``l`` Gaussian ones. Each
+    power iteration then refines a nearly right subspace, so one iteration (3 passes over A)
+    can match a cold start's two (6 passes); a start unrelated to A is no better than a random
+    one (see the galore benchmark's drifting-gradient case for both).
 
     >>> import torch
     >>> from lowrank_ext.linalg import rsvd
@@ -32,17 +40,24 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
     >>> u, s, vh = rsvd(a, k=20)
     >>> bool(torch.linalg.matrix_norm(u @ torch.diag(s) @ vh - a) < 1e-3 * torch.linalg.matrix_norm(a))
     True
+    >>> u2, s2, _ = rsvd(a + 1e-3 * torch.randn(300, 200), k=20, n_iter=1, start=u)  # a small change
+    >>> bool(torch.allclose(s2, s, rtol=1e-2))
+    True
     """
-    return _ops.rsvd(a, k, oversample, n_iter, seed)
+    return _ops.rsvd(a, k, oversample, n_iter, seed, start)
 
 
 def batched_rsvd(mats: Sequence[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2,
-                 seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 seed: int = 0, start: Sequence[torch.Tensor] | None = None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`rsvd` of each matrix of a list (a model's layers, say), grouped by shape, dtype
     and device into one batched call per group (``torch.ops.lowrank.batched_rsvd``, which on
     CPU reads each matrix where it lies: no stacked copy); returns the factors in the list's
     order. Each matrix gets the same sketch as a lone ``rsvd(m, k, ..., seed)`` call, so the
-    results equal those of a loop up to rounding."""
+    results equal those of a loop up to rounding. ``start``: one warm start ``[m_i, j]`` per
+    matrix (one j per group), as :func:`rsvd`'s."""
+    if start is not None and len(start) != len(mats):
+        raise ValueError(f"batched_rsvd: start must give one tensor per matrix ({len(mats)}), got {len(start)}")
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         if m.dim() != 2:
@@ -50,7 +65,8 @@ def batched_rsvd(mats: Sequence[torch.Tensor], k: int, oversample: int = 10, n_i
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     out: list = [None] * len(mats)
     for idx in groups.values():
-        u, s, vh = _ops.batched_rsvd([mats[i] for i in idx], k, oversample, n_iter, seed)
+        group_start = None if start is None else torch.stack([start[i] for i in idx])
+        u, s, vh = _ops.batched_rsvd([mats[i] for i in idx], k, oversample, n_iter, seed, group_start)
         for j, i in enumerate(idx):
             out[i] = (u[j], s[j], vh[j])
     return out

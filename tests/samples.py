@@ -295,6 +295,10 @@ def rsvd_samples(device: str) -> Iterator[Sample]:
     yield Sample((_decaying(33, 33, device, batch=(3,)), 8, 2, 0, 1), name="batched-no-power")
     yield Sample((torch.zeros(9, 6, device=device), 2), name="zero")
     yield Sample((torch.randn(12, 1, device=device), 1, 0), name="one-column")
+    yield Sample((_decaying(40, 30, device), 5, 3, 1, 2, torch.randn(40, 6, device=device)), name="warm-start")
+    yield Sample((_decaying(33, 33, device, batch=(2,)), 4, 2, 1, 0, torch.randn(2, 33, 2, device=device,
+                                                                              dtype=torch.float64)),
+                 name="batched-warm-start-fp64-start")
 
 
 def batched_rsvd_samples(device: str) -> Iterator[Sample]:
@@ -303,6 +307,8 @@ def batched_rsvd_samples(device: str) -> Iterator[Sample]:
     yield Sample(([_decaying(20, 70, device) for _ in range(2)], 3, 4, 1, 7), name="wide")
     yield Sample(([_decaying(30, 24, device).t() for _ in range(2)], 4), name="transposed-views")
     yield Sample(([_decaying(33, 33, device)], 8, 2, 0, 1), name="one-matrix-no-power")
+    yield Sample(([_decaying(40, 30, device) for _ in range(2)], 5, 3, 1, 2, torch.randn(2, 40, 8, device=device)),
+                 name="warm-start")
 
 
 def svd_update_samples(device: str) -> Iterator[Sample]:

@@ -297,6 +297,103 @@ def test_rsvd_half_inputs_computed_in_fp32(dtype):
     torch.testing.assert_close(u, u32, atol=1e-5, rtol=0)
 
 
+# ---------------------------------------------------------------------------- rsvd, warm-started
+
+@pytest.mark.parametrize("j", [3, 14])  # some columns of the sketch, or all l = k + oversample
+def test_rsvd_warm_start_matches_the_fp64_reference_algorithm(j, cpu_algorithms):
+    s = 0.8 ** torch.arange(60, dtype=torch.float64)
+    a = _with_spectrum(90, 60, s)
+    start = torch.randn(90, j, dtype=torch.float64)
+    u, sv, vh = ops.rsvd(a, 8, 6, 1, 5, start=start)
+    ur, svr, vhr = rsvd_ref(a, 8, 6, 1, 5, start=start)  # the start, then the sketch's first 14 - j columns
+    # with sketch columns (j < 14): Omega agrees with the reference's to a few fp32 ulps
+    # (test_sketch_matches_reference), which a basis mostly made of the start keeps at ~1e-9 in U
+    vec_tol = 1e-9 if j == 14 else 1e-8
+    torch.testing.assert_close(sv, svr, atol=1e-10, rtol=0)
+    torch.testing.assert_close(u, ur, atol=vec_tol, rtol=0)
+    torch.testing.assert_close(vh, vhr, atol=vec_tol, rtol=0)
+    u0, _, _ = ops.rsvd(a, 8, 6, 1, 5)  # and the start is used: not the cold call's factors
+    assert float((u - u0).abs().max()) > 1e-6
+
+
+def test_rsvd_warm_start_from_the_exact_subspace_needs_no_iteration(cpu_algorithms):
+    """Started from A's top-k left singular vectors, with no sketch columns and no power
+    iteration, rsvd is the Rayleigh-Ritz step on that subspace: the truncated SVD itself."""
+    s = 1.0 / (1.0 + torch.arange(50, dtype=torch.float64))
+    a = _with_spectrum(70, 50, s)
+    uu, ss, vvh = torch.linalg.svd(a, full_matrices=False)
+    u, sv, vh = ops.rsvd(a, 6, 0, 0, 0, start=uu[:, :6])
+    torch.testing.assert_close(sv, ss[:6], atol=1e-12, rtol=0)
+    torch.testing.assert_close(u @ torch.diag(sv) @ vh, uu[:, :6] @ torch.diag(ss[:6]) @ vvh[:6], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rsvd_warm_start_tracks_a_drifting_matrix(dtype, cpu_algorithms):
+    """A slow spectrum (sigma_i = i^-1/2, where a cold start needs its power iterations) that
+    changes a little between calls: one power iteration from the previous U is within 1.005x
+    of the optimal rank-k error at every call (measured ~1.001; a cold start's two iterations
+    ~1.003), while a cold start with one iteration is not (~1.015)."""
+    m, n, k = 300, 200, 16
+    s = (1.0 + torch.arange(n, dtype=torch.float64)) ** -0.5
+    base = _with_spectrum(m, n, s)
+    noise_scale = 0.3 * float(s[k]) / (m ** 0.5 + n ** 0.5)  # ||noise||_2 ~ 0.3 sigma_k
+    u = None
+    for step in range(4):
+        a = (base + noise_scale * torch.randn(m, n, dtype=torch.float64)).to(dtype)
+        optimal = torch.linalg.svdvals(a.double())[k:].square().sum().sqrt()
+        if u is None:
+            u, sv, vh = ops.rsvd(a, k, 10, 2, seed=step)
+            continue
+        u, sv, vh = ops.rsvd(a, k, 10, 1, seed=step, start=u)
+        err = torch.linalg.matrix_norm((u.double() * sv.double()) @ vh.double() - a.double())
+        assert err <= 1.005 * optimal, f"step {step}: warm error / optimal = {float(err / optimal):.4f}"
+        assert _orth_err(u) < 100 * torch.finfo(dtype).eps
+        uc, sc, vhc = ops.rsvd(a, k, 10, 1, seed=step)
+        cold = torch.linalg.matrix_norm((uc.double() * sc.double()) @ vhc.double() - a.double())
+        assert cold > 1.005 * optimal  # the test's spectrum is one where the warm start matters
+
+
+def test_batched_rsvd_warm_start_equals_rsvd_of_the_stack(cpu_algorithms):
+    s = 0.9 ** torch.arange(40, dtype=torch.float64)
+    mats = [_with_spectrum(60, 40, s, torch.float32) for _ in range(3)]
+    start = torch.randn(3, 60, 4, dtype=torch.float64)  # any float dtype: computed in A's work dtype
+    got = ops.batched_rsvd(mats, 6, 5, 1, seed=4, start=start)
+    want = ops.rsvd(torch.stack(mats), 6, 5, 1, seed=4, start=start)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    per_matrix = linalg.batched_rsvd(mats, 6, 5, 1, seed=4, start=list(start))  # grouped: one call
+    for i, (u, sv, vh) in enumerate(per_matrix):
+        assert torch.equal(u, got[0][i]) and torch.equal(sv, got[1][i])
+
+
+def test_rsvd_of_a_non_finite_start_is_nan_and_leaves_the_others(cpu_algorithms):
+    a = torch.randn(3, 40, 30)
+    start = torch.randn(3, 40, 5)
+    start[1, 3, 2] = float("nan")
+    u, s, vh = ops.rsvd(a, 5, 3, 1, start=start)
+    for t in (u, s, vh):
+        assert torch.isnan(t[1]).all() and not torch.isnan(t[0]).any() and not torch.isnan(t[2]).any()
+    u0, s0, _ = ops.rsvd(a[0], 5, 3, 1, start=start[0])
+    torch.testing.assert_close(s[0], s0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, 2, start=torch.randn(10, 6)), "between 1 and k \\+ oversample = 5"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, 2, start=torch.randn(10, 0)), "between 1 and"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, 9, start=torch.randn(10, 9)), "= 8 columns"),  # l capped at n
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, start=torch.randn(9, 3)), "\\[m, j\\] m = 10"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, start=torch.randn(1, 10, 3)), "\\[m, j\\]"),
+    (lambda: ops.rsvd(torch.randn(2, 10, 8), 3, start=torch.randn(10, 3)), "\\[batch, m, j\\] with batch = 2"),
+    (lambda: ops.rsvd(torch.randn(2, 10, 8), 3, start=torch.randn(3, 10, 3)), "batch = 2"),
+    (lambda: ops.rsvd(torch.randn(10, 8), 3, start=torch.ones(10, 3, dtype=torch.int32)), "start must be float"),
+    (lambda: ops.batched_rsvd([torch.randn(10, 8)] * 2, 3, start=torch.randn(10, 3)), "batch = 2"),
+    (lambda: linalg.batched_rsvd([torch.randn(10, 8)] * 2, 3, start=[torch.randn(10, 3)]), "one tensor per matrix"),
+])
+def test_rsvd_warm_start_bad_inputs(call, match):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
+        call()
+
+
 def test_rsvd_compiles_without_graph_breaks():
     a = torch.randn(64, 48)
     fn = torch.compile(lambda x: linalg.rsvd(x * 2.0, 5, seed=1), fullgraph=True, backend="aot_eager")

@@ -189,15 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_cuda(const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& a, int64_t k, int64_t oversample,
-                                                         int64_t n_iter, int64_t seed) {
+                                                         int64_t n_iter, int64_t seed,
+                                                         const std::optional<at::Tensor>& start) {
   const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(a));
-  return rsvd_driver(a, k, oversample, n_iter, seed);
+  return rsvd_driver(a, k, oversample, n_iter, seed, start);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_cuda(at::TensorList a, int64_t k, int64_t oversample,
-                                                                 int64_t n_iter, int64_t seed) {
+                                                                 int64_t n_iter, int64_t seed,
+                                                                 const std::optional<at::Tensor>& start) {
   const c10::cuda::OptionalCUDAGuard guard(first_cuda_device(a));  // the driver checks the list
-  return batched_rsvd_driver(a, k, oversample, n_iter, seed);
+  return batched_rsvd_driver(a, k, oversample, n_iter, seed, start);
 }
 
 std::tuple<at::Tensor, at::Tensor> svd_update_cuda(const at::Tensor& u, const at::Tensor& s, const at::Tensor& x,

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "common/checks.h"
 #include "common/cpu_blas.h"
@@ -406,15 +407,58 @@ void check_rsvd_args(int64_t m, int64_t n, int64_t k, int64_t oversample, int64_
   TORCH_CHECK(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
 }
 
+// The sketch width: k + oversample, at most min(m, n).
+int64_t sketch_columns(int64_t m, int64_t n, int64_t k, int64_t oversample) {
+  return k + std::min(oversample, std::min(m, n) - k);  // k <= min(m, n): no overflow
+}
+
+// The optional warm start of rsvd: [m, j] for a 2-D A, [b, m, j] for a batch (and for
+// batched_rsvd), 1 <= j <= l sketch columns, a float dtype, on A's device. Returned as
+// [b, m, j] in the work dtype.
+at::Tensor start_arg(const at::Tensor& start, const at::Tensor& a, bool a_batched, int64_t b, int64_t m, int64_t l,
+                     const char* op) {
+  check_same_device(start, a, op, "start", "A");
+  TORCH_CHECK_TYPE(is_svd_dtype(start.scalar_type()), op,
+                   ": start must be float32, float16, bfloat16 or float64, got ", start.scalar_type());
+  const bool shape_ok = a_batched ? start.dim() == 3 && start.size(0) == b && start.size(1) == m
+                                  : start.dim() == 2 && start.size(0) == m;
+  TORCH_CHECK(shape_ok, op, ": start must be ", a_batched ? "[batch, m, j] with batch = " : "[m, j]",
+              a_batched ? std::to_string(b) + " and" : std::string(), " m = ", m, " (A's rows), got shape ",
+              start.sizes());
+  const int64_t j = start.size(-1);
+  TORCH_CHECK(j >= 1 && j <= l, op, ": start must have between 1 and k + oversample = ", l,
+              " columns (capped at min(m, n)), got ", j);
+  return (a_batched ? start : start.unsqueeze(0)).to(work_dtype(a.scalar_type()));
+}
+
 // rsvd of b matrices [m, n] (in the work dtype): U [b, m, k], S [b, k], Vh [b, k, n].
+// `start` (optional, [b, m, j] in the work dtype): a warm start, see first_basis.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, int64_t m, int64_t n, int64_t k,
-                                                             int64_t oversample, int64_t n_iter, int64_t seed) {
-  const int64_t l = k + std::min(oversample, std::min(m, n) - k);  // k <= min(m, n): no overflow
+                                                             int64_t oversample, int64_t n_iter, int64_t seed,
+                                                             const std::optional<at::Tensor>& start) {
+  const int64_t l = sketch_columns(m, n, k, oversample);
   // Range finder with power iterations, re-conditioned after every product (Halko et al.,
   // Algorithm 4.4): in fp32 an unorthonormalised (A A^T)^q A Omega loses all but the top
   // directions to rounding. Only the final basis needs to be orthonormal.
-  at::Tensor q =
-      a.stacked.defined() ? call_gaussian_sketch(a.stacked, l, seed) : gaussian_sketch_list_cpu(a.list, l, seed);
+  auto sketch = [&](int64_t columns) {
+    return a.stacked.defined() ? call_gaussian_sketch(a.stacked, columns, seed)
+                               : gaussian_sketch_list_cpu(a.list, columns, seed);
+  };
+  at::Tensor q;
+  if (!start) {
+    q = sketch(l);
+  } else {
+    // Warm start (subspace iteration from a previous basis, as PowerSGD and GaLore refreshes
+    // can): the start's j columns, then the first l - j columns of the cold sketch A Omega.
+    // Every column is scaled to unit norm first: a previous basis has norm-1 columns and
+    // A Omega's are ~||A|| long, and the shifted CholeskyQR (GPUs) conditions a basis relative
+    // to its longest columns. The span is unchanged; a zero column stays zero, a non-finite
+    // one gives NaN factors.
+    const int64_t j = start->size(2);
+    q = j == l ? *start : at::cat({*start, sketch(l - j)}, 2);
+    const double tiny = std::numeric_limits<float>::min();
+    q = q / at::linalg_vector_norm(q, 2, {1}, /*keepdim=*/true).clamp_min(tiny);
+  }
   for (int64_t i = 0; i < n_iter; ++i) {
     const at::Tensor z = orthonormalize(product(a, orthonormalize(q, 2).q, /*transpose_a=*/true), 2).q;
     q = product(a, z, /*transpose_a=*/false);
@@ -437,17 +481,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a_in, int64_t k, int64_t oversample,
-                                                           int64_t n_iter, int64_t seed) {
+                                                           int64_t n_iter, int64_t seed,
+                                                           const std::optional<at::Tensor>& start_in) {
   const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
   check_matrix_arg(a_in, "rsvd", "A");
   const int64_t m = a_in.size(-2), n = a_in.size(-1);
   check_rsvd_args(m, n, k, oversample, n_iter, "rsvd", a_in.sizes());
-  auto [u, s, vh] = rsvd_matrices(Matrices{as_batched_work(a_in), {}}, m, n, k, oversample, n_iter, seed);
-  return finish(a_in.dim() == 2, u, s, vh);
+  const bool batched = a_in.dim() == 3;
+  std::optional<at::Tensor> start;
+  if (start_in) {
+    start = start_arg(*start_in, a_in, batched, batched ? a_in.size(0) : 1, m, sketch_columns(m, n, k, oversample),
+                      "rsvd");
+  }
+  auto [u, s, vh] = rsvd_matrices(Matrices{as_batched_work(a_in), {}}, m, n, k, oversample, n_iter, seed, start);
+  return finish(!batched, u, s, vh);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorList a_in, int64_t k, int64_t oversample,
-                                                                   int64_t n_iter, int64_t seed) {
+                                                                   int64_t n_iter, int64_t seed,
+                                                                   const std::optional<at::Tensor>& start_in) {
   const at::NoGradGuard no_grad;  // the Autograd key falls through: nothing here is recorded
   const char* op = "batched_rsvd";
   TORCH_CHECK(!a_in.empty(), op, ": needs at least one matrix");
@@ -464,6 +516,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorLis
   }
   const int64_t m = a0.size(0), n = a0.size(1);
   check_rsvd_args(m, n, k, oversample, n_iter, op, a0.sizes());
+  std::optional<at::Tensor> start;
+  if (start_in) {
+    start = start_arg(*start_in, a0, /*a_batched=*/true, static_cast<int64_t>(a_in.size()), m,
+                      sketch_columns(m, n, k, oversample), op);
+  }
   const at::ScalarType wt = work_dtype(a0.scalar_type());
   Matrices a;
   if (a0.device().is_cpu()) {
@@ -471,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorLis
   } else {
     a.stacked = at::stack(a_in).to(wt);  // GPUs: one batched GEMM per product; the copy is cheap there
   }
-  auto [u, s, vh] = rsvd_matrices(a, m, n, k, oversample, n_iter, seed);
+  auto [u, s, vh] = rsvd_matrices(a, m, n, k, oversample, n_iter, seed, start);
   return finish(false, u, s, vh);
 }
 

@@ -3,7 +3,8 @@
 //   gaussian_sketch: A [m, n] or [b, m, n] -> Y = A Omega [.., m, l], Omega the n x l Philox
 //                    Gaussian of svd_math.h (never stored whole)
 //   jacobi_svd:      A [.., m, n] -> U [.., m, p], S [.., p], Vh [.., p, n], p = min(m, n)
-//   rsvd:            A [.., m, n] -> U [.., m, k], S [.., k], Vh [.., k, n]
+//   rsvd:            A [.., m, n] -> U [.., m, k], S [.., k], Vh [.., k, n]; optionally
+//                    warm-started from a basis [.., m, j] (the sketch's first j columns)
 //   batched_rsvd:    b matrices [m, n] of one shape -> U [b, m, k], S [b, k], Vh [b, k, n]
 //                    (rsvd of their stack, which the CPU never forms: each is read in place)
 //   svd_update:      U [m, k0], S [k0], X [m, c] -> U' [m, k], S' [k]
@@ -11,6 +12,7 @@
 // the family's kernels through the dispatcher; each device registers them with its kernels.
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -35,10 +37,12 @@ using JacobiKernel = void (*)(at::Tensor& a_cols, at::Tensor& v);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tensor& a, JacobiKernel kernel);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_driver(const at::Tensor& a, int64_t k, int64_t oversample,
-                                                           int64_t n_iter, int64_t seed);
+                                                           int64_t n_iter, int64_t seed,
+                                                           const std::optional<at::Tensor>& start);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_rsvd_driver(at::TensorList a, int64_t k, int64_t oversample,
-                                                                   int64_t n_iter, int64_t seed);
+                                                                   int64_t n_iter, int64_t seed,
+                                                                   const std::optional<at::Tensor>& start);
 
 // The CPU sketch of matrices of one shape [m, n] read where they lie: Y [b, m, l] (what
 // gaussian_sketch gives for their stack). Inputs already in the work dtype.

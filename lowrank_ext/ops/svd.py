@@ -3,7 +3,8 @@ batched_rsvd, svd_update}`` with their fake registrations.
 
     gaussian_sketch(A, l, seed):    A @ Omega, Omega [n, l] Gaussian from Philox(seed), never stored
     jacobi_svd(A):                  U, S, Vh of small matrices [.., m, n] (one-sided Jacobi)
-    rsvd(A, k, oversample, n_iter, seed):   the top-k SVD of A [.., m, n], randomized
+    rsvd(A, k, oversample, n_iter, seed, start):  the top-k SVD of A [.., m, n], randomized
+                                    (start: an optional warm start, a basis [.., m, j])
     batched_rsvd([A1, A2, ..], k, ...):      rsvd of their stack, which the CPU never forms
     svd_update(U, S, X, k):         the top-k left factors of [U diag(S), X]
 
@@ -52,23 +53,27 @@ def jacobi_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return u.reshape(*lead, *u.shape[1:]), s.reshape(*lead, s.shape[-1]), vh.reshape(*lead, *vh.shape[1:])
 
 
-def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2,
-         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+         start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``k`` SVD of ``A [m, n]`` or ``[b, m, n]`` by randomized range finding
-    (``k + oversample`` sketch columns, ``n_iter`` power iterations)."""
-    return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, as_int64_seed(seed))
+    (``l = k + oversample`` sketch columns, ``n_iter`` power iterations). ``start`` ``[m, j]``
+    (``[b, m, j]``), ``1 <= j <= l``: a warm start, e.g. the previous ``U`` of a slowly changing
+    matrix; the first basis is then its columns followed by the first ``l - j`` columns of the
+    Gaussian sketch (see :func:`lowrank_ext.linalg.rsvd`)."""
+    return torch.ops.lowrank.rsvd(a, k, oversample, n_iter, as_int64_seed(seed), start)
 
 
-def batched_rsvd(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``rsvd(torch.stack(mats), ...)`` for matrices ``[m, n]`` of one shape, dtype and device,
-    without the stacked copy on CPU (each matrix, transposed views included, is read where it
-    lies): U ``[b, m, k]``, S ``[b, k]``, Vh ``[b, k, n]``; on CPU the same bits as rsvd of a
-    stack laid out as the matrices are (``torch.stack(ms).mT`` for transposed views ``m.t()``)."""
+def batched_rsvd(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+                 start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rsvd(torch.stack(mats), ..., start)`` for matrices ``[m, n]`` of one shape, dtype and
+    device, without the stacked copy on CPU (each matrix, transposed views included, is read
+    where it lies): U ``[b, m, k]``, S ``[b, k]``, Vh ``[b, k, n]``; on CPU the same bits as rsvd
+    of a stack laid out as the matrices are (``torch.stack(ms).mT`` for transposed views
+    ``m.t()``). ``start``: ``[b, m, j]``, as rsvd's."""
     mats = list(mats)
     if not mats:  # the dispatcher picks a kernel by the tensors' device: an empty list has none
         raise ValueError("batched_rsvd: needs at least one matrix")
-    return torch.ops.lowrank.batched_rsvd(mats, k, oversample, n_iter, as_int64_seed(seed))
+    return torch.ops.lowrank.batched_rsvd(mats, k, oversample, n_iter, as_int64_seed(seed), start)
 
 
 def svd_update(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,18 +104,31 @@ def _jacobi_svd_fake(a):
     return a.new_empty(*lead, m, p, dtype=wt), a.new_empty(*lead, p, dtype=wt), a.new_empty(*lead, p, n, dtype=wt)
 
 
+def _check_start(start, lead, m, n, k, oversample, op):
+    """start [*lead, m, j] with 1 <= j <= min(k + oversample, m, n), a float tensor."""
+    if start is None:
+        return
+    torch._check(start.dtype in _DTYPES, lambda: f"{op}: start must be a float tensor, got {start.dtype}")
+    torch._check(start.dim() == len(lead) + 2 and tuple(start.shape[:-2]) == tuple(lead) and start.shape[-2] == m,
+                 lambda: f"{op}: start must be [{', '.join(map(str, (*lead, m)))}, j], got {tuple(start.shape)}")
+    j = start.shape[-1]
+    for bound in (1 <= j, j <= k + oversample, j <= m, j <= n):  # no min(): no guard on the smaller
+        torch._check(bound, lambda: f"{op}: start must have between 1 and k + oversample columns, got {j}")
+
+
 @torch.library.register_fake("lowrank::rsvd")
-def _rsvd_fake(a, k, oversample=10, n_iter=2, seed=0):
+def _rsvd_fake(a, k, oversample=10, n_iter=2, seed=0, start=None):
     _check_matrix(a, "rsvd")
     m, n = a.shape[-2:]
     for bound in (1 <= k, k <= m, k <= n):  # not min(m, n): no guard on which is smaller
         torch._check(bound, lambda: f"rsvd: k must be in [1, min(m, n)], got {k}")
+    _check_start(start, a.shape[:-2], m, n, k, oversample, "rsvd")
     lead, wt = a.shape[:-2], _work(a.dtype)
     return a.new_empty(*lead, m, k, dtype=wt), a.new_empty(*lead, k, dtype=wt), a.new_empty(*lead, k, n, dtype=wt)
 
 
 @torch.library.register_fake("lowrank::batched_rsvd")
-def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0):
+def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0, start=None):
     torch._check(len(mats) > 0, lambda: "batched_rsvd: needs at least one matrix")
     a = mats[0]
     for t in mats:
@@ -120,6 +138,7 @@ def _batched_rsvd_fake(mats, k, oversample=10, n_iter=2, seed=0):
     m, n = a.shape
     for bound in (1 <= k, k <= m, k <= n):  # not min(m, n): no guard on which is smaller
         torch._check(bound, lambda: f"batched_rsvd: k must be in [1, min(m, n)], got {k}")
+    _check_start(start, (len(mats),), m, n, k, oversample, "batched_rsvd")
     b, wt = len(mats), _work(a.dtype)
     return a.new_empty(b, m, k, dtype=wt), a.new_empty(b, k, dtype=wt), a.new_empty(b, k, n, dtype=wt)
 

@@ -59,15 +59,23 @@ def jacobi_svd_ref(a: torch.Tensor):
     return u.to(_work(a)), s.to(_work(a)), vh.to(_work(a))
 
 
-def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0):
+def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+             start: torch.Tensor | None = None):
     """Halko-Martinsson-Tropp with the op's sketch, Householder QR after every product and
-    LAPACK's SVD of B = Q^T A, all in fp64."""
+    LAPACK's SVD of B = Q^T A, all in fp64. A warm start [.., m, j] takes the first j columns
+    of the first basis (the sketch gives the other l - j)."""
     m, n = a.shape[-2:]
     if not 1 <= k <= min(m, n):
         raise RuntimeError(f"rsvd: k must be in [1, min(m, n)], got {k}")
     l = min(k + oversample, m, n)
     ad = a.double()
-    q = torch.linalg.qr(ad @ sketch_matrix_ref(n, l, seed, a.device).double()).Q
+    y = ad @ sketch_matrix_ref(n, l, seed, a.device).double()
+    if start is not None:
+        j = start.shape[-1]
+        if not 1 <= j <= l or start.shape[:-1] != a.shape[:-1]:
+            raise RuntimeError(f"rsvd: start must be [.., m, j] with 1 <= j <= {l}, got {tuple(start.shape)}")
+        y = torch.cat([start.double(), y[..., :l - j]], dim=-1)
+    q = torch.linalg.qr(y).Q
     for _ in range(n_iter):
         z = torch.linalg.qr(ad.transpose(-2, -1) @ q).Q
         q = torch.linalg.qr(ad @ z).Q
@@ -76,11 +84,12 @@ def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, see
     return u.to(_work(a)), s[..., :k].to(_work(a)), vh.to(_work(a))
 
 
-def batched_rsvd_ref(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0):
+def batched_rsvd_ref(mats: list[torch.Tensor], k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
+                     start: torch.Tensor | None = None):
     """rsvd_ref of the matrices' stack (one shape, dtype and device)."""
     if not mats or any(m.dim() != 2 or m.shape != mats[0].shape or m.dtype != mats[0].dtype for m in mats):
         raise RuntimeError("batched_rsvd: needs 2-D matrices of one shape and dtype")
-    return rsvd_ref(torch.stack(mats), k, oversample, n_iter, seed)
+    return rsvd_ref(torch.stack(mats), k, oversample, n_iter, seed, start)
 
 
 def svd_update_ref(u: torch.Tensor, s: torch.Tensor, x: torch.Tensor, k: int):
