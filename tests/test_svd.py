@@ -437,6 +437,9 @@ def test_cuda_kernels_agree_with_cpu():
     b = _with_spectrum(90, 60, s, batch=(2,))
     for got, want in zip(ops.rsvd(b.cuda(), 8), ops.rsvd(b, 8)):
         torch.testing.assert_close(got.cpu(), want, atol=1e-8, rtol=0)
+    start = torch.randn(2, 90, 5, dtype=torch.float64)  # warm start: the start's columns, then the sketch's
+    for got, want in zip(ops.rsvd(b.cuda(), 8, 6, 1, start=start.cuda()), ops.rsvd(b, 8, 6, 1, start=start)):
+        torch.testing.assert_close(got.cpu(), want, atol=1e-8, rtol=0)
     u, sv, vh = ops.rsvd(torch.zeros(30, 20, device="cuda"), 5)  # the device-side Householder fallback
     assert float(sv.abs().max()) == 0 and _orth_err(u.cpu()) < 1e-5
     x = torch.randn(40, 100, dtype=torch.float64)
