@@ -30,9 +30,10 @@ def rsvd(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: i
     that changed little since its last SVD (a GaLore gradient between refreshes, say; PowerSGD
     warm-starts the same way): the range finder begins from those j columns (the previous ``U``)
     and the first ``l - j`` columns of the Gaussian sketch, instead of ``l`` Gaussian ones. Each
-    power iteration then refines a nearly right subspace, so one iteration (3 passes over A)
-    can match a cold start's two (6 passes); a start unrelated to A is no better than a random
-    one (see the galore benchmark's drifting-gradient case for both).
+    power iteration then refines a nearly right subspace, so one iteration (3 products with A
+    of l columns, plus the thin sketch of l - j) can match a cold start's two (6 products; the
+    galore benchmark's drifting-gradient case). A start unrelated to A is as good as a random
+    one: then one warm iteration is less accurate than two cold ones.
 
     >>> import torch
     >>> from lowrank_ext.linalg import rsvd

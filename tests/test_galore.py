@@ -218,8 +218,8 @@ def test_warm_started_refresh_is_rsvd_from_the_current_projection(proj_bits):
 
 def test_warm_start_tracks_drifting_gradients_with_fewer_passes(monkeypatch):
     """A slow spectrum plus fresh noise at every refresh: warm-started refreshes (one power
-    iteration, 3 passes over G) keep the projection within 0.5% of the best rank-r one, as the
-    cold refreshes (two iterations, 6 passes) do (measured: warm <= 1.0004x, cold <= 1.0021x;
+    iteration: 3 products with G) keep the projection within 0.5% of the best rank-r one, as the
+    cold refreshes (two iterations: 6) do (measured: warm <= 1.0004x, cold <= 1.0021x;
     one iteration from a random start instead: 1.012-1.017x, and cold with one: 1.007-1.013x)."""
     calls = []
     real = galore_mod.batched_rsvd

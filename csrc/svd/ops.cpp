@@ -432,7 +432,7 @@ at::Tensor start_arg(const at::Tensor& start, const at::Tensor& a, bool a_batche
 }
 
 // rsvd of b matrices [m, n] (in the work dtype): U [b, m, k], S [b, k], Vh [b, k, n].
-// `start` (optional, [b, m, j] in the work dtype): a warm start, see first_basis.
+// `start` (optional, [b, m, j] in the work dtype): a warm start of the range finder (below).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_matrices(const Matrices& a, int64_t m, int64_t n, int64_t k,
                                                              int64_t oversample, int64_t n_iter, int64_t seed,
                                                              const std::optional<at::Tensor>& start) {

@@ -15,7 +15,8 @@ step between refreshes (the projection made once in setup). Providers:
 * ``... 8-bit, INT4 projection``    and projections stored in 4 bits (Q-GaLore style)
 * ``... warm start (1 iteration)``  fp32 state, ``warm_start_n_iter=1``: each refresh starts
                                     rsvd from the current projection, one power iteration
-                                    (3 passes over G instead of 6); refresh cases only
+                                    (3 products with G instead of 6, plus a 10-column
+                                    sketch); refresh cases only
 * ``galore-torch``                  galore_torch.GaLoreAdamW (full SVD per weight)
 * ``galore-torch + svd_lowrank``    the same with its SVD swapped for
                                     torch.svd_lowrank(q = r + 10, niter = 2)

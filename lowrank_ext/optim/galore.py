@@ -40,12 +40,13 @@ rotations do not matter): its SVDs are saved from then on.
 ``warm_start_n_iter=w`` (rsvd only) starts each refresh of a param that has a projection from
 that projection (its r directions plus ``oversample`` Gaussian ones: ``rsvd``'s ``start``)
 and runs ``w`` power iterations instead of ``n_iter`` from a fresh sketch, as PowerSGD
-warm-starts its power iteration. ``w = 1`` reads G 3 times instead of the cold refresh's 6
-(n_iter 2): on the 2-core dev VM the refresh of 12 x 2048^2 at rank 128 then takes ~0.6x the
-time (benchmarks/README.md). It is as accurate as the cold refresh while the gradient's top
-subspace moves little between refreshes (galore benchmark, drifting-gradient case: ~1.004x the
-optimal rank-r error against the cold refresh's ~1.01x), and less accurate after a jump (from
-an unrelated subspace, one warm iteration is about a cold ``n_iter=0.5``): off by default.
+warm-starts its power iteration. ``w = 1`` makes 3 products with G instead of the cold
+refresh's 6 (n_iter 2), plus a thin sketch of ``oversample`` columns: on the 2-core dev VM
+the refresh of 12 x 2048^2 at rank 128 then takes ~0.6x the time (benchmarks/README.md). It
+is as accurate as the cold refresh while the gradient's top subspace moves little between
+refreshes (galore benchmark, drifting-gradient case: ~1.003x the optimal rank-r error against
+the cold refresh's ~1.01x), and less accurate after a jump (from an unrelated subspace, one
+warm iteration is about a cold ``n_iter=0.5``): off by default.
 
 The projection and the update are the galore ops (``lowrank_ext.ops.galore``): a quantized
 projection is dequantized inside them as it is loaded, and the update, Fira's or FRUGAL's
