@@ -372,10 +372,12 @@ def test_optimizer_bytes_per_parameter(bits, limit):
     assert abs(per_param - want) < 1e-3 and per_param < limit
 
 
-def test_convergence_on_digits_within_3_percent_of_adamw():
+@pytest.mark.parametrize("gap,warm", [(50, None), (10, 1)])
+def test_convergence_on_digits_within_3_percent_of_adamw(gap, warm):
     """The digits MLP of test_optim (two 128-wide GaLore layers at rank 32, 8-bit state; the
     10 x 128 head has plain Adam), 40 full-batch steps; each optimizer at the better of two
-    learning rates (GaLore's updates live in a rank-32 subspace: it wants a larger one)."""
+    learning rates (GaLore's updates live in a rank-32 subspace: it wants a larger one). Also
+    with a refresh every 10 steps, warm-started (three warm refreshes)."""
     from sklearn.datasets import load_digits  # ships its data: no download
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
@@ -395,8 +397,8 @@ def test_convergence_on_digits_within_3_percent_of_adamw():
             return float(torch.nn.functional.cross_entropy(m(x), y))
     lrs = (3e-3, 1e-2)
     ref_loss = min(train(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), lr) for lr in lrs)
-    our_loss = min(train(lambda p, lr: GaLoreAdamW(p, lr=lr, rank=32, update_proj_gap=50, scale=1.0, state_bits=8),
-                         lr) for lr in lrs)
+    our_loss = min(train(lambda p, lr: GaLoreAdamW(p, lr=lr, rank=32, update_proj_gap=gap, scale=1.0, state_bits=8,
+                                                   warm_start_n_iter=warm), lr) for lr in lrs)
     assert ref_loss < 0.2, "the task must be learnt for the comparison to mean anything"
     assert our_loss <= 1.03 * ref_loss, (our_loss, ref_loss)
 

@@ -42,11 +42,13 @@ that projection (its r directions plus ``oversample`` Gaussian ones: ``rsvd``'s 
 and runs ``w`` power iterations instead of ``n_iter`` from a fresh sketch, as PowerSGD
 warm-starts its power iteration. ``w = 1`` makes 3 products with G instead of the cold
 refresh's 6 (n_iter 2), plus a thin sketch of ``oversample`` columns: on the 2-core dev VM
-the refresh of 12 x 2048^2 at rank 128 then takes ~0.6x the time (benchmarks/README.md). It
-is as accurate as the cold refresh while the gradient's top subspace moves little between
-refreshes (galore benchmark, drifting-gradient case: ~1.003x the optimal rank-r error against
-the cold refresh's ~1.01x), and less accurate after a jump (from an unrelated subspace, one
-warm iteration is about a cold ``n_iter=0.5``): off by default.
+the refresh of 12 x 2048^2 at rank 128 then takes ~0.6x the time (benchmarks/README.md). Its
+accuracy depends on how far the subspace moved since the last refresh: on the galore
+benchmark's synthetic drift it beats the cold refresh (~1.003x the optimal rank-r error against
+~1.01x); on a digits MLP's real gradients (``tools/galore_warm_start_grads.py``) it is within
+1% of optimal, like a cold refresh with one iteration early in training and better later, but
+behind the cold default's two (within 0.1% there); after a jump to an unrelated subspace one
+warm iteration is about a cold ``n_iter=0.5``. Off by default.
 
 The projection and the update are the galore ops (``lowrank_ext.ops.galore``): a quantized
 projection is dequantized inside them as it is loaded, and the update, Fira's or FRUGAL's
