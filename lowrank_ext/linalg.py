@@ -66,7 +66,12 @@ def batched_rsvd(mats: Sequence[torch.Tensor], k: int, oversample: int = 10, n_i
         groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     out: list = [None] * len(mats)
     for idx in groups.values():
-        group_start = None if start is None else torch.stack([start[i] for i in idx])
+        group_start = None
+        if start is not None:
+            if len({start[i].shape[-1] for i in idx}) > 1:
+                raise ValueError(f"batched_rsvd: the starts of the matrices of shape {tuple(mats[idx[0]].shape)} "
+                                 f"must have the same number of columns (one batched call per shape)")
+            group_start = torch.stack([start[i] for i in idx])
         u, s, vh = _ops.batched_rsvd([mats[i] for i in idx], k, oversample, n_iter, seed, group_start)
         for j, i in enumerate(idx):
             out[i] = (u[j], s[j], vh[j])

@@ -318,6 +318,20 @@ def test_copies_keep_the_settings_and_continue_identically(how):
         assert torch.equal(pa, pb)
 
 
+def test_an_optimizer_pickled_before_warm_starts_existed_still_steps():
+    a = _params()
+    opt = GaLoreAdamW(a, rank=4, update_proj_gap=1, **HYPER)
+    state = opt.__getstate__()
+    del state["warm_start_n_iter"]  # as pickled before the setting existed
+    old = GaLoreAdamW.__new__(GaLoreAdamW)
+    old.__setstate__(state)
+    for step in range(2):
+        for p, g in zip(a, _low_rank_grads(a, step)):
+            p.grad = g
+        old.step()  # cold refreshes, as then
+    assert old.warm_start_n_iter is None and "proj" in old.state[a[0]]
+
+
 def test_param_groups_added_later_are_checked():
     opt = GaLoreAdamW([torch.nn.Parameter(torch.randn(8, 8))], rank=2)
     for bad in (dict(rank=0), dict(rank=2.5), dict(update_proj_gap=0)):
@@ -409,7 +423,8 @@ def test_bad_arguments():
                           (dict(state_bits=16), "state_bits"), (dict(proj_method="qr"), "proj_method"),
                           (dict(mode="lora"), "mode"), (dict(proj_bits=2), "proj_bits"),
                           (dict(adaptive_refresh=1.5), "adaptive_refresh"), (dict(refresh_patience=0), "patience"),
-                          (dict(warm_start_n_iter=-1), "warm_start_n_iter"),
+                          (dict(warm_start_n_iter=0), "warm_start_n_iter"),
+                          (dict(warm_start_n_iter=1, adaptive_refresh=0.9), "cannot be combined"),
                           (dict(warm_start_n_iter=True), "warm_start_n_iter"),
                           (dict(warm_start_n_iter=1, proj_method="svd"), "proj_method='rsvd'"),
                           (dict(lr=-1.0), "learning rate"), (dict(betas=(1.0, 0.9)), "beta")]:

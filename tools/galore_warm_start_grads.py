@@ -2,7 +2,8 @@
 benchmark for speed). Trains the digits MLP of the tests (scikit-learn ships the data) with
 GaLoreAdamW and, at every refresh, compares the projections a refresh could make of each
 GaLore layer's gradient: rsvd from a fresh sketch with 2 or 1 power iterations, and rsvd
-started from the previous refresh's projection with 1 or 0. Prints, per layer, the overlap of
+started from the previous refresh's cold projection (the one the optimizer, which refreshes
+cold here, took) with 1 or 0. Prints, per layer, the overlap of
 consecutive optimal rank-r subspaces (||U_prev^T U||_F^2 / r) and each projection's error
 ||G - P P^T G||_F over the optimal rank-r error.
 

@@ -422,12 +422,12 @@ at::Tensor start_arg(const at::Tensor& start, const at::Tensor& a, bool a_batche
                    ": start must be float32, float16, bfloat16 or float64, got ", start.scalar_type());
   const bool shape_ok = a_batched ? start.dim() == 3 && start.size(0) == b && start.size(1) == m
                                   : start.dim() == 2 && start.size(0) == m;
-  TORCH_CHECK(shape_ok, op, ": start must be ", a_batched ? "[batch, m, j] with batch = " : "[m, j]",
+  TORCH_CHECK(shape_ok, op, ": start must be ", a_batched ? "[batch, m, j] with batch = " : "[m, j] with",
               a_batched ? std::to_string(b) + " and" : std::string(), " m = ", m, " (A's rows), got shape ",
               start.sizes());
   const int64_t j = start.size(-1);
-  TORCH_CHECK(j >= 1 && j <= l, op, ": start must have between 1 and k + oversample = ", l,
-              " columns (capped at min(m, n)), got ", j);
+  TORCH_CHECK(j >= 1 && j <= l, op, ": start must have between 1 and l = min(k + oversample, m, n) = ", l,
+              " columns, got ", j);
   return (a_batched ? start : start.unsqueeze(0)).to(work_dtype(a.scalar_type()));
 }
 

@@ -16,7 +16,9 @@ step between refreshes (the projection made once in setup). Providers:
 * ``... warm start (1 iteration)``  fp32 state, ``warm_start_n_iter=1``: each refresh starts
                                     rsvd from the current projection, one power iteration
                                     (3 products with G instead of 6, plus a 10-column
-                                    sketch); refresh cases only
+                                    sketch); refresh cases only. In ``refresh`` the gradient
+                                    never changes (a warm start begins at the answer): its
+                                    time counts there, its error only in ``refresh-drift``
 * ``galore-torch``                  galore_torch.GaLoreAdamW (full SVD per weight)
 * ``galore-torch + svd_lowrank``    the same with its SVD swapped for
                                     torch.svd_lowrank(q = r + 10, niter = 2)

@@ -113,7 +113,8 @@ def _check_start(start, lead, m, n, k, oversample, op):
                  lambda: f"{op}: start must be [{', '.join(map(str, (*lead, m)))}, j], got {tuple(start.shape)}")
     j = start.shape[-1]
     for bound in (1 <= j, j <= k + oversample, j <= m, j <= n):  # no min(): no guard on the smaller
-        torch._check(bound, lambda: f"{op}: start must have between 1 and k + oversample columns, got {j}")
+        torch._check(bound, lambda: f"{op}: start must have between 1 and l = min(k + oversample, m, n) columns, "
+                                    f"got {j}")
 
 
 @torch.library.register_fake("lowrank::rsvd")

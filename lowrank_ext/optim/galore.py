@@ -37,18 +37,22 @@ consecutive refreshes found a subspace overlapping the previous one by at least 
 (||P_old^T P_new||_F^2 / r, Q-GaLore's similarity rule taken on subspaces, so SVD signs and
 rotations do not matter): its SVDs are saved from then on.
 
-``warm_start_n_iter=w`` (rsvd only) starts each refresh of a param that has a projection from
-that projection (its r directions plus ``oversample`` Gaussian ones: ``rsvd``'s ``start``)
-and runs ``w`` power iterations instead of ``n_iter`` from a fresh sketch, as PowerSGD
-warm-starts its power iteration. ``w = 1`` makes 3 products with G instead of the cold
-refresh's 6 (n_iter 2), plus a thin sketch of ``oversample`` columns: on the 2-core dev VM
-the refresh of 12 x 2048^2 at rank 128 then takes ~0.6x the time (benchmarks/README.md). Its
-accuracy depends on how far the subspace moved since the last refresh: on the galore
-benchmark's synthetic drift it beats the cold refresh (~1.003x the optimal rank-r error against
-~1.01x); on a digits MLP's real gradients (``tools/galore_warm_start_grads.py``) it is within
-1% of optimal, like a cold refresh with one iteration early in training and better later, but
-behind the cold default's two (within 0.1% there); after a jump to an unrelated subspace one
-warm iteration is about a cold ``n_iter=0.5``. Off by default.
+``warm_start_n_iter=w`` (rsvd only, w >= 1) starts each refresh of a param that has a
+projection from that projection: rsvd's ``start`` is its r directions, to which rsvd adds
+``oversample`` Gaussian ones, and it runs ``w`` power iterations instead of ``n_iter`` from a
+fresh sketch, as PowerSGD warm-starts its power iteration. ``w = 1`` makes 3 products with G
+instead of the cold refresh's 6 (n_iter 2), plus a thin sketch of ``oversample`` columns: on
+the 2-core dev VM a refresh step of 12 x 2048^2 at rank 128 then takes 0.57-0.76x the time
+(benchmarks/README.md). Its accuracy depends on how far the subspace moved since the last
+refresh: on the galore benchmark's synthetic drift it beats the cold refresh (1.0034x the
+optimal rank-r error against 1.0101x); on a digits MLP's real gradients
+(``tools/galore_warm_start_grads.py``) it stays within 1% of optimal but trails the cold
+default (within 0.1% there), and trails a cold refresh with one iteration early in training
+(1.009 against 1.002-1.003x), leading it later; from an unrelated subspace it is a poor start
+(a random one measured 1.012-1.017x against the cold refresh's <= 1.002x). Off by default.
+It cannot be combined with ``adaptive_refresh``: a warm refresh is biased toward the
+projection it starts from, so its overlap with that projection overstates how settled the
+subspace is.
 
 The projection and the update are the galore ops (``lowrank_ext.ops.galore``): a quantized
 projection is dequantized inside them as it is loaded, and the update, Fira's or FRUGAL's
@@ -140,7 +144,8 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
     ``state_bits`` (32, 8 or 4: Adam's moments), ``proj_bits`` (32, 8 or 4: the projections),
     ``mode`` ("galore", "fira" or "frugal"), ``proj_method`` ("rsvd", with ``oversample`` 10 and
     ``n_iter`` 2, or "svd"), ``seed`` (the refreshes' sketches), ``warm_start_n_iter`` (None: every
-    refresh sketches afresh; w: refreshes start from the current projection, w power iterations),
+    refresh sketches afresh; w >= 1: refreshes start from the current projection, w power
+    iterations; not with ``adaptive_refresh``),
     ``adaptive_refresh`` (None, or a similarity threshold in (0, 1], with ``refresh_patience`` 2).
     torch AdamW's ``foreach`` /
     ``fused`` are accepted and change nothing; ``maximize``, ``amsgrad``, ``capturable`` and
@@ -181,11 +186,16 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         if proj_method not in ("rsvd", "svd"):
             raise ValueError(f"proj_method must be 'rsvd' or 'svd', got {proj_method!r}")
         if warm_start_n_iter is not None:
+            # 0 would only re-fit the old subspace (plus oversample random directions): it never moves
             if not (isinstance(warm_start_n_iter, int) and not isinstance(warm_start_n_iter, bool)
-                    and warm_start_n_iter >= 0):
-                raise ValueError(f"warm_start_n_iter must be None or an int >= 0, got {warm_start_n_iter!r}")
+                    and warm_start_n_iter >= 1):
+                raise ValueError(f"warm_start_n_iter must be None or an int >= 1, got {warm_start_n_iter!r}")
             if proj_method != "rsvd":
                 raise ValueError("warm_start_n_iter warm-starts the randomized SVD: it needs proj_method='rsvd'")
+            if adaptive_refresh is not None:
+                raise ValueError("warm_start_n_iter and adaptive_refresh cannot be combined: a warm-started refresh "
+                                 "is biased toward the projection it starts from, so the adaptive rule's overlap "
+                                 "with that projection would freeze layers whose subspace still moves")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale)
         super().__init__(params, defaults)
@@ -204,6 +214,7 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
 
     _SETTINGS = ("state_bits", "proj_method", "oversample", "n_iter", "seed", "mode", "proj_bits",
                  "adaptive_refresh", "refresh_patience", "warm_start_n_iter")
+    warm_start_n_iter: int | None = None  # what optimizers pickled before the setting existed have
     _CACHES = ("_proj_codes", "_codes")
 
     # ------------------------------------------------------------------ helpers
@@ -252,13 +263,10 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         already formed: P^T G = S_r Vh_r (left), G Q = U_r S_r (right), saving a GEMM pass
         over G. Exact (in exact arithmetic) for a full SVD, and for rsvd's left factor, as
         rsvd finds the column space (A ~ Q Q^T A): a right projection takes it from rsvd(G^T).
-        With warm starts, params that have a projection and params that do not (first step)
-        are refreshed in separate calls."""
+        With warm starts, a call warm-starts when every param in it has a projection (params
+        are grouped by step count, so a call holds only new params or only older ones)."""
         has_proj = ["proj_right" in state for _, state, _ in items]
-        warm = self.warm_start_n_iter is not None
-        if warm and any(has_proj) and not all(has_proj):
-            return {**self._refresh([it for it, h in zip(items, has_proj) if not h], step),
-                    **self._refresh([it for it, h in zip(items, has_proj) if h], step)}
+        warm = self.warm_start_n_iter is not None and all(has_proj)
         rank = items[0][2]["rank"]
         m, n = items[0][0].shape
         grads = [p.grad.float() for p, _, _ in items]  # batched_rsvd reads them where they lie
@@ -269,7 +277,7 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         olds = [self._projection(state, (m, n), rank) if h and reads_old else None
                 for (_, state, _), h in zip(items, has_proj)]
         # a warm start is the current basis: P [m, r] (left), or P^T [n, r] (right: rsvd of G^T)
-        start = torch.stack([o.t() if right else o for o in olds]) if warm and all(has_proj) else None
+        start = torch.stack([o.t() if right else o for o in olds]) if warm else None
         n_iter = self.n_iter if start is None else self.warm_start_n_iter
         if self.proj_method == "svd":
             u, s, vh = torch.linalg.svd(torch.stack(grads), full_matrices=False)
