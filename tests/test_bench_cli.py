@@ -3,7 +3,7 @@ under it, so the committed tables are comparable; these check what it sets, and 
 own settings survive."""
 from __future__ import annotations
 
-from lowrank_ext.bench.__main__ import BENCH_MALLOC_TUNABLES, bench_environment
+from lowrank_ext.bench.__main__ import BENCH_MALLOC_TUNABLES, bench_environment, provider_names
 
 
 def test_environment_adds_the_tunables_and_huge_pages():
@@ -19,3 +19,9 @@ def test_environment_keeps_other_tunables_and_is_idempotent():
     assert env["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX512F:" + BENCH_MALLOC_TUNABLES
     assert bench_environment(env) == env  # already set: no second restart
 
+
+
+def test_provider_names_keep_the_commas_inside_names():
+    assert provider_names("torch AdamW,lowrank_ext GaLoreAdamW 8-bit, INT4 projection,galore-torch") == [
+        "torch AdamW", "lowrank_ext GaLoreAdamW 8-bit, INT4 projection", "galore-torch"]
+    assert provider_names("a,,b") == ["a", "b"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from .harness import RunConfig, run_and_report
 # provider in a run, ours and peers alike, then times its kernels, not the kernel's page
 # faults. THP_MEM_ALLOC_ENABLE=1 puts torch's large CPU tensors on huge pages (fewer TLB misses).
 BENCH_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def provider_names(arg: str) -> list[str]:
+    """--providers: names split at commas that a space does not follow (some names hold ", ")."""
+    return [p for p in re.split(r",(?! )", arg) if p]
 
 
 def bench_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -51,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES),
                     help="run every case in this dtype instead of the family's defaults")
-    ap.add_argument("--providers", type=lambda s: [p for p in s.split(",") if p],
-                    help="comma-separated provider names to run (the reference always runs)")
+    ap.add_argument("--providers", type=provider_names,
+                    help="comma-separated provider names to run (the reference always runs; a comma "
+                         "followed by a space is part of a name, e.g. 'lowrank_ext GaLoreAdamW 8-bit, INT4 "
+                         "projection')")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="list families and exit")
