@@ -69,12 +69,12 @@ def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, see
         raise RuntimeError(f"rsvd: k must be in [1, min(m, n)], got {k}")
     l = min(k + oversample, m, n)
     ad = a.double()
-    y = ad @ sketch_matrix_ref(n, l, seed, a.device).double()
+    j = 0 if start is None else start.shape[-1]
+    if start is not None and (not 1 <= j <= l or start.shape[:-1] != a.shape[:-1]):
+        raise RuntimeError(f"rsvd: start must be [.., m, j] with 1 <= j <= {l}, got {tuple(start.shape)}")
+    y = ad @ sketch_matrix_ref(n, l - j, seed, a.device).double()  # Omega's columns nest: the first l - j
     if start is not None:
-        j = start.shape[-1]
-        if not 1 <= j <= l or start.shape[:-1] != a.shape[:-1]:
-            raise RuntimeError(f"rsvd: start must be [.., m, j] with 1 <= j <= {l}, got {tuple(start.shape)}")
-        y = torch.cat([start.double(), y[..., :l - j]], dim=-1)
+        y = torch.cat([start.double(), y], dim=-1)
     q = torch.linalg.qr(y).Q
     for _ in range(n_iter):
         z = torch.linalg.qr(ad.transpose(-2, -1) @ q).Q
