@@ -94,6 +94,15 @@ TORCH_LIBRARY(lowrank, m) {
         "float weight_decay, int step, int bits, int blocksize_exp_avg, int blocksize_exp_avg_sq, "
         "bool stochastic_rounding=False, int seed=0, bool stochastic_exp_avg=False, "
         "bool stochastic_exp_avg_sq=False) -> ()");
+  // the second moment rank-1 normalised instead (Li et al. 2023): each param viewed as
+  // [rows, cols] = [exp_avg_sq_row.numel(), exp_avg_sq_col.numel()], entry (i, j) quantized as
+  // v_ij / min(row max i, column max j); the first moment block-wise as above. CPU only.
+  m.def("adamw_step_rank1_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_q, "
+        "Tensor(c!)[] exp_avg_absmax, Tensor(d!)[] exp_avg_sq_q, Tensor(e!)[] exp_avg_sq_row, "
+        "Tensor(f!)[] exp_avg_sq_col, Tensor code_exp_avg, Tensor code_exp_avg_sq, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, int step, int bits, int blocksize_exp_avg, "
+        "bool stochastic_rounding=False, int seed=0, bool stochastic_exp_avg=False, "
+        "bool stochastic_exp_avg_sq=False) -> ()");
   // the same update with fp32 moments (small tensors; the comparison point)
   m.def("adamw_step_fp32_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
@@ -213,7 +222,7 @@ TORCH_LIBRARY_IMPL(lowrank, Autograd, m) {
 
 // Version counters of the tensors the mutating ops write (see bump_written_args).
 TORCH_LIBRARY_IMPL(lowrank, ADInplaceOrView, m) {
-  for (const char* name : {"adamw_step_quantized_", "adamw_step_fp32_", "lora_merge_", "lora_expand_",
+  for (const char* name : {"adamw_step_quantized_", "adamw_step_rank1_", "adamw_step_fp32_", "lora_merge_", "lora_expand_",
                            "sparse_scatter_add_", "galore_apply_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_args>());
 }

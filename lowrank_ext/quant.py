@@ -54,10 +54,12 @@ def _dynamic_code_cpu(bits: int, signed: bool) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_code_cpu(bits: int, signed: bool) -> torch.Tensor:
+def _linear_code_cpu(bits: int, signed: bool, zero: bool = True) -> torch.Tensor:
     if signed:  # int8-style symmetric: k / (2^(bits-1) - 1), k in [-2^(bits-1), 2^(bits-1) - 1]
         half = 2 ** (bits - 1)
         return (torch.arange(-half, half, dtype=torch.float64) / (half - 1)).to(torch.float32)
+    if not zero:
+        return (torch.arange(1, 2 ** bits + 1, dtype=torch.float64) / 2 ** bits).to(torch.float32)
     return torch.linspace(0.0, 1.0, 2 ** bits, dtype=torch.float64).to(torch.float32)
 
 
@@ -73,11 +75,16 @@ def dynamic_code(bits: int = 8, signed: bool = True, device: torch.device | str 
     return _dynamic_code_cpu(bits, signed).to(device=device, copy=True)
 
 
-def linear_code(bits: int = 8, signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+def linear_code(bits: int = 8, signed: bool = True, zero: bool = True,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """Evenly spaced code: signed is k/127 for k in [-128, 127] (8-bit; k/7 for 4-bit),
-    unsigned is linspace(0, 1, 2**bits)."""
+    unsigned is linspace(0, 1, 2**bits), or with ``zero=False`` (unsigned only) (k + 1) / 2**bits
+    for k in [0, 2**bits): the linear mapping without zero of Li et al. (2023) for a rank-1
+    normalised second moment, which is never rounded to 0."""
     _check_bits(bits)
-    return _linear_code_cpu(bits, signed).to(device=device, copy=True)
+    if signed and not zero:
+        raise ValueError("zero=False is for the unsigned linear code (a signed code is symmetric about 0)")
+    return _linear_code_cpu(bits, signed, zero).to(device=device, copy=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +119,7 @@ def get_code(code: str | torch.Tensor, bits: int, signed: bool = True,
         if code == "dynamic":
             return dynamic_code(bits, signed, device)
         if code == "linear":
-            return linear_code(bits, signed, device)
+            return linear_code(bits, signed, device=device)
         raise ValueError(f"unknown code {code!r}: expected 'dynamic', 'linear' or a tensor")
     _check_bits(bits)
     code = torch.as_tensor(code, dtype=torch.float32, device=device)

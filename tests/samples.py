@@ -75,6 +75,34 @@ def adamw_step_quantized_samples(device: str) -> Iterator[Sample]:
                           bs_m, bs_v, sr, 3, step > 1, step > 1), name=f"{bits}b-{dtype}-step{step}")
 
 
+def rank1_state(shapes, bits: int, bs_m: int, code_m, code_v, device: str) -> tuple[list, ...]:
+    """Random quantized moments for params of these 2-D shapes: block-wise first moments and
+    rank-1 normalised second moments ([rows, cols] = the shape), from the references."""
+    from lowrank_ext.reference.optim import quantize_rank1_ref
+    state = ([], [], [], [], [])
+    for rows, cols in shapes:
+        mq, ma = quantize_blockwise_ref(torch.randn(rows * cols) * 0.1, code_m.cpu(), bs_m, bits)
+        vq, vr, vc = quantize_rank1_ref(torch.rand(rows, cols) * 0.01, code_v.cpu(), bits)
+        for lst, t in zip(state, (mq, ma, vq, vr, vc)):
+            lst.append(t.to(device))
+    return state
+
+
+def adamw_step_rank1_samples(device: str) -> Iterator[Sample]:
+    # (bits, blocksize_exp_avg, param dtype, [rows, cols] shapes): odd columns (4-bit rows
+    # starting at odd elements), one row, one column
+    for bits, bs_m, dtype, shapes in ((8, 256, torch.float32, [(20, 50), (3, 129), (1, 7)]),
+                                      (4, 128, torch.bfloat16, [(37, 21), (64, 2)]),
+                                      (8, 128, torch.float16, [(257, 1)])):
+        params, grads = _adamw_tensors(device, dtype, shapes)
+        code_m = quant.dynamic_code(bits, signed=True, device=device)
+        code_v = quant.linear_code(bits, signed=False, zero=False, device=device)
+        state = rank1_state(shapes, bits, bs_m, code_m, code_v, device)
+        for step, sr in ((1, False), (7, dtype == torch.bfloat16)):
+            yield Sample((params, grads, *state, code_m, code_v, *ADAMW_HYPER.values(), step, bits, bs_m, sr, 3,
+                          step > 1, step > 1), name=f"{bits}b-{dtype}-step{step}")
+
+
 def adamw_step_fp32_samples(device: str) -> Iterator[Sample]:
     for dtype in FLOAT_DTYPES:
         params, grads = _adamw_tensors(device, dtype, [(1000,), (3, 129), (1,)])
@@ -378,6 +406,7 @@ SAMPLES: dict[str, Callable[[str], Iterator[Sample]]] = {
     "lowrank::quantize_blockwise": quantize_blockwise_samples,
     "lowrank::dequantize_blockwise": dequantize_blockwise_samples,
     "lowrank::adamw_step_quantized_": adamw_step_quantized_samples,
+    "lowrank::adamw_step_rank1_": adamw_step_rank1_samples,
     "lowrank::adamw_step_fp32_": adamw_step_fp32_samples,
     "lowrank::lora_forward": lora_forward_samples,
     "lowrank::lora_backward": lora_backward_samples,

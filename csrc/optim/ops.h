@@ -27,6 +27,15 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
                                     bool stochastic_rounding, int64_t seed, bool stochastic_exp_avg,
                                     bool stochastic_exp_avg_sq);
 
+// Block-wise first moment as above; second moment rank-1 normalised (CPU kernel only).
+PreparedStep prepare_rank1_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
+                                at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
+                                at::TensorList exp_avg_sq_row, at::TensorList exp_avg_sq_col,
+                                const at::Tensor& code_exp_avg, const at::Tensor& code_exp_avg_sq, double lr,
+                                double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                                int64_t bits, int64_t blocksize_exp_avg, bool stochastic_rounding, int64_t seed,
+                                bool stochastic_exp_avg, bool stochastic_exp_avg_sq);
+
 PreparedStep prepare_fp32_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
                                at::TensorList exp_avg_sq, double lr, double beta1, double beta2, double eps,
                                double weight_decay, int64_t step, bool stochastic_rounding, int64_t seed);

@@ -407,6 +407,50 @@ static LOWRANK_CPU_CLONES float quantize_span_stochastic(const float* vals, int6
   return absmax;
 }
 
+// The same two quantizations with a divisor per value instead of a block absmax (rank-1
+// normalised moments, csrc/optim/cpu.cpp): v = x / scale, 0 where the scale is not > 0 (zero
+// or NaN), as normalize() does per block. Writes n indices. The division is unconditional (a
+// discarded lane may divide by 0: no trap, the flags are not read) and the discarded lanes are
+// masked to +0 with a bitwise and: GCC turned a select into a branch per value and a scalar
+// division (~4x slower).
+LOWRANK_HD float positive_scale_quotient(float x, float scale) {
+  const uint32_t keep = 0u - static_cast<uint32_t>(scale > 0.f);
+  return bits_as_float(float_as_bits(x / scale) & keep);
+}
+
+static LOWRANK_CPU_CLONES void normalized_keys_scaled(const float* __restrict x, const float* __restrict scale, int n,
+                                                      uint32_t* __restrict key) {
+  for (int i = 0; i < n; ++i) key[i] = ordered_key(positive_scale_quotient(x[i], scale[i]));
+}
+
+static LOWRANK_CPU_CLONES void normalize_span_scaled(const float* __restrict x, const float* __restrict scale, int n,
+                                                     float* __restrict v) {
+  for (int i = 0; i < n; ++i) v[i] = positive_scale_quotient(x[i], scale[i]);
+}
+
+static void quantize_span_nearest_scaled(const float* vals, const float* scale, int64_t n,
+                                         const NearestSearch& nearest, uint8_t* idx) {
+  uint32_t key[NearestSearch::kChunk];
+  for (int64_t c = 0; c < n; c += NearestSearch::kChunk) {
+    const int m = static_cast<int>(std::min<int64_t>(NearestSearch::kChunk, n - c));
+    normalized_keys_scaled(vals + c, scale + c, m, key);
+    nearest.indices(key, m, idx + c);
+  }
+}
+
+// Element i of the span is element base + i of its tensor (base a multiple of 8: whole Philox groups).
+static void quantize_span_stochastic_scaled(const float* vals, const float* scale, int64_t n, const FloorSearch& floor,
+                                            uint64_t seed, uint64_t offset, int64_t base, uint8_t* idx) {
+  constexpr int kChunk = FloorSearch::kChunk;
+  float v[kChunk], u[kChunk];
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int m = static_cast<int>(std::min<int64_t>(kChunk, n - c));
+    normalize_span_scaled(vals + c, scale + c, m, v);
+    philox_uniforms(seed, offset, static_cast<uint64_t>(base + c) >> 3, (m + kPhiloxGroup - 1) / kPhiloxGroup, u);
+    floor.indices(v, u, m, idx + c);
+  }
+}
+
 // Packs n 4-bit indices two per byte (even element in the low nibble; a last odd one
 // alone in its byte).
 // Written as a loop over output bytes, which GCC vectorizes (stride-2 loads): 4-bit AdamW step

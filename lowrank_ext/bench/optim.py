@@ -17,6 +17,10 @@ eps 1e-8, weight decay 0.01. Providers:
                                  comparison (the
                                  default's stochastically rounded log-code second moment, chosen so
                                  that beta2's slow EMA is not stalled, is about half of its step on CPU)
+* ``lowrank_ext AdamW8bit/4bit (rank-1 second moment)``  exp_avg_sq_norm="rank1": the second
+                                 moment of each weight normalised by min(row max, column max)
+                                 (Li et al. 2023; linear code without 0, nearest rounding; a
+                                 statistics pass first). CPU only (no CUDA kernel yet)
 * ``lowrank_ext fp32 fused``     torch.ops.lowrank.adamw_step_fp32_ over all tensors with
                                  fp32 moments: our kernel with fp32 state (comparison point)
 * ``torch AdamW (fused=True)``   torch.optim.AdamW(fused=True)
@@ -40,6 +44,8 @@ with s the param/grad element size (4 for fp32):
 * 8-bit moments (ours, bitsandbytes, torchao): 3s + 2 * (1 + 1)  = 16 B, + absmax (4 B
   read + written per block of each moment: 0.035 B for ours' blocks of 256/2048)
 * 4-bit moments:                               3s + 2 * (0.5 + 0.5) = 14 B, + absmax
+* rank-1 second moments (weights): the statistics pass reads the grad and the second
+  moment's codes once more: + s + 1 B (8-bit), + s + 0.5 B (4-bit); no absmax for that moment
 Tensors a provider does not quantize (under 4096 elements everywhere; torchao also those
 whose size is not a multiple of its block) count at their real moment format: fp32 for
 ours and bitsandbytes, the param's dtype for torchao. Codes (256 floats) are not counted.
@@ -80,6 +86,8 @@ CUDA_TARGET_VS_BNB = 1.3
 REFERENCE = "torch AdamW (foreach)"
 OURS_8BIT, OURS_4BIT = "lowrank_ext AdamW8bit", "lowrank_ext AdamW4bit"
 OURS_8BIT_BNB_SCHEME = "lowrank_ext AdamW8bit (bitsandbytes-like scheme)"
+OURS_8BIT_RANK1 = "lowrank_ext AdamW8bit (rank-1 second moment)"
+OURS_4BIT_RANK1 = "lowrank_ext AdamW4bit (rank-1 second moment)"
 OURS_FP32 = "lowrank_ext fp32 fused"
 TORCH_FUSED = "torch AdamW (fused=True)"
 BNB_8BIT = "bitsandbytes AdamW8bit"
@@ -100,6 +108,7 @@ class _Quantized:
     min_numel: int = 4096          # smaller tensors keep unquantized moments
     multiple_of: int = 1           # torchao also needs numel % blocksize == 0
     small_moments: str = "fp32"    # "fp32" or "param" (the param's dtype)
+    rank1: bool = False            # the second moment of 2-D tensors is rank-1 normalised
 
 
 # provider -> moment format: "fp32", "param" (the param's dtype, as torch keeps it) or _Quantized
@@ -113,6 +122,8 @@ def _formats() -> dict[str, Any]:
         OURS_8BIT: _Quantized(8, *AdamW8bit.default_blocksizes, min_numel=min_q),
         OURS_4BIT: _Quantized(4, *AdamW4bit.default_blocksizes, min_numel=min_q),
         OURS_8BIT_BNB_SCHEME: _Quantized(8, 256, 256, min_numel=min_q),
+        OURS_8BIT_RANK1: _Quantized(8, *AdamW8bit.default_blocksizes, min_numel=min_q, rank1=True),
+        OURS_4BIT_RANK1: _Quantized(4, *AdamW4bit.default_blocksizes, min_numel=min_q, rank1=True),
         BNB_8BIT: _Quantized(8, 256, 256),                      # bnb: blocks of 256, fp32 small
         TORCHAO_8BIT: _Quantized(8, 256, 256, multiple_of=256, small_moments="param"),
         TORCHAO_4BIT: _Quantized(4, 128, 128, multiple_of=128, small_moments="param"),
@@ -128,9 +139,12 @@ def _moved_bytes(shapes: list[tuple[int, ...]], dtype: torch.dtype, fmt: Any) ->
         total += 3 * s * n                             # param read + write, grad read
         if isinstance(fmt, _Quantized) and n >= fmt.min_numel and n % fmt.multiple_of == 0:
             q = math.ceil(n * fmt.bits / 8)
+            rank1 = fmt.rank1 and len(shape) >= 2
             blocks = (math.ceil(n / fmt.blocksize_exp_avg)
-                      + math.ceil(n / fmt.blocksize_exp_avg_sq))
+                      + (0 if rank1 else math.ceil(n / fmt.blocksize_exp_avg_sq)))
             total += 2 * 2 * q + 2 * 4 * blocks        # both moments' codes and absmax, read + write
+            if rank1:  # the statistics pass: grad and codes again; row and column maxima read + written
+                total += s * n + q + 2 * 4 * (shape[0] + n // shape[0])
         else:
             small = fmt.small_moments if isinstance(fmt, _Quantized) else fmt
             total += 2 * 2 * (4 if small == "fp32" else s) * n
@@ -266,6 +280,16 @@ def _ours(bits: int, name: str, options: Callable[[], dict] = dict) -> Callable[
     return setup
 
 
+def _ours_rank1(bits: int, name: str) -> Callable[[Case, dict], Timed]:
+    plain = _ours(bits, name, lambda: dict(exp_avg_sq_norm="rank1"))
+
+    def setup(case: Case, inputs: dict) -> Timed:
+        if inputs["params"][0].device.type != "cpu":
+            raise SkipProvider("the rank-1 step (adamw_step_rank1_) has no CUDA kernel yet")
+        return plain(case, inputs)
+    return setup
+
+
 def _bnb_like_options() -> dict:
     from lowrank_ext import quant
     return dict(blocksize_exp_avg_sq=256, code_exp_avg_sq=quant.dynamic_code(8, signed=False),
@@ -336,6 +360,8 @@ def providers(device: torch.device) -> list[Provider]:
         Provider(OURS_8BIT, "ours", _ours(8, OURS_8BIT)),
         Provider(OURS_4BIT, "ours", _ours(4, OURS_4BIT)),
         Provider(OURS_8BIT_BNB_SCHEME, "ours", _ours(8, OURS_8BIT_BNB_SCHEME, _bnb_like_options)),
+        Provider(OURS_8BIT_RANK1, "ours", _ours_rank1(8, OURS_8BIT_RANK1)),
+        Provider(OURS_4BIT_RANK1, "ours", _ours_rank1(4, OURS_4BIT_RANK1)),
         Provider(OURS_FP32, "ours", _ours_fp32),
         Provider(TORCH_FUSED, "peer", _torch_adamw(fused=True)),
         # ~1 s (bitsandbytes) and ~2.7 s (torchao) per step on the 2-core CPUs: small budget
@@ -443,6 +469,13 @@ def summary(rows: list[Row], device: torch.device) -> list[str]:
             lines.append(f"like for like, {device.type} {r.case.label}: our 8-bit step with a bitsandbytes-like "
                          f"scheme (dynamic codes, nearest, blocks of 256) {r.median_s * 1e3:.1f} ms, "
                          f"{bnb:.1f}x bitsandbytes AdamW8bit{_quick_tag(r)}")
+    default_ms = {(r.case.label, r.provider): r.median_s for r in rows if r.status == "ok"}
+    for r in rows:  # whether the rank-1 normalisation runs at the block-wise default's speed
+        base = {OURS_8BIT_RANK1: OURS_8BIT, OURS_4BIT_RANK1: OURS_4BIT}.get(r.provider)
+        if base and r.status == "ok" and default_ms.get((r.case.label, base)):
+            lines.append(f"rank-1 second moment, {device.type} {r.case.label}: {r.provider} "
+                         f"{r.median_s * 1e3:.1f} ms, {default_ms[(r.case.label, base)] / r.median_s:.2f}x the "
+                         f"speed of {base} (block-wise default){_quick_tag(r)}")
     return lines
 
 
@@ -456,5 +489,5 @@ FAMILY = Family(
     check=check,
     plot_metric="speedup",
     summary=summary,
-    ops=("lowrank::adamw_step_quantized_", "lowrank::adamw_step_fp32_"),
+    ops=("lowrank::adamw_step_quantized_", "lowrank::adamw_step_rank1_", "lowrank::adamw_step_fp32_"),
 )

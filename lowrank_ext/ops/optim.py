@@ -1,5 +1,5 @@
-"""Fused multi-tensor AdamW steps: ``torch.ops.lowrank.adamw_step_quantized_`` and
-``torch.ops.lowrank.adamw_step_fp32_``, with their fake registrations.
+"""Fused multi-tensor AdamW steps: ``torch.ops.lowrank.adamw_step_quantized_``,
+``adamw_step_rank1_`` (CPU only) and ``adamw_step_fp32_``, with their fake registrations.
 
 Both update every tensor of their lists in place in one call (one parallel region on
 CPU, one kernel launch on CUDA), with no host synchronisation. The update is torch's
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["adamw_step_quantized_", "adamw_step_fp32_"]
+__all__ = ["adamw_step_quantized_", "adamw_step_rank1_", "adamw_step_fp32_"]
 
 
 def adamw_step_quantized_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -45,6 +45,30 @@ def adamw_step_quantized_(params: Sequence[torch.Tensor], grads: Sequence[torch.
         blocksize_exp_avg, blocksize_exp_avg_sq, stochastic_rounding, seed, stochastic_exp_avg, stochastic_exp_avg_sq)
 
 
+def adamw_step_rank1_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      exp_avg_q: Sequence[torch.Tensor], exp_avg_absmax: Sequence[torch.Tensor],
+                      exp_avg_sq_q: Sequence[torch.Tensor], exp_avg_sq_row: Sequence[torch.Tensor],
+                      exp_avg_sq_col: Sequence[torch.Tensor], code_exp_avg: torch.Tensor,
+                      code_exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float, step: int, bits: int, blocksize_exp_avg: int,
+                      stochastic_rounding: bool = False, seed: int = 0, stochastic_exp_avg: bool = False,
+                      stochastic_exp_avg_sq: bool = False) -> None:
+    """:func:`adamw_step_quantized_` with the second moment rank-1 normalised (Li et al. 2023):
+    param i is seen as ``[rows, cols]`` (``rows = exp_avg_sq_row[i].numel()``, ``cols =
+    exp_avg_sq_col[i].numel()``, ``rows * cols = numel``), and entry (i, j) of the second moment
+    is stored as a code index of ``v_ij / min(row_max[i], col_max[j])``, where the fp32 row and
+    column maxima of ``|v|`` replace the per-block absmax. The first moment stays block-wise
+    (``blocksize_exp_avg``). The new maxima are taken over the updated moment before it is
+    re-quantized (a statistics pass, then the update pass). CPU only: no CUDA kernel yet.
+    """
+    if not params:
+        return
+    torch.ops.lowrank.adamw_step_rank1_(
+        list(params), list(grads), list(exp_avg_q), list(exp_avg_absmax), list(exp_avg_sq_q), list(exp_avg_sq_row),
+        list(exp_avg_sq_col), code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, bits,
+        blocksize_exp_avg, stochastic_rounding, seed, stochastic_exp_avg, stochastic_exp_avg_sq)
+
+
 def adamw_step_fp32_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                      exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor], *, lr: float,
                      beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
@@ -65,6 +89,23 @@ def _adamw_step_quantized_fake(params, grads, exp_avg_q, exp_avg_absmax, exp_avg
     for name, lst in (("grads", grads), ("exp_avg_q", exp_avg_q), ("exp_avg_absmax", exp_avg_absmax),
                       ("exp_avg_sq_q", exp_avg_sq_q), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
         torch._check(len(lst) == len(params), lambda: f"{name} has {len(lst)} tensors but params has {len(params)}")
+    return None
+
+
+@torch.library.register_fake("lowrank::adamw_step_rank1_")
+def _adamw_step_rank1_fake(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_row, exp_avg_sq_col,
+                           code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, bits,
+                           blocksize_exp_avg, stochastic_rounding=False, seed=0, stochastic_exp_avg=False,
+                           stochastic_exp_avg_sq=False):
+    torch._check(bits in (4, 8), lambda: f"bits must be 8 or 4, got {bits}")
+    for name, lst in (("grads", grads), ("exp_avg_q", exp_avg_q), ("exp_avg_absmax", exp_avg_absmax),
+                      ("exp_avg_sq_q", exp_avg_sq_q), ("exp_avg_sq_row", exp_avg_sq_row),
+                      ("exp_avg_sq_col", exp_avg_sq_col)):
+        torch._check(len(lst) == len(params), lambda: f"{name} has {len(lst)} tensors but params has {len(params)}")
+    for p, row, col in zip(params, exp_avg_sq_row, exp_avg_sq_col):
+        torch._check(row.numel() * col.numel() == p.numel(),
+                     lambda: f"exp_avg_sq_row and exp_avg_sq_col ({row.numel()} x {col.numel()}) must view a param "
+                             f"of {p.numel()} elements as [rows, cols]")
     return None
 
 

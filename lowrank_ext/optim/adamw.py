@@ -4,7 +4,9 @@ Each step is one fused, in-place call per (device, dtype) group of parameters
 (``torch.ops.lowrank.adamw_step_quantized_``): both moments are dequantized, the AdamW
 update runs in fp32, the moments are re-quantized with a fresh absmax per block and the
 parameter is written, in one pass over memory. Tensors smaller than ``min_quant_size``
-keep fp32 moments (``adamw_step_fp32_``, the same update).
+keep fp32 moments (``adamw_step_fp32_``, the same update). With ``exp_avg_sq_norm="rank1"``
+the second moment of every quantized param of two or more dims is normalised per entry by
+min(row max, column max) instead of per block (Li et al. 2023; ``adamw_step_rank1_``, CPU only).
 
 Example::
 
@@ -26,13 +28,14 @@ from typing import Any, Callable
 import torch
 
 from .. import quant
-from ..ops.optim import adamw_step_fp32_, adamw_step_quantized_
+from ..ops.optim import adamw_step_fp32_, adamw_step_quantized_, adamw_step_rank1_
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["AdamW8bit", "AdamW4bit", "state_bytes_per_param"]
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUANT_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+_RANK1_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_row", "exp_avg_sq_col")
 
 
 def check_steppable(p: torch.Tensor, optimizer: str) -> None:
@@ -134,6 +137,37 @@ class SettingsPickle:
             setattr(self, k, {})
 
 
+def rank1_view(p: torch.Tensor) -> tuple[int, int]:
+    """The [rows, cols] a rank-1 normalised moment views a param of two or more dims as: its
+    first dim against the rest (an nn.Linear weight's [out, in])."""
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def quantize_rank1(values: torch.Tensor, code: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """A moment given in fp32 [rows, cols] as (q, row max, column max), nearest rounding: how
+    fresh state, loaded fp32 state and state in another code become rank-1 state (the steps
+    re-quantize inside ``adamw_step_rank1_``)."""
+    a = values.abs()
+    row_max, col_max = a.amax(dim=1), a.amax(dim=0)
+    scale = torch.minimum(row_max[:, None], col_max[None, :])
+    normalised = torch.where(scale > 0, values / scale, torch.zeros_like(values)).reshape(-1)
+    idx = torch.searchsorted((code[:-1] + code[1:]) * 0.5, normalised).to(torch.uint8)
+    if bits == 4:
+        idx = torch.cat([idx, idx.new_zeros(idx.numel() % 2)])
+        idx = idx[0::2] | (idx[1::2] << 4)
+    return idx, row_max, col_max
+
+
+def dequantize_rank1(q: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tensor, code: torch.Tensor,
+                     bits: int) -> torch.Tensor:
+    """quantize_rank1's inverse: code[index] * min(row max, column max), fp32 [rows, cols]."""
+    idx = q.to(torch.int64)
+    if bits == 4:
+        idx = torch.stack([idx & 0xF, idx >> 4], dim=-1).reshape(-1)
+    rows, cols = row_max.numel(), col_max.numel()
+    return code[idx[:rows * cols]].view(rows, cols) * torch.minimum(row_max[:, None], col_max[None, :])
+
+
 class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
@@ -145,7 +179,8 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                  blocksize_exp_avg_sq: int | None = None, min_quant_size: int = 4096,
                  stochastic_rounding: bool = False, seed: int = 0,
                  code_exp_avg: torch.Tensor | None = None, code_exp_avg_sq: torch.Tensor | None = None,
-                 stochastic_moments: tuple[bool, bool] | None = None, maximize: bool = False,
+                 stochastic_moments: tuple[bool, bool] | None = None, exp_avg_sq_norm: str = "block",
+                 maximize: bool = False,
                  amsgrad: bool = False, foreach: bool | None = None, fused: bool | None = None,
                  capturable: bool = False, differentiable: bool = False):
         # torch.optim.AdamW's keywords are accepted (drop-in); foreach / fused change nothing
@@ -155,6 +190,9 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         check_param_group(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                                amsgrad=amsgrad, capturable=capturable, differentiable=differentiable),
                           type(self).__name__)
+        if exp_avg_sq_norm not in ("block", "rank1"):
+            raise ValueError(f"exp_avg_sq_norm must be 'block' or 'rank1', got {exp_avg_sq_norm!r}")
+        self.exp_avg_sq_norm = exp_avg_sq_norm
         bs_m, bs_v = (default if bs is None else bs
                       for bs, default in zip((blocksize_exp_avg, blocksize_exp_avg_sq), self.default_blocksizes))
         for name, bs in (("blocksize_exp_avg", bs_m), ("blocksize_exp_avg_sq", bs_v)):
@@ -165,7 +203,11 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         self.blocksizes = (bs_m, bs_v)
         self.min_quant_size = min_quant_size
         self.stochastic_rounding = stochastic_rounding
-        self.stochastic_moments = tuple(stochastic_moments or self.default_stochastic_moments)
+        if stochastic_moments is None:
+            stochastic_moments = self.default_stochastic_moments
+            if exp_avg_sq_norm == "rank1":  # Li et al.'s rank-1 / linear second moment rounds to nearest
+                stochastic_moments = (stochastic_moments[0], False)
+        self.stochastic_moments = tuple(stochastic_moments)
         self.seed = seed
         # the second moment is never negative: named codes for it are the unsigned ones
         self._codes_cpu = (quant.get_code(code_exp_avg if code_exp_avg is not None else self._default_code(True),
@@ -178,13 +220,21 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         check_param_group({**self.defaults, **param_group}, type(self).__name__)  # as the group will step
         super().add_param_group(param_group)
 
-    _SETTINGS = ("blocksizes", "min_quant_size", "stochastic_rounding", "stochastic_moments", "seed", "_codes_cpu")
+    _SETTINGS = ("blocksizes", "min_quant_size", "stochastic_rounding", "stochastic_moments", "seed", "_codes_cpu",
+                 "exp_avg_sq_norm")
     _CACHES = ("_codes",)
+    exp_avg_sq_norm = "block"  # optimizers pickled before the setting existed
 
     def _default_code(self, first_moment: bool) -> torch.Tensor:
         if first_moment:
             return quant.dynamic_code(self.bits, signed=True)
+        if self.exp_avg_sq_norm == "rank1":  # Li et al.'s linear mapping without zero
+            return quant.linear_code(self.bits, signed=False, zero=False)
         return quant.log_code(self.bits, decades=8.0, zero=False)
+
+    def _rank1(self, p: torch.Tensor) -> bool:
+        """Whether p's second moment is rank-1 normalised (when quantized at all)."""
+        return self.exp_avg_sq_norm == "rank1" and p.dim() >= 2
 
     def _codes_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._codes:
@@ -194,6 +244,13 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
     def _quantize_state(self, state: dict, key: str, values: torch.Tensor, code: torch.Tensor, blocksize: int):
         q, absmax = quantize_blockwise(values.detach().reshape(-1).float(), code, blocksize, self.bits)
         state[key + "_q"], state[key + "_absmax"] = q, absmax
+
+    def _quantize_second_moment(self, p: torch.Tensor, state: dict, values: torch.Tensor, code: torch.Tensor):
+        if self._rank1(p):
+            v = values.detach().float().reshape(rank1_view(p))
+            state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"] = quantize_rank1(v, code, self.bits)
+        else:
+            self._quantize_state(state, "exp_avg_sq", values, code, self.blocksizes[1])
 
     def _prepare_state(self, p: torch.Tensor, state: dict) -> None:
         quantize = p.numel() >= self.min_quant_size
@@ -206,12 +263,12 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             code_m, code_v = self._codes_on(p.device)
             zeros = torch.zeros(p.numel(), device=p.device)
             self._quantize_state(state, "exp_avg", zeros, code_m, self.blocksizes[0])
-            self._quantize_state(state, "exp_avg_sq", zeros, code_v, self.blocksizes[1])
+            self._quantize_second_moment(p, state, zeros, code_v)
             state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
         elif quantize and "exp_avg" in state:  # fp32 moments (e.g. from torch.optim.AdamW): quantize them
             code_m, code_v = self._codes_on(p.device)
             self._quantize_state(state, "exp_avg", state.pop("exp_avg"), code_m, self.blocksizes[0])
-            self._quantize_state(state, "exp_avg_sq", state.pop("exp_avg_sq"), code_v, self.blocksizes[1])
+            self._quantize_second_moment(p, state, state.pop("exp_avg_sq"), code_v)
             state["exp_avg_code"], state["exp_avg_sq_code"] = code_m, code_v
         elif "exp_avg" in state:
             for key in ("exp_avg", "exp_avg_sq"):
@@ -239,6 +296,11 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     check_steppable(p, type(self).__name__)
+                    if self._rank1(p) and p.device.type != "cpu" and p.numel() >= self.min_quant_size:
+                        raise NotImplementedError(
+                            f"{type(self).__name__}(exp_avg_sq_norm='rank1') steps CPU params only (the rank-1 "
+                            f"step, adamw_step_rank1_, has no CUDA kernel yet); a param of shape "
+                            f"{tuple(p.shape)} is on {p.device}")
         for group_no, group in enumerate(self.param_groups):
             buckets: dict[tuple, list] = defaultdict(list)
             counters = []
@@ -250,14 +312,14 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                 self._prepare_state(p, state)
                 counters.append(state["step"])
                 step = int(state["step"].item()) + 1  # a CPU tensor: no device sync
-                quantized = "exp_avg_q" in state
+                kind = "rank1" if "exp_avg_sq_row" in state else "quantized" if "exp_avg_q" in state else "fp32"
                 # one call steps its tensors with one pair of codes (each state holds its own)
                 codes = (id(state.get("exp_avg_code")), id(state.get("exp_avg_sq_code")))
-                buckets[(p.device, p.dtype, grad.dtype, step, quantized, codes)].append((p, state))
+                buckets[(p.device, p.dtype, grad.dtype, step, kind, codes)].append((p, state))
             if counters:
                 torch._foreach_add_(counters, 1)  # one call, not one in-place add per param
             beta1, beta2 = group["betas"]
-            for bucket_no, ((device, _, _, step, quantized, _), items) in enumerate(buckets.items()):
+            for bucket_no, ((device, _, _, step, kind, _), items) in enumerate(buckets.items()):
                 bucket_id = (group_no << 16) + bucket_no
                 params = [p if p.is_contiguous() else p.contiguous() for p, _ in items]
                 grads = [p.grad.contiguous() for p, _ in items]
@@ -265,7 +327,13 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                              weight_decay=group["weight_decay"], step=step,
                              stochastic_rounding=self.stochastic_rounding, seed=self._step_seed(step, bucket_id))
                 states = [s for _, s in items]
-                if quantized:
+                if kind == "rank1":
+                    adamw_step_rank1_(params, grads, *([s[k] for s in states] for k in _RANK1_KEYS),
+                                      states[0]["exp_avg_code"], states[0]["exp_avg_sq_code"], bits=self.bits,
+                                      blocksize_exp_avg=self.blocksizes[0],
+                                      stochastic_exp_avg=self.stochastic_moments[0],
+                                      stochastic_exp_avg_sq=self.stochastic_moments[1], **hyper)
+                elif kind == "quantized":
                     adamw_step_quantized_(params, grads, *([s[k] for s in states] for k in _QUANT_KEYS),
                                           states[0]["exp_avg_code"], states[0]["exp_avg_sq_code"], bits=self.bits,
                                           blocksize_exp_avg=self.blocksizes[0],
@@ -291,12 +359,23 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
                 if "exp_avg_q" in state and not all(k in state for k in ("exp_avg_code", "exp_avg_sq_code")):
                     raise ValueError(f"cannot continue this state_dict: the quantized moments of a param of shape "
                                      f"{tuple(p.shape)} come without their codes")
-                if "exp_avg_q" in state and not all(
+                if "exp_avg_q" in state and "exp_avg_sq_row" in state:  # a rank-1 normalised second moment
+                    fits = (self._rank1(p) and (state["exp_avg_sq_row"].numel(), state["exp_avg_sq_col"].numel())
+                            == rank1_view(p) and quantized_moment_fits(state["exp_avg_q"], state["exp_avg_absmax"],
+                                                                       self.bits, self.blocksizes[0], p.numel())
+                            and state["exp_avg_sq_q"].numel() == state["exp_avg_q"].numel())
+                    if not fits:
+                        raise ValueError(f"cannot continue this state_dict: the moments of a param of shape "
+                                         f"{tuple(p.shape)} were saved rank-1 normalised, which does not fit this "
+                                         f"{type(self).__name__} ({self.bits}-bit, blocks of {self.blocksizes[0]}, "
+                                         f"exp_avg_sq_norm={self.exp_avg_sq_norm!r})")
+                elif "exp_avg_q" in state and (self._rank1(p) or not all(
                         quantized_moment_fits(state[f"{key}_q"], state[f"{key}_absmax"], self.bits, bs, p.numel())
-                        for key, bs in zip(("exp_avg", "exp_avg_sq"), self.blocksizes)):
+                        for key, bs in zip(("exp_avg", "exp_avg_sq"), self.blocksizes))):
                     raise ValueError(f"cannot continue this state_dict: the moments of a param of shape "
                                      f"{tuple(p.shape)} were saved in another format than this "
-                                     f"{type(self).__name__}'s ({self.bits}-bit, blocks of {self.blocksizes})")
+                                     f"{type(self).__name__}'s ({self.bits}-bit, blocks of {self.blocksizes}, "
+                                     f"exp_avg_sq_norm={self.exp_avg_sq_norm!r})")
                 for key in ("exp_avg", "exp_avg_sq"):  # fp32 moments (e.g. torch AdamW's): the param's size
                     if torch.is_tensor(state.get(key)) and state[key].numel() != p.numel():
                         raise ValueError(f"cannot continue this state_dict: its {key} has {state[key].numel()} "
@@ -317,7 +396,12 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
         that they share the code tensors of fresh state and step in the same calls."""
         for key, code, bs in zip(("exp_avg", "exp_avg_sq"), self._codes_on(p.device), self.blocksizes):
             saved = state[key + "_code"]
-            if not torch.equal(saved, code):
+            if key == "exp_avg_sq" and "exp_avg_sq_row" in state:
+                if not torch.equal(saved, code):
+                    values = dequantize_rank1(state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"],
+                                              saved, self.bits)
+                    self._quantize_second_moment(p, state, values, code)
+            elif not torch.equal(saved, code):
                 values = dequantize_blockwise(state[key + "_q"], state[key + "_absmax"], saved, bs, self.bits,
                                               [p.numel()])
                 self._quantize_state(state, key, values, code, bs)
@@ -358,6 +442,8 @@ class AdamW4bit(_BlockwiseAdamW):
     def _default_code(self, first_moment: bool) -> torch.Tensor:
         if first_moment:
             return quant.dynamic_code(4, signed=True)
+        if self.exp_avg_sq_norm == "rank1":
+            return super()._default_code(first_moment)
         return quant.log_code(4, decades=3.0, zero=False)
 
 

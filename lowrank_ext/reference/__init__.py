@@ -13,7 +13,7 @@ from .monarch import (blockdiag_backward_ref, blockdiag_forward_ref, blockdiag_r
                       monarch_dense_ref, monarch_forward_ref, monarch_ref)
 from .multilora import (lora_expand_inplace_ref, lora_expand_ref, lora_grouped_outer_ref, lora_shrink_ref,
                         multi_lora_linear_ref)
-from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref
+from .optim import adamw_step_fp32_ref, adamw_step_quantized_ref, adamw_step_rank1_ref
 from .sparse import sddmm_ref, sparse_scatter_add_ref
 from .svd import batched_rsvd_ref, gaussian_sketch_ref, jacobi_svd_ref, rsvd_ref, sketch_matrix_ref, svd_update_ref
 from .quant import dequantize_blockwise_ref, quantize_blockwise_ref
@@ -22,6 +22,7 @@ REFERENCES: dict[str, Callable] = {
     "lowrank::quantize_blockwise": quantize_blockwise_ref,
     "lowrank::dequantize_blockwise": dequantize_blockwise_ref,
     "lowrank::adamw_step_quantized_": adamw_step_quantized_ref,
+    "lowrank::adamw_step_rank1_": adamw_step_rank1_ref,
     "lowrank::adamw_step_fp32_": adamw_step_fp32_ref,
     "lowrank::lora_forward": lora_forward_ref,
     "lowrank::lora_backward": lora_backward_ref,
@@ -46,7 +47,7 @@ REFERENCES: dict[str, Callable] = {
 }
 
 __all__ = ["REFERENCES", "quantize_blockwise_ref", "dequantize_blockwise_ref", "adamw_step_quantized_ref",
-           "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
+           "adamw_step_rank1_ref", "adamw_step_fp32_ref", "lora_forward_ref", "lora_backward_ref", "lora_merge_ref", "lora_dropout_mask_ref",
            "lora_shrink_ref", "lora_expand_ref", "lora_expand_inplace_ref", "lora_grouped_outer_ref",
            "multi_lora_linear_ref",
            "monarch_ref", "monarch_forward_ref", "monarch_backward_ref", "monarch_dense_ref", "blockdiag_ref",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import _MASK32, dequantize_blockwise_ref, philox_random16_ref, quantize_blockwise_ref
+from .quant import _MASK32, code_indices_ref, dequantize_blockwise_ref, philox_random16_ref, quantize_blockwise_ref
 
 
 def _f32(x: float) -> float:
@@ -114,5 +114,63 @@ def adamw_step_quantized_ref(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_s
         vq, va = quantize_blockwise_ref(v_new, code_exp_avg_sq, blocksize_exp_avg_sq, bits, stochastic_exp_avg_sq,
                                         seed, stream_offset(i, 2))
         for lst, val in zip(outs, (_store_param(p_new, p.dtype, stochastic_rounding, seed, i), mq, ma, vq, va)):
+            lst.append(val)
+    return outs
+
+
+def rank1_scale_ref(row_max: torch.Tensor, col_max: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] normalisers min(row_max[i], col_max[j]), NaN where either is NaN
+    (torch.minimum propagates NaN)."""
+    return torch.minimum(row_max[:, None], col_max[None, :])
+
+
+def dequantize_rank1_ref(q: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tensor, code: torch.Tensor,
+                         bits: int) -> torch.Tensor:
+    """A rank-1 normalised moment as fp32 [rows, cols]: code[index] * min(row max, column max)."""
+    rows, cols = row_max.numel(), col_max.numel()
+    idx = q.to(torch.int64)
+    if bits == 4:
+        idx = torch.stack([idx & 0xF, idx >> 4], dim=-1).reshape(-1)
+    values = code.to(torch.float32)[idx[:rows * cols]].view(rows, cols)
+    return values * rank1_scale_ref(row_max, col_max)
+
+
+def quantize_rank1_ref(v: torch.Tensor, code: torch.Tensor, bits: int, stochastic_rounding: bool = False,
+                       seed: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v [rows, cols] -> (q, row max, column max) of |v| (NaN where a row or column holds a NaN);
+    entry (i, j) is quantized as v_ij / min(row max i, column max j) (0 where that is not > 0)."""
+    a = v.abs()
+    if a.numel() == 0:  # maxima over nothing
+        row_max, col_max = a.new_zeros(a.shape[0]), a.new_zeros(a.shape[1])
+    else:
+        row_max, col_max = a.amax(dim=1), a.amax(dim=0)  # amax propagates NaN
+    scale = rank1_scale_ref(row_max, col_max)
+    normalised = torch.where(scale > 0, v / scale, torch.zeros_like(v)).reshape(-1)
+    return code_indices_ref(normalised, code, bits, stochastic_rounding, seed, offset), row_max, col_max
+
+
+def adamw_step_rank1_ref(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_row, exp_avg_sq_col,
+                         code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, bits,
+                         blocksize_exp_avg, stochastic_rounding=False, seed=0, stochastic_exp_avg=False,
+                         stochastic_exp_avg_sq=False):
+    """As adamw_step_quantized_ref, with the second moment rank-1 normalised: each param seen as
+    [rows, cols] = [exp_avg_sq_row[i].numel(), exp_avg_sq_col[i].numel()]. Returns (params',
+    exp_avg_q', exp_avg_absmax', exp_avg_sq_q', exp_avg_sq_row', exp_avg_sq_col') as new lists."""
+    c = adamw_constants_ref(lr, beta1, beta2, eps, weight_decay, step)
+    outs = ([], [], [], [], [], [])
+    for i, p in enumerate(params):
+        rows, cols = exp_avg_sq_row[i].numel(), exp_avg_sq_col[i].numel()
+        m = dequantize_blockwise_ref(exp_avg_q[i], exp_avg_absmax[i], code_exp_avg, blocksize_exp_avg, bits,
+                                     [p.numel()])
+        v = dequantize_rank1_ref(exp_avg_sq_q[i], exp_avg_sq_row[i], exp_avg_sq_col[i], code_exp_avg_sq,
+                                 bits).reshape(-1)
+        p_new, m_new, v_new = adamw_update_ref(p.float().reshape(-1), grads[i].float().reshape(-1), m, v, c)
+        v_new = v_new.clamp(max=torch.finfo(torch.float32).max)  # an overflowed v is stored as FLT_MAX
+        mq, ma = quantize_blockwise_ref(m_new, code_exp_avg, blocksize_exp_avg, bits, stochastic_exp_avg, seed,
+                                        stream_offset(i, 1))
+        vq, vr, vc = quantize_rank1_ref(v_new.view(rows, cols), code_exp_avg_sq, bits, stochastic_exp_avg_sq, seed,
+                                        stream_offset(i, 2))
+        p_out = _store_param(p_new.view(p.shape), p.dtype, stochastic_rounding, seed, i)
+        for lst, val in zip(outs, (p_out, mq, ma, vq, vr, vc)):
             lst.append(val)
     return outs

@@ -76,6 +76,16 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int =
     absmax = torch.where(nonfinite, torch.full_like(amax, float("nan")), amax)
     v = torch.where(absmax[:, None] > 0, blocks / absmax[:, None], torch.zeros_like(blocks))
     v = v.reshape(-1)[:numel]
+    return code_indices_ref(v, code, bits, stochastic_rounding, seed, offset), absmax
+
+
+def code_indices_ref(v: torch.Tensor, code: torch.Tensor, bits: int, stochastic_rounding: bool = False,
+                     seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """The code index of each normalised value of the flat ``v`` (element i draws from the
+    Philox stream (seed, offset) at index i), as uint8: one per byte (8-bit) or packed two
+    per byte, even elements in the low nibble (4-bit)."""
+    numel = v.numel()
+    code = code.to(torch.float32)
     if not stochastic_rounding:
         mids = (code[:-1] + code[1:]) * 0.5
         idx = torch.searchsorted(mids, v, right=False)       # number of midpoints < v
@@ -85,7 +95,7 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int =
         inner = (i >= 0) & (i < n - 1)
         ic = i.clamp(0, n - 2)
         lo, hi = code[ic], code[ic + 1]
-        u = philox_uniform_ref(seed, offset, torch.arange(numel, device=x.device))
+        u = philox_uniform_ref(seed, offset, torch.arange(numel, device=v.device))
         up = u * (hi - lo) < v - lo                          # up with probability (v - lo) / (hi - lo)
         idx = torch.where(inner, ic + up.to(ic.dtype), i.clamp(0, n - 1))
     idx = idx.to(torch.uint8)
@@ -93,7 +103,7 @@ def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int =
         if numel % 2:
             idx = torch.cat([idx, idx.new_zeros(1)])
         idx = idx[0::2] | (idx[1::2] << 4)
-    return idx, absmax
+    return idx
 
 
 def dequantize_blockwise_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
