@@ -169,6 +169,17 @@ def dequantize_rank1(q: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tens
 
 
 class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
+    """The shared implementation of AdamW8bit and AdamW4bit. Keywords beyond torch AdamW's:
+    ``blocksize_exp_avg`` / ``blocksize_exp_avg_sq`` (powers of two in [128, 4096]),
+    ``min_quant_size`` (smaller tensors keep fp32 moments), ``stochastic_rounding`` (bf16
+    params), ``code_exp_avg`` / ``code_exp_avg_sq`` (a name or a sorted tensor of 2**bits
+    entries), ``stochastic_moments`` (re-quantize each moment stochastically), ``seed``, and
+    ``exp_avg_sq_norm``: ``"block"`` (default, a fresh absmax per block) or ``"rank1"`` (Li et
+    al. 2023): the second moment of each quantized param of two or more dims, seen as
+    [size(0), numel / size(0)], is stored per entry as v_ij / min(row max, column max), with
+    fp32 row and column maxima instead of block absmax; its default code is then the linear
+    code without 0 and its default rounding nearest, as in the paper. CPU params only (the
+    ``adamw_step_rank1_`` op has no CUDA kernel yet)."""
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
     # re-quantize (exp_avg, exp_avg_sq) with stochastic rounding
@@ -432,8 +443,8 @@ class AdamW4bit(_BlockwiseAdamW):
     lags by +175% (small entries round to 0); a code with 0 for the second moment can turn
     an update into m / eps and diverge; a log range of 3 decades stays within ~1.5% across
     learning rates and seeds, where 4 decades lands 6-10% off (coarser steps add noise
-    that, through 1/sqrt(v), inflates the updates). Li et al.'s rank-1 normalisation of the
-    second moment is not offered.
+    that, through 1/sqrt(v), inflates the updates). ``exp_avg_sq_norm="rank1"`` switches to
+    Li et al.'s rank-1 normalisation of the second moment (see ``_BlockwiseAdamW``).
     """
     bits = 4
     default_blocksizes = (128, 256)
