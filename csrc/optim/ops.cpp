@@ -97,24 +97,26 @@ AdamWConstants adamw_constants(double lr, double beta1, double beta2, double eps
   return c;
 }
 
-PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
-                                    at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
-                                    at::TensorList exp_avg_sq_absmax, const at::Tensor& code_exp_avg,
-                                    const at::Tensor& code_exp_avg_sq, double lr, double beta1, double beta2,
-                                    double eps, double weight_decay, int64_t step, int64_t bits,
-                                    int64_t blocksize_exp_avg, int64_t blocksize_exp_avg_sq,
-                                    bool stochastic_rounding, int64_t seed, bool stochastic_exp_avg,
-                                    bool stochastic_exp_avg_sq) {
-  constexpr const char* op = "adamw_step_quantized_";
+namespace {
+
+// What both quantized steps check and fill: params, grads, the block-wise first moment, the
+// second moment's codes and the step's settings; the second moment's scales (block absmax or
+// rank-1 maxima) are the caller's, checked per slot by `check_scales` before anything is written.
+template <typename CheckScales>
+PreparedStep prepare_quantized_slots(const char* op, at::TensorList params, at::TensorList grads,
+                                     at::TensorList exp_avg_q, at::TensorList exp_avg_absmax,
+                                     at::TensorList exp_avg_sq_q, const at::Tensor& code_exp_avg,
+                                     const at::Tensor& code_exp_avg_sq, double lr, double beta1, double beta2,
+                                     double eps, double weight_decay, int64_t step, int64_t bits,
+                                     int64_t blocksize_exp_avg, bool stochastic_rounding, int64_t seed,
+                                     bool stochastic_exp_avg, bool stochastic_exp_avg_sq, CheckScales check_scales) {
   const size_t n = params.size();
   check_lengths(n, grads.size(), op, "grads");
   check_lengths(n, exp_avg_q.size(), op, "exp_avg_q");
   check_lengths(n, exp_avg_absmax.size(), op, "exp_avg_absmax");
   check_lengths(n, exp_avg_sq_q.size(), op, "exp_avg_sq_q");
-  check_lengths(n, exp_avg_sq_absmax.size(), op, "exp_avg_sq_absmax");
   TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
   check_blocksize(blocksize_exp_avg, op, "blocksize_exp_avg");
-  check_blocksize(blocksize_exp_avg_sq, op, "blocksize_exp_avg_sq");
 
   PreparedStep out;
   out.device = n ? params[0].device() : code_exp_avg.device();
@@ -131,23 +133,18 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
     check_state(exp_avg_sq_q[i], params[i], at::kByte, qbytes, i, op, "exp_avg_sq_q");
     check_state(exp_avg_absmax[i], params[i], at::kFloat, (s.numel + blocksize_exp_avg - 1) / blocksize_exp_avg,
                 i, op, "exp_avg_absmax");
-    check_state(exp_avg_sq_absmax[i], params[i], at::kFloat,
-                (s.numel + blocksize_exp_avg_sq - 1) / blocksize_exp_avg_sq, i, op, "exp_avg_sq_absmax");
+    check_scales(i, s);
     TORCH_CHECK(grads[i].is_contiguous(), op, ": grads[", i, "] must be contiguous");
     s.grad = grads[i].const_data_ptr();  // null for an empty tensor, which no kernel touches
     s.exp_avg_q = exp_avg_q[i].mutable_data_ptr<uint8_t>();
     s.exp_avg_absmax = exp_avg_absmax[i].mutable_data_ptr<float>();
     s.exp_avg_sq_q = exp_avg_sq_q[i].mutable_data_ptr<uint8_t>();
-    s.exp_avg_sq_absmax = exp_avg_sq_absmax[i].mutable_data_ptr<float>();
-    s.exp_avg = s.exp_avg_sq = nullptr;
   }
   AdamWStepParams& p = out.params;
   p.quantized = true;
   p.bits = static_cast<int>(bits);
   p.blocksize_exp_avg = blocksize_exp_avg;
-  p.blocksize_exp_avg_sq = blocksize_exp_avg_sq;
   p.log2_blocksize_exp_avg = log2_exact(blocksize_exp_avg);
-  p.log2_blocksize_exp_avg_sq = log2_exact(blocksize_exp_avg_sq);
   p.code_exp_avg = out.code_exp_avg.const_data_ptr<float>();
   p.code_exp_avg_sq = out.code_exp_avg_sq.const_data_ptr<float>();
   p.stochastic_rounding = stochastic_rounding;
@@ -155,6 +152,32 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
   p.stochastic_exp_avg_sq = stochastic_exp_avg_sq;
   p.seed = static_cast<uint64_t>(seed);
   finish(out);
+  return out;
+}
+
+}  // namespace
+
+PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
+                                    at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
+                                    at::TensorList exp_avg_sq_absmax, const at::Tensor& code_exp_avg,
+                                    const at::Tensor& code_exp_avg_sq, double lr, double beta1, double beta2,
+                                    double eps, double weight_decay, int64_t step, int64_t bits,
+                                    int64_t blocksize_exp_avg, int64_t blocksize_exp_avg_sq,
+                                    bool stochastic_rounding, int64_t seed, bool stochastic_exp_avg,
+                                    bool stochastic_exp_avg_sq) {
+  constexpr const char* op = "adamw_step_quantized_";
+  check_lengths(params.size(), exp_avg_sq_absmax.size(), op, "exp_avg_sq_absmax");
+  check_blocksize(blocksize_exp_avg_sq, op, "blocksize_exp_avg_sq");
+  PreparedStep out = prepare_quantized_slots(
+      op, params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, code_exp_avg, code_exp_avg_sq, lr, beta1, beta2,
+      eps, weight_decay, step, bits, blocksize_exp_avg, stochastic_rounding, seed, stochastic_exp_avg,
+      stochastic_exp_avg_sq, [&](size_t i, TensorSlot& s) {
+        check_state(exp_avg_sq_absmax[i], params[i], at::kFloat,
+                    (s.numel + blocksize_exp_avg_sq - 1) / blocksize_exp_avg_sq, i, op, "exp_avg_sq_absmax");
+        s.exp_avg_sq_absmax = exp_avg_sq_absmax[i].mutable_data_ptr<float>();
+      });
+  out.params.blocksize_exp_avg_sq = blocksize_exp_avg_sq;
+  out.params.log2_blocksize_exp_avg_sq = log2_exact(blocksize_exp_avg_sq);
   return out;
 }
 
@@ -166,67 +189,35 @@ PreparedStep prepare_rank1_step(at::TensorList params, at::TensorList grads, at:
                                 int64_t bits, int64_t blocksize_exp_avg, bool stochastic_rounding, int64_t seed,
                                 bool stochastic_exp_avg, bool stochastic_exp_avg_sq) {
   constexpr const char* op = "adamw_step_rank1_";
-  const size_t n = params.size();
-  check_lengths(n, grads.size(), op, "grads");
-  check_lengths(n, exp_avg_q.size(), op, "exp_avg_q");
-  check_lengths(n, exp_avg_absmax.size(), op, "exp_avg_absmax");
-  check_lengths(n, exp_avg_sq_q.size(), op, "exp_avg_sq_q");
-  check_lengths(n, exp_avg_sq_row.size(), op, "exp_avg_sq_row");
-  check_lengths(n, exp_avg_sq_col.size(), op, "exp_avg_sq_col");
-  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
-  check_blocksize(blocksize_exp_avg, op, "blocksize_exp_avg");
-
-  PreparedStep out;
-  out.device = n ? params[0].device() : code_exp_avg.device();
-  out.code_exp_avg = quant::check_code(code_exp_avg, bits, out.device, op, "code_exp_avg");
-  out.code_exp_avg_sq = quant::check_code(code_exp_avg_sq, bits, out.device, op, "code_exp_avg_sq");
-  out.params.c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step, op);
-  check_uniform_dtypes(params, grads, op, out.params);
-  out.slots.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    TensorSlot& s = out.slots[i];
-    check_param_and_grad(params[i], grads[i], out.device, i, op, s);
-    const int64_t qbytes = bits == 8 ? s.numel : (s.numel + 1) / 2;
-    check_state(exp_avg_q[i], params[i], at::kByte, qbytes, i, op, "exp_avg_q");
-    check_state(exp_avg_sq_q[i], params[i], at::kByte, qbytes, i, op, "exp_avg_sq_q");
-    check_state(exp_avg_absmax[i], params[i], at::kFloat, (s.numel + blocksize_exp_avg - 1) / blocksize_exp_avg,
-                i, op, "exp_avg_absmax");
-    // the second moment's rows x columns: the statistics' lengths give the matrix view
-    const int64_t rows = exp_avg_sq_row[i].numel(), cols = exp_avg_sq_col[i].numel();
-    TORCH_CHECK(rows * cols == s.numel && (s.numel == 0 || (rows >= 1 && cols >= 1)), op, ": exp_avg_sq_row[", i,
-                "] and exp_avg_sq_col[", i, "] have ", rows, " and ", cols, " entries, but params[", i, "] has ",
-                s.numel, " elements (a rank-1 moment views its param as [rows, cols] with rows * cols = numel)");
-    check_state(exp_avg_sq_row[i], params[i], at::kFloat, rows, i, op, "exp_avg_sq_row");
-    check_state(exp_avg_sq_col[i], params[i], at::kFloat, cols, i, op, "exp_avg_sq_col");
-    TORCH_CHECK(grads[i].is_contiguous(), op, ": grads[", i, "] must be contiguous");
-    s.grad = grads[i].const_data_ptr();
-    s.exp_avg_q = exp_avg_q[i].mutable_data_ptr<uint8_t>();
-    s.exp_avg_absmax = exp_avg_absmax[i].mutable_data_ptr<float>();
-    s.exp_avg_sq_q = exp_avg_sq_q[i].mutable_data_ptr<uint8_t>();
-    s.exp_avg_sq_row = exp_avg_sq_row[i].mutable_data_ptr<float>();
-    s.exp_avg_sq_col = exp_avg_sq_col[i].mutable_data_ptr<float>();
-    s.cols = cols;
-  }
-  for (size_t i = 0; i < n; ++i) {  // every check passed: an empty param's maxima are over nothing
+  check_lengths(params.size(), exp_avg_sq_row.size(), op, "exp_avg_sq_row");
+  check_lengths(params.size(), exp_avg_sq_col.size(), op, "exp_avg_sq_col");
+  PreparedStep out = prepare_quantized_slots(
+      op, params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, code_exp_avg, code_exp_avg_sq, lr, beta1, beta2,
+      eps, weight_decay, step, bits, blocksize_exp_avg, stochastic_rounding, seed, stochastic_exp_avg,
+      stochastic_exp_avg_sq, [&](size_t i, TensorSlot& s) {
+        // the second moment's rows x columns: the statistics' lengths give the matrix view
+        const int64_t rows = exp_avg_sq_row[i].numel(), cols = exp_avg_sq_col[i].numel();
+        TORCH_CHECK(rows * cols == s.numel && (s.numel == 0 || (rows >= 1 && cols >= 1)), op, ": exp_avg_sq_row[",
+                    i, "] and exp_avg_sq_col[", i, "] have ", rows, " and ", cols, " entries, but params[", i,
+                    "] has ", s.numel,
+                    " elements (a rank-1 moment views its param as [rows, cols] with rows * cols = numel)");
+        check_state(exp_avg_sq_row[i], params[i], at::kFloat, rows, i, op, "exp_avg_sq_row");
+        check_state(exp_avg_sq_col[i], params[i], at::kFloat, cols, i, op, "exp_avg_sq_col");
+        s.exp_avg_sq_row = exp_avg_sq_row[i].mutable_data_ptr<float>();
+        s.exp_avg_sq_col = exp_avg_sq_col[i].mutable_data_ptr<float>();
+        s.cols = cols;
+      });
+  for (size_t i = 0; i < out.slots.size(); ++i) {  // every check passed: an empty param's maxima are over nothing
     if (out.slots[i].numel == 0) {
       exp_avg_sq_row[i].zero_();
       exp_avg_sq_col[i].zero_();
     }
   }
-  AdamWStepParams& p = out.params;
-  p.quantized = true;
-  p.rank1 = true;
-  p.bits = static_cast<int>(bits);
   // the first moment's blocks set the superblocks (the second moment has no blocks)
-  p.blocksize_exp_avg = p.blocksize_exp_avg_sq = blocksize_exp_avg;
-  p.log2_blocksize_exp_avg = p.log2_blocksize_exp_avg_sq = log2_exact(blocksize_exp_avg);
-  p.code_exp_avg = out.code_exp_avg.const_data_ptr<float>();
-  p.code_exp_avg_sq = out.code_exp_avg_sq.const_data_ptr<float>();
-  p.stochastic_rounding = stochastic_rounding;
-  p.stochastic_exp_avg = stochastic_exp_avg;
-  p.stochastic_exp_avg_sq = stochastic_exp_avg_sq;
-  p.seed = static_cast<uint64_t>(seed);
-  finish(out);
+  AdamWStepParams& p = out.params;
+  p.rank1 = true;
+  p.blocksize_exp_avg_sq = p.blocksize_exp_avg;
+  p.log2_blocksize_exp_avg_sq = p.log2_blocksize_exp_avg;
   return out;
 }
 
