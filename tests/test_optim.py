@@ -316,6 +316,19 @@ def test_rank1_state_loaded_with_another_code_is_requantized():
     assert ((v_loaded - v_saved).abs() <= torch.maximum(scale / 512, scale / 256 - v_saved) * 1.001).all()
 
 
+def test_rank1_steps_empty_params():
+    # [size(0), numel / size(0)] divided by zero for a param with no rows (min_quant_size=0)
+    ps = [torch.nn.Parameter(torch.randn(0, 5)), torch.nn.Parameter(torch.randn(3, 0, 2)),
+          torch.nn.Parameter(torch.randn(6, 7))]
+    opt = AdamW4bit(ps, min_quant_size=0, exp_avg_sq_norm="rank1")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.state[ps[0]]["exp_avg_sq_col"].shape == (5,) and opt.state[ps[1]]["exp_avg_sq_row"].shape == (3,)
+    assert not opt.state[ps[0]]["exp_avg_sq_col"].any() and torch.isfinite(ps[2]).all()
+
+
 @pytest.mark.cuda
 def test_rank1_refuses_cuda_params_before_any_change():
     p = torch.nn.Parameter(torch.randn(64, 80, device="cuda"))

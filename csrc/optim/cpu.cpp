@@ -83,9 +83,11 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
   }
 }
 
-// scale[k] = rank1_scale(row[i], col[j]) for elements first .. first + n - 1 of a row-major
-// [rows, cols] tensor: one run per row the span crosses. Within a run whose row maximum is not
-// NaN, r < c ? r : c is rank1_scale (a NaN c gives c) and vectorizes as a min.
+// scale[k] = the rank-1 normaliser min(row[i], col[j]) (Li et al. 2023: it bounds |v_ij|) of
+// elements first .. first + n - 1 of a row-major [rows, cols] tensor, NaN where either maximum
+// is (a NaN in v reaches its row and its column, as a NaN reaches its block in block-wise
+// quantization); one run per row the span crosses. Within a run whose row maximum is not NaN,
+// r < c ? r : c is that rule (a NaN c gives c) and vectorizes as a min.
 LOWRANK_CPU_CLONES void rank1_scales(const float* __restrict row, const float* __restrict col, int64_t cols,
                                      int64_t first, int n, float* __restrict scale) {
   int64_t i = first / cols, j = first % cols;

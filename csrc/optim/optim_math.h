@@ -57,15 +57,6 @@ LOWRANK_HD AdamWResult adamw_update(float p, float g, float m, float v, const Ad
 // entry's update was 0, as in torch's AdamW. NaN stays NaN.
 LOWRANK_HD float storable_exp_avg_sq(float v) { return v > FLT_MAX ? FLT_MAX : v; }
 
-// The normaliser of entry (i, j) of a rank-1 normalised second moment (Li et al. 2023):
-// min(row max i, column max j) of |v|, which bounds |v_ij|, so v_ij / scale lies in [-1, 1].
-// NaN where either maximum is NaN (a NaN in v reaches its row and its column, as a NaN
-// reaches its block in block-wise quantization: never turned into finite values).
-LOWRANK_HD float rank1_scale(float row_max, float col_max) {
-  if (row_max != row_max || col_max != col_max) return row_max + col_max;  // NaN
-  return row_max < col_max ? row_max : col_max;
-}
-
 // A maximum of |x| that sticks at NaN once it sees one (the rank-1 statistics; the second
 // moment as stored is finite or NaN, see storable_exp_avg_sq).
 LOWRANK_HD float nan_sticky_absmax(float amax, float x) {

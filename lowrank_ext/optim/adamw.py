@@ -21,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from typing import Any, Callable
@@ -30,6 +31,9 @@ import torch
 from .. import quant
 from ..ops.optim import adamw_step_fp32_, adamw_step_quantized_, adamw_step_rank1_
 from ..ops.quant import dequantize_blockwise, quantize_blockwise
+# pure-PyTorch rank-1 (de)quantization, nearest rounding: converting state (fresh, loaded fp32,
+# another code) is a one-off; the steps re-quantize inside adamw_step_rank1_
+from ..reference.optim import dequantize_rank1_ref, quantize_rank1_ref
 
 __all__ = ["AdamW8bit", "AdamW4bit", "state_bytes_per_param"]
 
@@ -140,32 +144,7 @@ class SettingsPickle:
 def rank1_view(p: torch.Tensor) -> tuple[int, int]:
     """The [rows, cols] a rank-1 normalised moment views a param of two or more dims as: its
     first dim against the rest (an nn.Linear weight's [out, in])."""
-    return p.shape[0], p.numel() // p.shape[0]
-
-
-def quantize_rank1(values: torch.Tensor, code: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """A moment given in fp32 [rows, cols] as (q, row max, column max), nearest rounding: how
-    fresh state, loaded fp32 state and state in another code become rank-1 state (the steps
-    re-quantize inside ``adamw_step_rank1_``)."""
-    a = values.abs()
-    row_max, col_max = a.amax(dim=1), a.amax(dim=0)
-    scale = torch.minimum(row_max[:, None], col_max[None, :])
-    normalised = torch.where(scale > 0, values / scale, torch.zeros_like(values)).reshape(-1)
-    idx = torch.searchsorted((code[:-1] + code[1:]) * 0.5, normalised).to(torch.uint8)
-    if bits == 4:
-        idx = torch.cat([idx, idx.new_zeros(idx.numel() % 2)])
-        idx = idx[0::2] | (idx[1::2] << 4)
-    return idx, row_max, col_max
-
-
-def dequantize_rank1(q: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tensor, code: torch.Tensor,
-                     bits: int) -> torch.Tensor:
-    """quantize_rank1's inverse: code[index] * min(row max, column max), fp32 [rows, cols]."""
-    idx = q.to(torch.int64)
-    if bits == 4:
-        idx = torch.stack([idx & 0xF, idx >> 4], dim=-1).reshape(-1)
-    rows, cols = row_max.numel(), col_max.numel()
-    return code[idx[:rows * cols]].view(rows, cols) * torch.minimum(row_max[:, None], col_max[None, :])
+    return p.shape[0], math.prod(p.shape[1:])
 
 
 class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
@@ -259,7 +238,8 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
     def _quantize_second_moment(self, p: torch.Tensor, state: dict, values: torch.Tensor, code: torch.Tensor):
         if self._rank1(p):
             v = values.detach().float().reshape(rank1_view(p))
-            state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"] = quantize_rank1(v, code, self.bits)
+            q, row_max, col_max = quantize_rank1_ref(v, code, self.bits)
+            state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"] = q, row_max, col_max
         else:
             self._quantize_state(state, "exp_avg_sq", values, code, self.blocksizes[1])
 
@@ -409,7 +389,7 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             saved = state[key + "_code"]
             if key == "exp_avg_sq" and "exp_avg_sq_row" in state:
                 if not torch.equal(saved, code):
-                    values = dequantize_rank1(state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"],
+                    values = dequantize_rank1_ref(state["exp_avg_sq_q"], state["exp_avg_sq_row"], state["exp_avg_sq_col"],
                                               saved, self.bits)
                     self._quantize_second_moment(p, state, values, code)
             elif not torch.equal(saved, code):
