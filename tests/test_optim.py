@@ -82,46 +82,62 @@ RANK1_KEYS = ["params", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_
 @pytest.mark.parametrize("bits,bs_m", [(8, 256), (8, 4096), (4, 128)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_rank1_step_matches_reference(cpu_table_search, bits, bs_m, dtype, stochastic):
-    # odd column counts (4-bit rows that start at odd elements), one row, one column, a
-    # matrix spanning several superblocks; several tensors in one call
-    shapes = [(37, 21), (1, 300), (300, 1), (3, 129), (70, 97)]
-    params = [torch.randn(s).to(dtype) for s in shapes]
-    grads = [torch.randn(s).to(dtype) for s in shapes]
+def _rank1_step_against_reference(device, shapes, bits, bs_m, dtype, stochastic, steps, grads_fn=None):
+    """Steps params of these shapes with adamw_step_rank1_ on `device` and compares every
+    output with the reference, bit for bit (a NaN matches any NaN); returns the state."""
+    params = [torch.randn(s).to(dtype).to(device) for s in shapes]
     code_m = quant.dynamic_code(bits, signed=True)
     code_v = quant.linear_code(bits, signed=False, zero=False)
-    state = rank1_state(shapes, bits, bs_m, code_m, code_v, "cpu")
-    for step in (1, 2, 10):
-        before = [[t.clone() for t in lst] for lst in [params, grads, *state]]
+    state = rank1_state(shapes, bits, bs_m, code_m, code_v, device)
+    for step in steps:
+        grads = [torch.randn(s).to(dtype) for s in shapes]
+        if grads_fn is not None:
+            grads_fn(grads)
+        grads = [g.to(device) for g in grads]
+        before = [[t.cpu().clone() for t in lst] for lst in [params, grads, *state]]
         kw = dict(**ADAMW_HYPER, step=step, bits=bits, blocksize_exp_avg=bs_m, stochastic_rounding=stochastic,
                   seed=11, stochastic_exp_avg=stochastic, stochastic_exp_avg_sq=stochastic)
-        adamw_step_rank1_(params, grads, *state, code_m, code_v, **kw)
+        adamw_step_rank1_(params, grads, *state, code_m.to(device), code_v.to(device), **kw)
         ref = adamw_step_rank1_ref(*before, code_m, code_v, **kw)
         for name, got, want in zip(RANK1_KEYS, [params, *state], ref):
             for i, (g, w) in enumerate(zip(got, want)):
-                assert torch.equal(g, w), f"step {step}: {name}[{i}] {tuple(g.shape)} differs"
+                assert_same_bits(g.cpu(), w, f"step {step}: {name}[{i}] {tuple(g.shape)}")
+    return state, code_v
 
 
-def test_rank1_step_nan_reaches_its_row_and_column_only(cpu_table_search):
+@pytest.mark.parametrize("bits,bs_m", [(8, 256), (8, 4096), (4, 128)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_rank1_step_matches_reference(device, cpu_table_search, bits, bs_m, dtype, stochastic):
+    # odd column counts (4-bit rows that start at odd elements), one row, one column, a
+    # matrix spanning several superblocks; several tensors in one call
+    shapes = [(37, 21), (1, 300), (300, 1), (3, 129), (70, 97)]
+    _rank1_step_against_reference(device, shapes, bits, bs_m, dtype, stochastic, (1, 2, 10))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rank1_step_over_many_tiles_matches_reference(device, bits):
+    # CUDA's statistics kernel tiles a tensor into strips of up to 2048 columns by up to 16
+    # rows, and several rows side by side where a row is short (here: 2 strips x 7 row
+    # blocks; 3 columns -> 2 row blocks of 4096 rows; an odd width); its step works on chunks
+    # of 4096 values. The CPU splits rows between threads. Both must reduce every entry.
+    shapes = [(100, 2100), (5000, 3), (33, 4099), (1, 1)]
+    _rank1_step_against_reference(device, shapes, bits, 256 if bits == 8 else 128, torch.bfloat16, True, (1, 4))
+
+
+def test_rank1_step_nan_reaches_its_row_and_column_only(device, cpu_table_search):
+    def poison(grads):
+        grads[1][3, 7] = float("nan")
+        grads[2][0, 0] = float("inf")  # v overflows: stored as FLT_MAX, the moment stays finite
+
     shapes = [(0, 5), (40, 33), (8, 8)]
-    params = [torch.randn(s) for s in shapes]
-    grads = [torch.randn(s) for s in shapes]
-    grads[1][3, 7] = float("nan")
-    grads[2][0, 0] = float("inf")  # v overflows: stored as FLT_MAX, the moment stays finite
-    code_m, code_v = quant.dynamic_code(4), quant.linear_code(4, signed=False, zero=False)
-    state = rank1_state(shapes, 4, 128, code_m, code_v, "cpu")
-    before = [[t.clone() for t in lst] for lst in [params, grads, *state]]
-    kw = dict(**ADAMW_HYPER, step=3, bits=4, blocksize_exp_avg=128, stochastic_exp_avg_sq=True, seed=5)
-    adamw_step_rank1_(params, grads, *state, code_m, code_v, **kw)
-    ref = adamw_step_rank1_ref(*before, code_m, code_v, **kw)
-    for name, got, want in zip(RANK1_KEYS, [params, *state], ref):
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same_bits(g, w, f"{name}[{i}]")
-    row, col = state[3][1], state[4][1]
+    state, code_v = _rank1_step_against_reference(device, shapes, 4, 128, torch.float32, True, (3,), poison)
+    row, col = state[3][1].cpu(), state[4][1].cpu()
     assert torch.isnan(row).nonzero().flatten().tolist() == [3]
     assert torch.isnan(col).nonzero().flatten().tolist() == [7]
-    v = dequantize_rank1_ref(state[2][1], row, col, code_v, 4)
+    v = dequantize_rank1_ref(state[2][1].cpu(), row, col, code_v, 4)
     assert torch.isnan(v).sum() == 40 + 33 - 1 and torch.isfinite(state[3][2]).all()
+    assert not state[4][0].any(), "an empty param's column maxima are over nothing: 0"
 
 
 def test_rank1_statistics_are_the_row_and_column_maxima_of_torch_adamws_second_moment():
@@ -167,10 +183,11 @@ def test_rank1_step_input_checks():
         adamw_step_rank1_(p, g, mq, ma, vq, vr, vc, code_m, code_v, **{**kw, "blocksize_exp_avg": 100})
     with pytest.raises(RuntimeError, match="exp_avg_sq_q.*must have 24 elements"):
         adamw_step_rank1_(p, g, mq, ma, [vq[0][:12]], vr, vc, code_m, code_v, **kw)
-    if torch.cuda.is_available():
-        with pytest.raises(NotImplementedError):
-            adamw_step_rank1_([p[0].cuda()], [g[0].cuda()], *([t[0].cuda()] for t in (mq, ma, vq, vr, vc)),
-                              code_m.cuda(), code_v.cuda(), **kw)
+    if torch.cuda.is_available():  # state on another device than its param: refused before anything is written
+        cuda = [[t[0].cuda()] for t in (p, g, mq, ma, vq)]
+        with pytest.raises(RuntimeError, match="exp_avg_sq_row\\[0\\] is on cpu"):
+            adamw_step_rank1_(*cuda, vr, [vc[0].cuda()], code_m.cuda(), code_v.cuda(), **kw)
+        assert torch.equal(cuda[0][0].cpu(), p[0])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -327,17 +344,6 @@ def test_rank1_steps_empty_params():
         opt.step()
     assert opt.state[ps[0]]["exp_avg_sq_col"].shape == (5,) and opt.state[ps[1]]["exp_avg_sq_row"].shape == (3,)
     assert not opt.state[ps[0]]["exp_avg_sq_col"].any() and torch.isfinite(ps[2]).all()
-
-
-@pytest.mark.cuda
-def test_rank1_refuses_cuda_params_before_any_change():
-    p = torch.nn.Parameter(torch.randn(64, 80, device="cuda"))
-    opt = AdamW8bit([p], min_quant_size=1, exp_avg_sq_norm="rank1")
-    p.grad = torch.randn_like(p)
-    before = p.detach().clone()
-    with pytest.raises(NotImplementedError, match="no CUDA kernel"):
-        opt.step()
-    assert torch.equal(p.detach(), before) and not opt.state
 
 
 @pytest.mark.parametrize("cls,limit", [(AdamW8bit, 2.02), (AdamW4bit, 1.05)])
@@ -627,17 +633,20 @@ def test_op_input_checks():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
-def test_cpu_and_cuda_optimizers_compute_the_same_bits(cls):
+@pytest.mark.parametrize("norm", ["block", "rank1"])
+def test_cpu_and_cuda_optimizers_compute_the_same_bits(cls, norm):
     # one optimizer per device, same seed: the same Philox draws, so the same bits
-    a = torch.nn.Parameter(torch.randn(5000))
+    a = torch.nn.Parameter(torch.randn(50, 100))
     b = torch.nn.Parameter(a.detach().clone().cuda())
-    opt_a, opt_b = cls([a], lr=1e-2, seed=3), cls([b], lr=1e-2, seed=3)
+    opt_a, opt_b = (cls([p], lr=1e-2, seed=3, exp_avg_sq_norm=norm) for p in (a, b))
     for _ in range(3):
-        g = torch.randn(5000)
+        g = torch.randn(50, 100)
         a.grad, b.grad = g.clone(), g.cuda()
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b.cpu()), "CPU and CUDA kernels compute the same bits"
+    for key, value in opt_a.state[a].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b.state[b][key]).cpu()), key
 
 
 @pytest.mark.cuda

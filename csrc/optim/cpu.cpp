@@ -83,11 +83,10 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
   }
 }
 
-// scale[k] = the rank-1 normaliser min(row[i], col[j]) (Li et al. 2023: it bounds |v_ij|) of
-// elements first .. first + n - 1 of a row-major [rows, cols] tensor, NaN where either maximum
-// is (a NaN in v reaches its row and its column, as a NaN reaches its block in block-wise
-// quantization); one run per row the span crosses. Within a run whose row maximum is not NaN,
-// r < c ? r : c is that rule (a NaN c gives c) and vectorizes as a min.
+// scale[k] = rank1_scale(row[i], col[j]) (optim_math.h; Li et al. 2023: it bounds |v_ij|) of
+// elements first .. first + n - 1 of a row-major [rows, cols] tensor; one run per row the span
+// crosses. The row's NaN test is hoisted out of the run: the rest of the rule, r < c ? r : c
+// (a NaN c gives c), vectorizes as a min.
 LOWRANK_CPU_CLONES void rank1_scales(const float* __restrict row, const float* __restrict col, int64_t cols,
                                      int64_t first, int n, float* __restrict scale) {
   int64_t i = first / cols, j = first % cols;
@@ -103,12 +102,10 @@ LOWRANK_CPU_CLONES void rank1_scales(const float* __restrict row, const float* _
   }
 }
 
-// v[k] = storable_exp_avg_sq(b2 v[k] + ((1 - b2) g[k]) g[k]): adamw_update's second moment
-// (the same roundings), in place, for the statistics pass.
+// v[k] = adamw_update's second moment as the state stores it, in place, for the statistics pass.
 LOWRANK_CPU_CLONES void second_moment_span(float* __restrict v, const float* __restrict g, int n,
                                            const AdamWConstants c) {
-  for (int k = 0; k < n; ++k)
-    v[k] = storable_exp_avg_sq(add_rn(mul_rn(c.beta2, v[k]), mul_rn(mul_rn(c.one_minus_beta2, g[k]), g[k])));
+  for (int k = 0; k < n; ++k) v[k] = storable_exp_avg_sq(second_moment_update(v[k], g[k], c));
 }
 
 // col_max[k] = nan_sticky_absmax(col_max[k], v[k]): independent lanes, vectorized.
@@ -406,7 +403,7 @@ void adamw_step_cpu(const AdamWStepParams& p) {
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("adamw_step_quantized_", TORCH_FN(adamw_step_quantized_cpu_op));
   m.impl("adamw_step_fp32_", TORCH_FN(adamw_step_fp32_cpu_op));
-  m.impl("adamw_step_rank1_", TORCH_FN(adamw_step_rank1_cpu_op));  // CPU only: no CUDA kernel yet
+  m.impl("adamw_step_rank1_", TORCH_FN(adamw_step_rank1_cpu_op));
 }
 
 }  // namespace lowrank::optim

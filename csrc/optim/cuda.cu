@@ -12,9 +12,19 @@
 // blocksize/8 threads of the block (plus one shared-memory step for blocks wider than a
 // warp); then each thread re-quantizes and stores its values. One pass over memory.
 // fp32 moments: one warp per 2048 values, 4 consecutive values per lane.
+//
+// Rank-1 second moments (adamw_step_rank1_; NOT YET RUN ON A GPU): every entry's new scale
+// min(row max, column max) depends on maxima over the whole tensor, so the step is four launches
+// on the stream: zero a scratch buffer for the new maxima; a statistics kernel computing each
+// entry's v' (the update's own arithmetic) and reducing |v'| into the scratch (2-D tiles: a
+// thread's column maxima in registers over many rows, rows reduced by shuffles, then shared and
+// global atomicMax on the float bits, which order as the values do for v' >= 0 and put NaN
+// above everything); the quantized kernel above, dequantizing v with the old maxima and
+// re-quantizing it with the new; and a copy of the new maxima into the state.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "common/cuda_utils.cuh"
 #include "optim/ops.h"
@@ -139,6 +149,18 @@ __device__ __forceinline__ void store_indices(uint8_t* q, int64_t e0, int64_t en
   }
 }
 
+// As load_indices from any element (the statistics kernel's rows start anywhere; a 4-bit row
+// may start at a high nibble).
+template <int BITS>
+__device__ __forceinline__ void load_indices_any(const uint8_t* q, int64_t e0, int64_t end, int (&idx)[kPerThread]) {
+  if (BITS == 8 || (e0 & 1) == 0) {
+    load_indices<BITS>(q, e0, end, idx);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) idx[k] = e0 + k < end ? quant::code_index(q, e0 + k, BITS) : 0;
+  }
+}
+
 // Max and any-non-finite over the `group` threads (blocksize / 8, a power of two) holding
 // one quantization block: shuffles within a warp, then one shared-memory step for groups
 // of several warps. Every thread of the CTA must call it (it synchronises the CTA).
@@ -169,9 +191,17 @@ __device__ __forceinline__ void group_max(float& amax, bool& bad, int group, Blo
   bad = b;
 }
 
-template <typename P, typename G, int BITS>
+// The new rank-1 maxima: tensor t's rows at values + offsets[t], its columns right after.
+struct Rank1Next {
+  const int64_t* offsets;  // [num_tensors + 1] device array; an empty tensor has none
+  float* values;
+};
+
+// RANK1: the second moment is rank-1 normalised (the scales are per entry, from the old
+// maxima in the slot and the new ones in `next`); otherwise block-wise (`next` unused).
+template <typename P, typename G, int BITS, bool RANK1>
 __global__ void __launch_bounds__(kChunkThreads, 2)
-    adamw_quantized_kernel(AdamWStepParams p, const int64_t* offsets, int64_t total_chunks) {
+    adamw_quantized_kernel(AdamWStepParams p, const int64_t* offsets, int64_t total_chunks, Rank1Next next) {
   constexpr int kCode = 1 << BITS;
   __shared__ float code_m[kCode], mids_m[kCode], code_v[kCode], mids_v[kCode];
   __shared__ BlockMax reduce_m, reduce_v;
@@ -203,27 +233,48 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
     load_indices<BITS>(s.exp_avg_q, e0, end, im);
     load_indices<BITS>(s.exp_avg_sq_q, e0, end, iv);
     const float old_am = live ? s.exp_avg_absmax[block_m] : 0.f;
-    const float old_av = live ? s.exp_avg_sq_absmax[block_v] : 0.f;
+    const float old_av = !RANK1 && live ? s.exp_avg_sq_absmax[block_v] : 0.f;
+    // rank-1: value e0's (row, column), advanced per value; the new maxima of this tensor
+    int64_t row = 0, col = 0;
+    const float *row_next = nullptr, *col_next = nullptr;
+    if constexpr (RANK1) {
+      if (live) {
+        row = e0 / s.cols;
+        col = e0 - row * s.cols;
+        row_next = next.values + next.offsets[t];
+        col_next = row_next + s.numel / s.cols;
+      }
+    }
 
-    float amax_m = 0.f, amax_v = 0.f;
+    float amax_m = 0.f, amax_v = 0.f, scale_v[kPerThread];  // rank-1: the new scale of each value
     bool bad_m = false, bad_v = false;
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       if (e0 + k < end) {
-        const AdamWResult r = adamw_update(param[k], grad[k], quant::dequantize_value(code_m, im[k], old_am),
-                                           quant::dequantize_value(code_v, iv[k], old_av), p.c);
+        float vk;
+        if constexpr (RANK1) {  // dequantized with the old maxima (the state's)
+          vk = quant::dequantize_value(code_v, iv[k], rank1_scale(s.exp_avg_sq_row[row], s.exp_avg_sq_col[col]));
+          scale_v[k] = rank1_scale(row_next[row], col_next[col]);
+          if (++col == s.cols) {
+            col = 0;
+            ++row;
+          }
+        } else {
+          vk = quant::dequantize_value(code_v, iv[k], old_av);
+        }
+        const AdamWResult r = adamw_update(param[k], grad[k], quant::dequantize_value(code_m, im[k], old_am), vk, p.c);
         param[k] = r.param;
         m[k] = r.exp_avg;
         v[k] = storable_exp_avg_sq(r.exp_avg_sq);
         quant::absmax_step(m[k], amax_m, bad_m);
-        quant::absmax_step(v[k], amax_v, bad_v);
+        if constexpr (!RANK1) quant::absmax_step(v[k], amax_v, bad_v);
       } else {
-        m[k] = v[k] = 0.f;
+        m[k] = v[k] = scale_v[k] = 0.f;
       }
     }
     // every thread of the CTA has read the old absmax before the first sync in group_max
     group_max(amax_m, bad_m, group_m, reduce_m, warp, lane);
-    group_max(amax_v, bad_v, group_v, reduce_v, warp, lane);
+    if constexpr (!RANK1) group_max(amax_v, bad_v, group_v, reduce_v, warp, lane);
     const float am = quant::finish_absmax(amax_m, bad_m), av = quant::finish_absmax(amax_v, bad_v);
 
     Philox4 rnd_p{}, rnd_m{}, rnd_v{};
@@ -235,7 +286,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       const uint64_t e = static_cast<uint64_t>(e0 + k);
-      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], av);
+      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], RANK1 ? scale_v[k] : av);
       im[k] = p.stochastic_exp_avg ? quant::stochastic_index(code_m, kCode, vm, uniform_from_bits16(random16(rnd_m, e)))
                                    : quant::nearest_index(mids_m, kCode - 1, vm);
       iv[k] = p.stochastic_exp_avg_sq
@@ -247,7 +298,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
     store_indices<BITS>(s.exp_avg_q, e0, end, im);
     store_indices<BITS>(s.exp_avg_sq_q, e0, end, iv);
     if (live && (e0 & (p.blocksize_exp_avg - 1)) == 0) s.exp_avg_absmax[block_m] = am;
-    if (live && (e0 & (p.blocksize_exp_avg_sq - 1)) == 0) s.exp_avg_sq_absmax[block_v] = av;
+    if (!RANK1 && live && (e0 & (p.blocksize_exp_avg_sq - 1)) == 0) s.exp_avg_sq_absmax[block_v] = av;
     __syncthreads();  // the next chunk reuses the shared reduction slots
   }
 }
@@ -288,30 +339,187 @@ __global__ void __launch_bounds__(kThreads) adamw_fp32_kernel(AdamWStepParams p,
   }
 }
 
+// ---------------------------------------------------------------- rank-1 statistics
+// A unit of the statistics kernel is a tile of one tensor seen as [rows, cols]: a strip of
+// threads_per_row * 8 columns (8 consecutive values per thread, as the step loads them) by
+// kStatPasses passes of rows_per_pass rows. Narrow tensors put several rows side by side in
+// the CTA, so no thread idles on a row shorter than the CTA.
+constexpr int kStatThreads = 256;
+constexpr int kStatPasses = 16;
+constexpr int kStatMaxRows = kStatThreads * kStatPasses;  // rows of a unit when a row holds <= 8 values
+constexpr int kStatMaxCols = kStatThreads * kPerThread;   // columns of a strip
+
+struct Rank1Tiling {
+  int threads_per_row;  // a power of two, at most kStatThreads
+  int rows_per_pass;
+  int64_t strip_cols, strips, rows_per_unit, row_blocks;
+};
+
+__host__ __device__ inline Rank1Tiling rank1_tiling(int64_t rows, int64_t cols) {
+  Rank1Tiling g;
+  g.threads_per_row = 1;
+  while (g.threads_per_row < kStatThreads && int64_t{g.threads_per_row} * kPerThread < cols) g.threads_per_row *= 2;
+  g.rows_per_pass = kStatThreads / g.threads_per_row;
+  g.strip_cols = int64_t{g.threads_per_row} * kPerThread;
+  g.strips = ceil_div<int64_t>(cols, g.strip_cols);
+  g.rows_per_unit = int64_t{g.rows_per_pass} * kStatPasses;
+  g.row_blocks = ceil_div<int64_t>(rows, g.rows_per_unit);
+  return g;
+}
+
+// The new row and column maxima of |v'| (v' as the step computes and stores it) of every
+// rank-1 tensor, into next.values (zeroed; atomicMax on the bits of |v'|: v' is >= 0 or NaN,
+// and the bits of non-negative floats order as their values, with NaN above +inf, so a NaN
+// sticks, as nan_sticky_absmax makes it on the CPU). A thread keeps its 8 columns' maxima in
+// registers over the unit's rows; a row's maximum is a shuffle reduction over its threads.
+template <typename G, int BITS>
+__global__ void __launch_bounds__(kStatThreads)
+    rank1_statistics_kernel(AdamWStepParams p, const int64_t* unit_offsets, int64_t total_units, Rank1Next next) {
+  constexpr int kCode = 1 << BITS;
+  __shared__ float code_v[kCode];
+  __shared__ unsigned row_bits[kStatMaxRows];
+  __shared__ unsigned col_bits[kStatMaxCols];
+  for (int i = threadIdx.x; i < kCode; i += blockDim.x) code_v[i] = p.code_exp_avg_sq[i];
+  const int tid = threadIdx.x, lane = tid % 32;
+  for (int64_t u = blockIdx.x; u < total_units; u += gridDim.x) {  // CTA-uniform loop
+    const int64_t t = find_tensor(unit_offsets, p.num_tensors, u);
+    const TensorSlot s = p.tensors[t];
+    const int64_t cols = s.cols, rows = s.numel / cols;
+    const Rank1Tiling g = rank1_tiling(rows, cols);
+    const int64_t local = u - unit_offsets[t];
+    const int64_t r0 = local / g.strips * g.rows_per_unit, c0 = local % g.strips * g.strip_cols;
+    for (int i = tid; i < kStatMaxRows; i += kStatThreads) row_bits[i] = 0u;
+    for (int i = tid; i < kStatMaxCols; i += kStatThreads) col_bits[i] = 0u;
+    __syncthreads();  // (the first unit: the code is loaded too)
+
+    const int row_in_pass = tid / g.threads_per_row;
+    const int64_t c = c0 + static_cast<int64_t>(tid % g.threads_per_row) * kPerThread;
+    const int n = c >= cols ? 0 : cols - c < kPerThread ? static_cast<int>(cols - c) : kPerThread;
+    float col_old[kPerThread];
+    unsigned col_max[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      col_old[k] = k < n ? s.exp_avg_sq_col[c + k] : 0.f;
+      col_max[k] = 0u;
+    }
+    const int width = g.threads_per_row < 32 ? g.threads_per_row : 32;  // a row's threads within a warp
+    for (int pass = 0; pass < kStatPasses; ++pass) {
+      const int local_row = pass * g.rows_per_pass + row_in_pass;
+      const int64_t r = r0 + local_row;
+      unsigned row_max = 0u;
+      if (r < rows && n > 0) {
+        const int64_t e0 = r * cols + c;
+        float grad[kPerThread];
+        int iv[kPerThread];
+        load8(static_cast<const G*>(s.grad), e0, e0 + n, grad);
+        load_indices_any<BITS>(s.exp_avg_sq_q, e0, e0 + n, iv);
+        const float row_old = s.exp_avg_sq_row[r];
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+          if (k < n) {
+            const float v = quant::dequantize_value(code_v, iv[k], rank1_scale(row_old, col_old[k]));
+            const unsigned b = float_as_bits(fabsf(storable_exp_avg_sq(second_moment_update(v, grad[k], p.c))));
+            row_max = max(row_max, b);
+            col_max[k] = max(col_max[k], b);
+          }
+        }
+      }
+      for (int off = 1; off < width; off <<= 1) row_max = max(row_max, __shfl_xor_sync(0xffffffffu, row_max, off));
+      if (lane % width == 0 && row_max != 0u) atomicMax(&row_bits[local_row], row_max);
+    }
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k)
+      if (col_max[k] != 0u) atomicMax(&col_bits[c - c0 + k], col_max[k]);
+    __syncthreads();
+    unsigned* row_next = reinterpret_cast<unsigned*>(next.values + next.offsets[t]);
+    unsigned* col_next = row_next + rows;
+    for (int i = tid; i < g.rows_per_unit; i += kStatThreads)  // nonzero only for rows < rows
+      if (row_bits[i] != 0u) atomicMax(row_next + r0 + i, row_bits[i]);
+    for (int i = tid; i < g.strip_cols; i += kStatThreads)
+      if (col_bits[i] != 0u) atomicMax(col_next + c0 + i, col_bits[i]);
+    __syncthreads();  // the next unit clears the shared maxima
+  }
+}
+
+// The new maxima replace the old in the state, once the step has dequantized with the old.
+__global__ void publish_rank1_statistics_kernel(AdamWStepParams p, Rank1Next next, int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = find_tensor(next.offsets, p.num_tensors, i);
+    const TensorSlot& s = p.tensors[t];
+    const int64_t k = i - next.offsets[t], rows = s.numel / s.cols;
+    if (k < rows) s.exp_avg_sq_row[k] = next.values[i];
+    else s.exp_avg_sq_col[k - rows] = next.values[i];
+  }
+}
+
 // Copies the tensor table and the offsets to the device in one buffer, without a host
 // synchronisation: pinned staging memory and an async copy on the current stream (the
 // caching host allocator keeps the staging buffer alive until the copy has run; the device
 // buffer is freed to the same stream, after the kernel).
 static_assert(sizeof(TensorSlot) % alignof(int64_t) == 0, "the offsets follow the table in one buffer");
 
+struct DeviceTable {
+  at::Tensor buffer;
+  const TensorSlot* slots;
+  std::vector<const int64_t*> offsets;  // one device array per host array given
+};
+
+DeviceTable upload(const PreparedStep& prep, std::initializer_list<const std::vector<int64_t>*> arrays) {
+  const size_t slot_bytes = prep.slots.size() * sizeof(TensorSlot);  // a multiple of 8: offsets stay aligned
+  size_t bytes = slot_bytes;
+  for (const auto* a : arrays) bytes += a->size() * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* h = host.mutable_data_ptr<uint8_t>();
+  std::memcpy(h, prep.slots.data(), slot_bytes);
+  std::vector<size_t> starts;
+  size_t at_byte = slot_bytes;
+  for (const auto* a : arrays) {
+    std::memcpy(h + at_byte, a->data(), a->size() * sizeof(int64_t));
+    starts.push_back(at_byte);
+    at_byte += a->size() * sizeof(int64_t);
+  }
+  DeviceTable table;
+  table.buffer = host.to(prep.device, /*non_blocking=*/true);
+  const uint8_t* d = table.buffer.const_data_ptr<uint8_t>();
+  table.slots = reinterpret_cast<const TensorSlot*>(d);
+  for (size_t start : starts) table.offsets.push_back(reinterpret_cast<const int64_t*>(d + start));
+  return table;
+}
+
+void adamw_step_rank1_cuda(const AdamWStepParams& p, const int64_t* chunk_offsets, int64_t total_chunks,
+                           const int64_t* unit_offsets, int64_t total_units, Rank1Next next, int64_t total_next,
+                           cudaStream_t stream);
+
 void launch(PreparedStep& prep) {
   // the CUDA kernels' own work units (the CPU's superblocks are another size)
-  const std::vector<int64_t> offsets = superblock_offsets(prep.slots.data(), static_cast<int64_t>(prep.slots.size()),
-                                                         prep.params.quantized ? kChunk : kFp32Unit);
-  const int64_t total = offsets.back();
-  if (total == 0) return;
+  const int64_t n = static_cast<int64_t>(prep.slots.size());
+  const std::vector<int64_t> chunks =
+      superblock_offsets(prep.slots.data(), n, prep.params.quantized ? kChunk : kFp32Unit);
+  if (chunks.back() == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(prep.device);
-  const size_t slot_bytes = prep.slots.size() * sizeof(TensorSlot);  // a multiple of 8: offsets stay aligned
-  const size_t offset_bytes = offsets.size() * sizeof(int64_t);
-  at::Tensor host = at::empty({static_cast<int64_t>(slot_bytes + offset_bytes)},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.mutable_data_ptr<uint8_t>(), prep.slots.data(), slot_bytes);
-  std::memcpy(host.mutable_data_ptr<uint8_t>() + slot_bytes, offsets.data(), offset_bytes);
-  const at::Tensor table = host.to(prep.device, /*non_blocking=*/true);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AdamWStepParams p = prep.params;
-  p.tensors = reinterpret_cast<const TensorSlot*>(table.const_data_ptr<uint8_t>());
-  adamw_step_cuda(p, reinterpret_cast<const int64_t*>(table.const_data_ptr<uint8_t>() + slot_bytes), total,
-                  at::cuda::getCurrentCUDAStream());
+  if (!p.rank1) {
+    const DeviceTable table = upload(prep, {&chunks});
+    p.tensors = table.slots;
+    adamw_step_cuda(p, table.offsets[0], chunks.back(), stream);
+    return;
+  }
+  // rank-1: the statistics kernel's units, and each tensor's place in the new maxima
+  std::vector<int64_t> units(n + 1, 0), next_offsets(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    const TensorSlot& s = prep.slots[t];
+    const int64_t rows = s.numel > 0 ? s.numel / s.cols : 0;
+    const Rank1Tiling g = rank1_tiling(rows, s.cols);
+    units[t + 1] = units[t] + (s.numel > 0 ? g.strips * g.row_blocks : 0);
+    next_offsets[t + 1] = next_offsets[t] + (s.numel > 0 ? rows + s.cols : 0);
+  }
+  const DeviceTable table = upload(prep, {&chunks, &units, &next_offsets});
+  p.tensors = table.slots;
+  const at::Tensor next = at::zeros({next_offsets.back()}, at::TensorOptions().dtype(at::kFloat).device(prep.device));
+  adamw_step_rank1_cuda(p, table.offsets[0], chunks.back(), table.offsets[1], units.back(),
+                        Rank1Next{table.offsets[2], next.mutable_data_ptr<float>()}, next_offsets.back(), stream);
 }
 
 void adamw_step_quantized_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
@@ -328,6 +536,20 @@ void adamw_step_quantized_cuda_op(at::TensorList params, at::TensorList grads, a
   launch(prep);
 }
 
+void adamw_step_rank1_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
+                              at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
+                              at::TensorList exp_avg_sq_row, at::TensorList exp_avg_sq_col,
+                              const at::Tensor& code_exp_avg, const at::Tensor& code_exp_avg_sq, double lr,
+                              double beta1, double beta2, double eps, double weight_decay, int64_t step_count,
+                              int64_t bits, int64_t blocksize_exp_avg, bool stochastic_rounding, int64_t seed,
+                              bool stochastic_exp_avg, bool stochastic_exp_avg_sq) {
+  PreparedStep prep = prepare_rank1_step(params, grads, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_row,
+                                         exp_avg_sq_col, code_exp_avg, code_exp_avg_sq, lr, beta1, beta2, eps,
+                                         weight_decay, step_count, bits, blocksize_exp_avg, stochastic_rounding, seed,
+                                         stochastic_exp_avg, stochastic_exp_avg_sq);
+  launch(prep);
+}
+
 void adamw_step_fp32_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
                              at::TensorList exp_avg_sq, double lr, double beta1, double beta2, double eps,
                              double weight_decay, int64_t step_count, bool stochastic_rounding, int64_t seed) {
@@ -336,14 +558,44 @@ void adamw_step_fp32_cuda_op(at::TensorList params, at::TensorList grads, at::Te
   launch(prep);
 }
 
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+void adamw_step_rank1_cuda(const AdamWStepParams& p, const int64_t* chunk_offsets, int64_t total_chunks,
+                           const int64_t* unit_offsets, int64_t total_units, Rank1Next next, int64_t total_next,
+                           cudaStream_t stream) {
+  const int sms = multiprocessors();
+  const int stat_grid = static_cast<int>(std::min<int64_t>(total_units, int64_t{sms} * 8));
+  const int grid = static_cast<int>(std::min<int64_t>(total_chunks, int64_t{sms} * 2 * 8));
+  LOWRANK_DISPATCH_FLOAT(p.param_kind, P, [&] {
+    LOWRANK_DISPATCH_FLOAT(p.grad_kind, G, [&] {
+      if (p.bits == 8) {
+        rank1_statistics_kernel<G, 8><<<stat_grid, kStatThreads, 0, stream>>>(p, unit_offsets, total_units, next);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        adamw_quantized_kernel<P, G, 8, true><<<grid, kChunkThreads, 0, stream>>>(p, chunk_offsets, total_chunks, next);
+      } else {
+        rank1_statistics_kernel<G, 4><<<stat_grid, kStatThreads, 0, stream>>>(p, unit_offsets, total_units, next);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        adamw_quantized_kernel<P, G, 4, true><<<grid, kChunkThreads, 0, stream>>>(p, chunk_offsets, total_chunks, next);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  const int copy_grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(total_next, 256), int64_t{sms} * 8));
+  publish_rank1_statistics_kernel<<<copy_grid, 256, 0, stream>>>(p, next, total_next);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void adamw_step_cuda(const AdamWStepParams& p, const int64_t* block_offsets, int64_t total_blocks,
                      cudaStream_t stream) {
   if (total_blocks == 0 || p.num_tensors == 0) return;
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = multiprocessors();
   LOWRANK_DISPATCH_FLOAT(p.param_kind, P, [&] {
     LOWRANK_DISPATCH_FLOAT(p.grad_kind, G, [&] {
       if (!p.quantized) {
@@ -352,9 +604,11 @@ void adamw_step_cuda(const AdamWStepParams& p, const int64_t* block_offsets, int
       } else {
         const int grid = static_cast<int>(std::min<int64_t>(total_blocks, int64_t{sms} * 2 * 8));
         if (p.bits == 8)
-          adamw_quantized_kernel<P, G, 8><<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks);
+          adamw_quantized_kernel<P, G, 8, false>
+              <<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks, Rank1Next{});
         else
-          adamw_quantized_kernel<P, G, 4><<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks);
+          adamw_quantized_kernel<P, G, 4, false>
+              <<<grid, kChunkThreads, 0, stream>>>(p, block_offsets, total_blocks, Rank1Next{});
       }
     });
   });
@@ -364,6 +618,7 @@ void adamw_step_cuda(const AdamWStepParams& p, const int64_t* block_offsets, int
 TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("adamw_step_quantized_", TORCH_FN(adamw_step_quantized_cuda_op));
   m.impl("adamw_step_fp32_", TORCH_FN(adamw_step_fp32_cuda_op));
+  m.impl("adamw_step_rank1_", TORCH_FN(adamw_step_rank1_cuda_op));  // not yet run on a GPU
 }
 
 }  // namespace lowrank::optim

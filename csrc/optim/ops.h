@@ -27,7 +27,7 @@ PreparedStep prepare_quantized_step(at::TensorList params, at::TensorList grads,
                                     bool stochastic_rounding, int64_t seed, bool stochastic_exp_avg,
                                     bool stochastic_exp_avg_sq);
 
-// Block-wise first moment as above; second moment rank-1 normalised (CPU kernel only).
+// Block-wise first moment as above; second moment rank-1 normalised.
 PreparedStep prepare_rank1_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg_q,
                                 at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_q,
                                 at::TensorList exp_avg_sq_row, at::TensorList exp_avg_sq_col,

@@ -13,8 +13,7 @@ typedef struct CUstream_st* cudaStream_t;  // as cuda_runtime_api.h declares it
 namespace lowrank::optim {
 
 // One parameter tensor and its state. Quantized steps use the *_q / *_absmax fields,
-// fp32 steps the exp_avg / exp_avg_sq fields; the others are null. Rank-1 steps (CPU only)
-// keep the second moment's row and column maxima of the tensor seen as [numel / cols, cols]
+// fp32 steps the exp_avg / exp_avg_sq fields; the others are null. Rank-1 steps keep the second moment's row and column maxima of the tensor seen as [numel / cols, cols]
 // instead of exp_avg_sq_absmax.
 struct TensorSlot {
   void* param;
@@ -49,7 +48,7 @@ struct AdamWStepParams {
   bool stochastic_exp_avg;    // re-quantize a moment with stochastic rounding: unbiased, so
   bool stochastic_exp_avg_sq; // a slow EMA (beta2 = 0.999) is not stalled by the code's gaps
   uint64_t seed;              // Philox key; counter offset (tensor index << 2) | stream
-  bool rank1 = false;         // the second moment is rank-1 normalised (CPU only; see cpu.cpp)
+  bool rank1 = false;         // the second moment is rank-1 normalised (see cpu.cpp, cuda.cu)
 };
 
 // Philox counter offsets of the three random streams of tensor t.

@@ -42,9 +42,14 @@ struct AdamWResult {
   float param, exp_avg, exp_avg_sq;
 };
 
+// v' of the update; the rank-1 steps' statistics pass also computes it ahead of the update.
+LOWRANK_HD float second_moment_update(float v, float g, const AdamWConstants& c) {
+  return add_rn(mul_rn(c.beta2, v), mul_rn(mul_rn(c.one_minus_beta2, g), g));
+}
+
 LOWRANK_HD AdamWResult adamw_update(float p, float g, float m, float v, const AdamWConstants& c) {
   const float m_new = add_rn(mul_rn(c.beta1, m), mul_rn(c.one_minus_beta1, g));
-  const float v_new = add_rn(mul_rn(c.beta2, v), mul_rn(mul_rn(c.one_minus_beta2, g), g));
+  const float v_new = second_moment_update(v, g, c);
   const float denom = add_rn(sqrtf(v_new) / c.bias_correction2_sqrt, c.eps);
   const float p_new = add_rn(mul_rn(p, c.decay), -mul_rn(c.step_size, m_new / denom));
   return {p_new, m_new, v_new};
@@ -56,6 +61,13 @@ LOWRANK_HD AdamWResult adamw_update(float p, float g, float m, float v, const Ad
 // toward the code's floor until it decays). The step just taken used the unclamped v, so that
 // entry's update was 0, as in torch's AdamW. NaN stays NaN.
 LOWRANK_HD float storable_exp_avg_sq(float v) { return v > FLT_MAX ? FLT_MAX : v; }
+
+// Li et al.'s rank-1 normaliser of entry (i, j): min(row max i, column max j), NaN where
+// either is (a NaN in v reaches its row and its column, as a NaN reaches its block in
+// block-wise quantization).
+LOWRANK_HD float rank1_scale(float row_max, float col_max) {
+  return row_max != row_max ? row_max : (row_max < col_max ? row_max : col_max);
+}
 
 // A maximum of |x| that sticks at NaN once it sees one (the rank-1 statistics; the second
 // moment as stored is finite or NaN, see storable_exp_avg_sq).

@@ -5,6 +5,6 @@ from . import galore, lora, monarch, multilora, optim, quant, sparse, svd
 # Ops whose CUDA kernels are not written yet: they have no CUDA registration (a CUDA call
 # raises the dispatcher's "no kernel for CUDA" error), and the README's op table says so.
 # tests/test_registry.py checks this set both ways.
-CPU_ONLY_OPS: frozenset[str] = frozenset({"lowrank::adamw_step_rank1_"})
+CPU_ONLY_OPS: frozenset[str] = frozenset()
 
 __all__ = ["CPU_ONLY_OPS", "galore", "lora", "monarch", "multilora", "optim", "quant", "sparse", "svd"]

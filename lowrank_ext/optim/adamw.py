@@ -6,7 +6,7 @@ update runs in fp32, the moments are re-quantized with a fresh absmax per block 
 parameter is written, in one pass over memory. Tensors smaller than ``min_quant_size``
 keep fp32 moments (``adamw_step_fp32_``, the same update). With ``exp_avg_sq_norm="rank1"``
 the second moment of every quantized param of two or more dims is normalised per entry by
-min(row max, column max) instead of per block (Li et al. 2023; ``adamw_step_rank1_``, CPU only).
+min(row max, column max) instead of per block (Li et al. 2023; ``adamw_step_rank1_``).
 
 Example::
 
@@ -157,8 +157,7 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
     al. 2023): the second moment of each quantized param of two or more dims, seen as
     [size(0), numel / size(0)], is stored per entry as v_ij / min(row max, column max), with
     fp32 row and column maxima instead of block absmax; its default code is then the linear
-    code without 0 and its default rounding nearest, as in the paper. CPU params only (the
-    ``adamw_step_rank1_`` op has no CUDA kernel yet)."""
+    code without 0 and its default rounding nearest, as in the paper."""
     bits: int = 8
     default_blocksizes: tuple[int, int] = (256, 2048)
     # re-quantize (exp_avg, exp_avg_sq) with stochastic rounding
@@ -287,11 +286,6 @@ class _BlockwiseAdamW(SettingsPickle, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     check_steppable(p, type(self).__name__)
-                    if self._rank1(p) and p.device.type != "cpu" and p.numel() >= self.min_quant_size:
-                        raise NotImplementedError(
-                            f"{type(self).__name__}(exp_avg_sq_norm='rank1') steps CPU params only (the rank-1 "
-                            f"step, adamw_step_rank1_, has no CUDA kernel yet); a param of shape "
-                            f"{tuple(p.shape)} is on {p.device}")
         for group_no, group in enumerate(self.param_groups):
             buckets: dict[tuple, list] = defaultdict(list)
             counters = []
