@@ -79,9 +79,6 @@ def test_quantized_step_edge_shapes_match_reference(device, cpu_table_search, bi
 RANK1_KEYS = ["params", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_row", "exp_avg_sq_col"]
 
 
-@pytest.mark.parametrize("bits,bs_m", [(8, 256), (8, 4096), (4, 128)])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("stochastic", [False, True])
 def _rank1_step_against_reference(device, shapes, bits, bs_m, dtype, stochastic, steps, grads_fn=None):
     """Steps params of these shapes with adamw_step_rank1_ on `device` and compares every
     output with the reference, bit for bit (a NaN matches any NaN); returns the state."""

@@ -1,5 +1,6 @@
-// CUDA kernels of the optim family. Run and checked bit for bit against the references on
-// an H100 (see the README's op table and benchmarks/results/).
+// CUDA kernels of the optim family. The block-wise and fp32 steps ran and matched the
+// references bit for bit on an H100 (see the README's op table and benchmarks/results/); the
+// rank-1 step below has not run on a GPU yet.
 //
 // One launch steps every tensor of the call: the grid strides over work units of all
 // tensors (prefix sums in `offsets`); the tensor table and offsets travel host->device
@@ -342,8 +343,9 @@ __global__ void __launch_bounds__(kThreads) adamw_fp32_kernel(AdamWStepParams p,
 // ---------------------------------------------------------------- rank-1 statistics
 // A unit of the statistics kernel is a tile of one tensor seen as [rows, cols]: a strip of
 // threads_per_row * 8 columns (8 consecutive values per thread, as the step loads them) by
-// kStatPasses passes of rows_per_pass rows. Narrow tensors put several rows side by side in
-// the CTA, so no thread idles on a row shorter than the CTA.
+// up to kStatPasses passes of rows_per_pass rows (fewer when the tensor has fewer rows).
+// Narrow tensors put several rows side by side in the CTA, so no thread idles on a row
+// shorter than the CTA.
 constexpr int kStatThreads = 256;
 constexpr int kStatPasses = 16;
 constexpr int kStatMaxRows = kStatThreads * kStatPasses;  // rows of a unit when a row holds <= 8 values
@@ -351,7 +353,7 @@ constexpr int kStatMaxCols = kStatThreads * kPerThread;   // columns of a strip
 
 struct Rank1Tiling {
   int threads_per_row;  // a power of two, at most kStatThreads
-  int rows_per_pass;
+  int rows_per_pass, passes;
   int64_t strip_cols, strips, rows_per_unit, row_blocks;
 };
 
@@ -362,7 +364,9 @@ __host__ __device__ inline Rank1Tiling rank1_tiling(int64_t rows, int64_t cols) 
   g.rows_per_pass = kStatThreads / g.threads_per_row;
   g.strip_cols = int64_t{g.threads_per_row} * kPerThread;
   g.strips = ceil_div<int64_t>(cols, g.strip_cols);
-  g.rows_per_unit = int64_t{g.rows_per_pass} * kStatPasses;
+  const int64_t passes = ceil_div<int64_t>(rows, g.rows_per_pass);  // rows >= 1
+  g.passes = passes < kStatPasses ? static_cast<int>(passes) : kStatPasses;
+  g.rows_per_unit = int64_t{g.rows_per_pass} * g.passes;
   g.row_blocks = ceil_div<int64_t>(rows, g.rows_per_unit);
   return g;
 }
@@ -388,8 +392,8 @@ __global__ void __launch_bounds__(kStatThreads)
     const Rank1Tiling g = rank1_tiling(rows, cols);
     const int64_t local = u - unit_offsets[t];
     const int64_t r0 = local / g.strips * g.rows_per_unit, c0 = local % g.strips * g.strip_cols;
-    for (int i = tid; i < kStatMaxRows; i += kStatThreads) row_bits[i] = 0u;
-    for (int i = tid; i < kStatMaxCols; i += kStatThreads) col_bits[i] = 0u;
+    for (int i = tid; i < g.rows_per_unit; i += kStatThreads) row_bits[i] = 0u;
+    for (int i = tid; i < g.strip_cols; i += kStatThreads) col_bits[i] = 0u;
     __syncthreads();  // (the first unit: the code is loaded too)
 
     const int row_in_pass = tid / g.threads_per_row;
@@ -403,7 +407,7 @@ __global__ void __launch_bounds__(kStatThreads)
       col_max[k] = 0u;
     }
     const int width = g.threads_per_row < 32 ? g.threads_per_row : 32;  // a row's threads within a warp
-    for (int pass = 0; pass < kStatPasses; ++pass) {
+    for (int pass = 0; pass < g.passes; ++pass) {
       const int local_row = pass * g.rows_per_pass + row_in_pass;
       const int64_t r = r0 + local_row;
       unsigned row_max = 0u;
@@ -508,12 +512,16 @@ void launch(PreparedStep& prep) {
   }
   // rank-1: the statistics kernel's units, and each tensor's place in the new maxima
   std::vector<int64_t> units(n + 1, 0), next_offsets(n + 1, 0);
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = 0; t < n; ++t) {  // an empty tensor owns none (its maxima are zeroed at the boundary)
     const TensorSlot& s = prep.slots[t];
-    const int64_t rows = s.numel > 0 ? s.numel / s.cols : 0;
-    const Rank1Tiling g = rank1_tiling(rows, s.cols);
-    units[t + 1] = units[t] + (s.numel > 0 ? g.strips * g.row_blocks : 0);
-    next_offsets[t + 1] = next_offsets[t] + (s.numel > 0 ? rows + s.cols : 0);
+    units[t + 1] = units[t];
+    next_offsets[t + 1] = next_offsets[t];
+    if (s.numel > 0) {
+      const int64_t rows = s.numel / s.cols;
+      const Rank1Tiling g = rank1_tiling(rows, s.cols);
+      units[t + 1] += g.strips * g.row_blocks;
+      next_offsets[t + 1] += rows + s.cols;
+    }
   }
   const DeviceTable table = upload(prep, {&chunks, &units, &next_offsets});
   p.tensors = table.slots;

@@ -13,8 +13,9 @@ typedef struct CUstream_st* cudaStream_t;  // as cuda_runtime_api.h declares it
 namespace lowrank::optim {
 
 // One parameter tensor and its state. Quantized steps use the *_q / *_absmax fields,
-// fp32 steps the exp_avg / exp_avg_sq fields; the others are null. Rank-1 steps keep the second moment's row and column maxima of the tensor seen as [numel / cols, cols]
-// instead of exp_avg_sq_absmax.
+// fp32 steps the exp_avg / exp_avg_sq fields; the others are null. Rank-1 steps keep the
+// second moment's row and column maxima of the tensor seen as [numel / cols, cols] instead of
+// exp_avg_sq_absmax.
 struct TensorSlot {
   void* param;
   const void* grad;
