@@ -206,6 +206,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   constexpr int kCode = 1 << BITS;
   __shared__ float code_m[kCode], mids_m[kCode], code_v[kCode], mids_v[kCode];
   __shared__ BlockMax reduce_m, reduce_v;
+  // rank-1: each value's new scale, from the first loop to the re-quantization ([k][thread]:
+  // no bank conflicts); in shared memory because 8 more live registers spill at this kernel's
+  // 64-register bound
+  __shared__ float scale_v[RANK1 ? kPerThread * kChunkThreads : 1];
   for (int i = threadIdx.x; i < kCode; i += blockDim.x) {
     code_m[i] = p.code_exp_avg[i];
     code_v[i] = p.code_exp_avg_sq[i];
@@ -247,7 +251,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       }
     }
 
-    float amax_m = 0.f, amax_v = 0.f, scale_v[kPerThread];  // rank-1: the new scale of each value
+    float amax_m = 0.f, amax_v = 0.f;
     bool bad_m = false, bad_v = false;
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
@@ -255,7 +259,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
         float vk;
         if constexpr (RANK1) {  // dequantized with the old maxima (the state's)
           vk = quant::dequantize_value(code_v, iv[k], rank1_scale(s.exp_avg_sq_row[row], s.exp_avg_sq_col[col]));
-          scale_v[k] = rank1_scale(row_next[row], col_next[col]);
+          scale_v[k * kChunkThreads + tid] = rank1_scale(row_next[row], col_next[col]);
           if (++col == s.cols) {
             col = 0;
             ++row;
@@ -270,7 +274,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
         quant::absmax_step(m[k], amax_m, bad_m);
         if constexpr (!RANK1) quant::absmax_step(v[k], amax_v, bad_v);
       } else {
-        m[k] = v[k] = scale_v[k] = 0.f;
+        m[k] = v[k] = 0.f;
       }
     }
     // every thread of the CTA has read the old absmax before the first sync in group_max
@@ -287,7 +291,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       const uint64_t e = static_cast<uint64_t>(e0 + k);
-      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], RANK1 ? scale_v[k] : av);
+      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], RANK1 ? scale_v[k * kChunkThreads + tid] : av);
       im[k] = p.stochastic_exp_avg ? quant::stochastic_index(code_m, kCode, vm, uniform_from_bits16(random16(rnd_m, e)))
                                    : quant::nearest_index(mids_m, kCode - 1, vm);
       iv[k] = p.stochastic_exp_avg_sq
