@@ -29,7 +29,6 @@ from .ops.quant import dequantize_blockwise, packed_numel, quantize_blockwise
 __all__ = ["dynamic_code", "linear_code", "log_code", "get_code", "QuantizedTensor", "quantize", "dequantize"]
 
 
-@torch.compiler.disable  # a constant built once: run, not traced (Dynamo would trace past the cache)
 @functools.lru_cache(maxsize=None)
 def _dynamic_code_cpu(bits: int, signed: bool) -> torch.Tensor:
     # Dynamic (dynamic tree) code, Dettmers et al. 2022: after the sign bit (signed codes),
@@ -54,7 +53,6 @@ def _dynamic_code_cpu(bits: int, signed: bool) -> torch.Tensor:
     return values
 
 
-@torch.compiler.disable  # a constant built once: run, not traced (Dynamo would trace past the cache)
 @functools.lru_cache(maxsize=None)
 def _linear_code_cpu(bits: int, signed: bool, zero: bool = True) -> torch.Tensor:
     if signed:  # int8-style symmetric: k / (2^(bits-1) - 1), k in [-2^(bits-1), 2^(bits-1) - 1]
@@ -89,7 +87,6 @@ def linear_code(bits: int = 8, signed: bool = True, zero: bool = True,
     return _linear_code_cpu(bits, signed, zero).to(device=device, copy=True)
 
 
-@torch.compiler.disable  # a constant built once: run, not traced (Dynamo would trace past the cache)
 @functools.lru_cache(maxsize=None)
 def _log_code_cpu(bits: int, decades: float, zero: bool) -> torch.Tensor:
     mags = torch.logspace(-decades, 0.0, 2 ** bits - (1 if zero else 0), dtype=torch.float64)

@@ -4,6 +4,9 @@ a benchmark.
 Adding an op without them fails here."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._library import simple_registry
@@ -129,3 +132,13 @@ def test_non_differentiable_ops_return_no_graph(op):
     out = getattr(torch.ops.lowrank, op)(*args)
     for t in (out if isinstance(out, (tuple, list)) else [out]):
         assert not t.requires_grad and t.grad_fn is None, op
+
+
+def test_import_does_not_load_the_compiler():
+    # `import lowrank_ext` must stay about as light as `import torch`: torch._dynamo (~2.5 s of
+    # import here, pulled in by a module-level torch.compiler.disable once) made every CLI and
+    # gpu-check step that imports the package slower
+    code = ("import sys, lowrank_ext; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowrank_ext import init, linalg
@@ -212,6 +214,34 @@ def test_rsvd_exact_on_low_rank_and_reproducible():
     # a different seed: the same (exact) factors up to rounding, through a different sketch
     u3, s3, _ = linalg.rsvd(a, 12, seed=8)
     torch.testing.assert_close(s3, s, atol=1e-4 * s[0].item(), rtol=0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 80), n=st.integers(1, 80), data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       oversample=st.integers(0, 12), n_iter=st.integers(0, 3), magnitude=st.sampled_from([1e-20, 1e-3, 1.0, 1e15]),
+       seed=st.integers(0, 2**31 - 1))
+def test_rsvd_invariants_on_matrices_of_rank_at_most_k(cpu_algorithms, m, n, data, dtype, oversample, n_iter,
+                                                       magnitude, seed):
+    # Property (DESIGN.md: rSVD against the optimal truncated SVD): a matrix of rank <= k lies in
+    # the sketch's range whatever the sketch, so rsvd recovers it up to rounding, with its
+    # nonzero singular values, whatever the shape, rank (0 included), oversampling, power
+    # iterations, scale or dtype; the factors are orthonormal and S is sorted, non-negative
+    k = data.draw(st.integers(1, min(m, n)), label="k")
+    rank = data.draw(st.integers(0, k), label="rank")
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g,
+                                                                              dtype=torch.float64) * magnitude)
+    a = a.to(dtype)
+    u, sv, vh = ops.rsvd(a, k, oversample, n_iter, seed)
+    assert u.shape == (m, k) and sv.shape == (k,) and vh.shape == (k, n)
+    eps = torch.finfo(dtype).eps
+    assert _orth_err(u) < 300 * eps and _orth_err(vh.t()) < 300 * eps
+    assert bool((sv >= 0).all()) and bool((sv[:-1] >= sv[1:]).all())
+    norm = float(torch.linalg.matrix_norm(a.double()))
+    err = float(torch.linalg.matrix_norm((u.double() * sv.double()) @ vh.double() - a.double()))
+    assert err <= 1e3 * eps * norm, (err / norm if norm else err)
+    exact = torch.linalg.svdvals(a.double())[:k]
+    assert float((sv.double() - exact).abs().max()) <= 1e3 * eps * float(exact[0] if exact.numel() else 0.0)
 
 
 def test_rsvd_signs_are_fixed():

@@ -95,6 +95,7 @@ _STATE_FORMATS = {
 }
 
 
+_CPU = torch.device("cpu")
 _FIRA_GAMMA = 1.01  # Fira's norm-growth limit
 _PROJ_BLOCKSIZE = {8: 256, 4: 128}  # proj_bits -> block size of the INT8 / INT4 (linear code) projections
 
@@ -205,6 +206,19 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
         self.warm_start_n_iter = warm_start_n_iter
         self._proj_codes: dict[torch.device, torch.Tensor] = {}
         self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._build_cpu_codes()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # the caches start empty
+        self._build_cpu_codes()
+
+    def _build_cpu_codes(self) -> None:
+        # at construction, not in the first step(), which torch.compile may be tracing: Dynamo
+        # traces past the code builders' lru_cache (and warns)
+        if self.state_bits != 32:
+            self._codes_on(_CPU)
+        if self.proj_bits != 32:
+            self._proj_code(_CPU)
 
     def add_param_group(self, param_group: dict) -> None:
         stepped = {**self.defaults, **param_group}  # the group as it will step
@@ -224,8 +238,10 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
 
     def _codes_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._codes:
-            code_m, code_v = _STATE_FORMATS[self.state_bits][:2]
-            self._codes[device] = (code_m().to(device), code_v().to(device))
+            if _CPU not in self._codes:
+                code_m, code_v = _STATE_FORMATS[self.state_bits][:2]
+                self._codes[_CPU] = (code_m(), code_v())
+            self._codes[device] = tuple(c.to(device) for c in self._codes[_CPU])
         return self._codes[device]
 
     def _init_quantized(self, state: dict, numel: int, device: torch.device) -> None:
@@ -254,7 +270,9 @@ class GaLoreAdamW(SettingsPickle, torch.optim.Optimizer):
 
     def _proj_code(self, device: torch.device) -> torch.Tensor:
         if device not in self._proj_codes:
-            self._proj_codes[device] = quant.linear_code(self.proj_bits, signed=True).to(device)
+            if _CPU not in self._proj_codes:
+                self._proj_codes[_CPU] = quant.linear_code(self.proj_bits, signed=True)
+            self._proj_codes[device] = self._proj_codes[_CPU].to(device)
         return self._proj_codes[device]
 
     def _refresh(self, items: list[tuple[torch.Tensor, dict, dict]], step: int) -> dict[torch.Tensor, torch.Tensor]:
