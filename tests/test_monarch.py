@@ -230,10 +230,12 @@ def test_monarch_linear_matches_dense_and_trains():
     assert losses[-1] < losses[0]
 
 
-def test_monarch_linear_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor also trusts the fake kernels' strides
+def test_monarch_linear_compile_fullgraph(backend):
+    torch._dynamo.reset()
     layer = MonarchLinear(32, 48, nblocks=4)
     x = torch.randn(2, 5, 32, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     y = compiled(x)
     torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
     g = torch.autograd.grad(y.sum(), (x, layer.blkdiag1))

@@ -436,13 +436,15 @@ def test_layer_loads_a_peft_adapter_state_dict():
         torch.testing.assert_close(multi(x, ["peft"] * 9), model(x), **tol(torch.float32))
 
 
-def test_layer_compiles_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor also trusts the fake kernels' strides
+def test_layer_compiles_fullgraph(backend):
+    torch._dynamo.reset()
     layer = MultiLoRALinear(nn.Linear(16, 8), max_adapters=3, max_rank=4)
     layer.load_adapter("a", torch.randn(4, 16), torch.randn(8, 4))
     layer.load_adapter("b", torch.randn(2, 16), torch.randn(8, 2))
     ids = torch.tensor([0, 1, -1, 1, 0, 0])
     x = torch.randn(6, 16, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     y = compiled(x, ids)
     y.sum().backward()
     want = multi_lora_linear_ref(x.detach(), layer.base_layer.weight, layer.base_layer.bias, layer.lora_a.detach(),

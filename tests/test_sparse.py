@@ -283,12 +283,14 @@ def test_shira_layer_matches_dense_mask_reference_and_trains(support):
     assert restored is base and torch.equal(base.weight, w0)  # bit-exact
 
 
-def test_shira_layer_compiles_with_explicit_sync():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor also trusts the fake kernels' strides
+def test_shira_layer_compiles_with_explicit_sync(backend):
+    torch._dynamo.reset()
     layer = SparseAdapterLinear(nn.Linear(32, 16), nnz=40)
     with torch.no_grad():
         layer.values.normal_()
     layer.sync_()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
     x = torch.randn(5, 32, requires_grad=True)
     y = compiled(x)
     torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
