@@ -1,5 +1,5 @@
 """Fused multi-tensor AdamW steps: ``torch.ops.lowrank.adamw_step_quantized_``,
-``adamw_step_rank1_`` (CPU only) and ``adamw_step_fp32_``, with their fake registrations.
+``adamw_step_rank1_`` and ``adamw_step_fp32_``, with their fake registrations.
 
 Both update every tensor of their lists in place in one call (one parallel region on
 CPU, one kernel launch on CUDA), with no host synchronisation. The update is torch's
@@ -59,7 +59,7 @@ def adamw_step_rank1_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     is stored as a code index of ``v_ij / min(row_max[i], col_max[j])``, where the fp32 row and
     column maxima of ``|v|`` replace the per-block absmax. The first moment stays block-wise
     (``blocksize_exp_avg``). The new maxima are taken over the updated moment before it is
-    re-quantized (a statistics pass, then the update pass). CPU only: no CUDA kernel yet.
+    re-quantized (a statistics pass, then the update pass). The CUDA kernels have not yet run on a GPU.
     """
     if not params:
         return
