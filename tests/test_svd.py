@@ -494,6 +494,37 @@ def test_svd_update_exact_while_rank_fits(cpu_algorithms):
     torch.testing.assert_close(s, torch.linalg.svdvals(a)[:6], atol=1e-10, rtol=0)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 70), n=st.integers(1, 150), data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       magnitude=st.sampled_from([1e-20, 1e-3, 1.0, 1e15]), seed=st.integers(0, 2**31 - 1))
+def test_streaming_is_exact_on_matrices_of_rank_at_most_k(cpu_algorithms, m, n, data, dtype, magnitude, seed):
+    # Property: streamed over any split into column blocks, a matrix of rank <= k is tracked
+    # exactly: its singular values, and a U whose span holds every column (orthonormal where
+    # the singular values are nonzero)
+    k, oversample = data.draw(st.integers(1, 20), label="k"), data.draw(st.integers(0, 8), label="oversample")
+    rank = data.draw(st.integers(0, min(k, m, n)), label="rank")
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g,
+                                                                              dtype=torch.float64) * magnitude)
+    a = a.to(dtype)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=5), label="cuts"))) if n > 1 else []
+    svd = linalg.StreamingSVD(k, oversample)
+    for lo, hi in zip([0] + cuts, cuts + [n]):
+        svd.update(a[:, lo:hi])
+    kk = min(k, m, n)
+    u, sv = svd.U.double(), svd.S.double()
+    assert u.shape == (m, kk) and sv.shape == (kk,)
+    eps = torch.finfo(dtype).eps
+    exact = torch.linalg.svdvals(a.double())[:kk]
+    top = float(exact[0])
+    assert float((sv - exact).abs().max()) <= 1e3 * eps * top
+    a64 = a.double()
+    assert float(torch.linalg.matrix_norm(a64 - u @ (u.t() @ a64))) <= 1e3 * eps * float(torch.linalg.matrix_norm(a64))
+    nonzero = int((exact > 1e3 * eps * top).sum())
+    if nonzero:
+        assert _orth_err(u[:, :nonzero]) < 300 * eps
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streaming_agrees_with_whole_matrix_top_k_subspace(dtype, cpu_algorithms):
     m, n, k = 200, 3000, 12
