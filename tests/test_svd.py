@@ -122,6 +122,51 @@ def test_jacobi_rank_deficient_and_zero(shape):
         torch.testing.assert_close(s, torch.linalg.svdvals(mat), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_jacobi_numerically_zero_singular_values_keep_u_orthonormal(dtype):
+    # a rank-1 matrix rounded to fp16 has singular values down to ~1e-40 of the largest (fp32
+    # work: subnormal columns; in fp64, columns whose squares are subnormal): their U columns
+    # came out with norm 1.4 and overlapping the others; they are zero to working range now
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(1, 10, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 1, 10, generator=g,
+                                                                               dtype=torch.float64))
+    a = (a * 1e-3).to(torch.float16).to(dtype)
+    u, s, vh = ops.jacobi_svd(a)
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    assert _orth_err(u.double()) < 100 * eps and _orth_err(vh.double().mT) < 100 * eps
+    exact = torch.linalg.svdvals(a.double())
+    assert float((s.double() - exact).abs().max()) <= 100 * eps * float(exact[..., 0].max())
+    torch.testing.assert_close((u.double() * s.double().unsqueeze(-2)) @ vh.double(), a.double(), rtol=0,
+                               atol=100 * eps * float(exact.max()))
+
+
+@settings(max_examples=50, deadline=None)
+@given(b=st.integers(1, 3), m=st.integers(1, 40), n=st.integers(1, 40), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), seed=st.integers(0, 2**31 - 1))
+def test_jacobi_invariants_at_any_rank_and_scale(b, m, n, data, dtype, magnitude, seed):
+    # Property: for a batch of matrices of any rank (0 included) and scale, S is LAPACK's to
+    # working precision, sorted and non-negative, U and V are orthonormal, and U S Vh is A
+    rank = data.draw(st.integers(0, min(m, n)), label="rank")
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, m, rank, generator=g, dtype=torch.float64) @ torch.randn(b, rank, n, generator=g,
+                                                                                dtype=torch.float64)
+    if dtype in (torch.float16, torch.bfloat16):  # within their range
+        magnitude = min(max(magnitude, 1e-3), 1.0)
+    a = (a * magnitude).to(dtype)
+    u, s, vh = ops.jacobi_svd(a)
+    k = min(m, n)
+    assert u.shape == (b, m, k) and s.shape == (b, k) and vh.shape == (b, k, n)
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    a64 = a.double()
+    exact = torch.linalg.svdvals(a64)
+    bound = 100 * eps * max(m, n) * float(exact.max()) if exact.numel() else 0.0
+    assert float((s.double() - exact).abs().max()) <= bound
+    assert float(((u.double() * s.double().unsqueeze(-2)) @ vh.double() - a64).abs().max()) <= bound
+    assert bool((s[..., :-1] >= s[..., 1:]).all()) and bool((s >= 0).all())
+    assert _orth_err(u.double()) < 100 * eps * k and _orth_err(vh.double().mT) < 100 * eps * k
+
+
 def test_jacobi_batch_equals_loop_and_leading_dims():
     a = torch.randn(2, 3, 9, 6)
     u, s, vh = ops.jacobi_svd(a)

@@ -369,6 +369,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_svd_driver(const at::Tenso
     at::Tensor v = at::eye(p, a.options()).unsqueeze(0).repeat({batch, 1, 1});  // row j = column j of V
     kernel(cols, v);
     s = at::linalg_vector_norm(cols, 2, {2}, /*keepdim=*/false, at::kDouble).to(cols.scalar_type());
+    // A column this short (the largest |entry| is in [0.5, 1) here) has subnormal fp32 entries,
+    // or fp64 entries whose squares are subnormal: the rotations cannot keep it orthogonal to the
+    // others (U columns of norm 1.4 overlapping others came out). Its singular value is zero to
+    // working range, and U's column is completed like an exact zero's, below.
+    const double negligible = a.scalar_type() == at::kDouble
+                                  ? std::sqrt(std::numeric_limits<double>::min()) / std::numeric_limits<double>::epsilon()
+                                  : std::numeric_limits<float>::min() / std::numeric_limits<float>::epsilon();
+    s = at::where(s <= negligible, at::zeros_like(s), s);
     const at::Tensor order = at::argsort(s, /*stable=*/true, /*dim=*/1, /*descending=*/true);
     s = s.gather(1, order);
     cols = cols.gather(1, order.unsqueeze(2).expand_as(cols));
