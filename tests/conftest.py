@@ -52,3 +52,17 @@ def cpu_table_search(request, monkeypatch):
         pytest.skip("this CPU has no AVX2: the avx2 case would run the portable path again")
     monkeypatch.setenv("LOWRANK_CPU_TABLE_SEARCH", request.param)
     return request.param
+
+
+@pytest.fixture
+def inductor_recording():
+    """(backend, ops): a torch.compile backend that compiles with Inductor and records the ops of
+    every graph it gets, to check that an op ran inside a compiled graph (Dynamo reset first)."""
+    from torch._inductor.compile_fx import compile_fx
+    torch._dynamo.reset()
+    ops: set[str] = set()
+
+    def backend(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs)
+    return backend, ops

@@ -572,25 +572,19 @@ def test_a_refused_step_leaves_new_params_without_state():
 
 
 @pytest.mark.parametrize("mode", ["galore", "fira"])
-def test_compiled_step_follows_eager(mode):
+def test_compiled_step_follows_eager(mode, inductor_recording):
     # torch.compile(opt.step): the refresh (batched_rsvd), projection, quantized Adam and
     # project-back ops are captured in graphs and run by Inductor's code; the refresh schedule
     # and the update are eager's. Inductor computes the surrounding elementwise ops (weight
     # decay of the non-projected params, step counters) in its own roundings: equal to eager
     # within a few fp32 ulps, not bit for bit.
-    from torch._inductor.compile_fx import compile_fx
-    torch._dynamo.reset()
-    captured = set()
-
-    def inductor_recording_ops(gm, example_inputs):
-        captured.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return compile_fx(gm, example_inputs)
+    backend, captured = inductor_recording
 
     def train(compiled):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10))
         opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=8, update_proj_gap=2, state_bits=8, mode=mode)
-        step = torch.compile(opt.step, backend=inductor_recording_ops) if compiled else opt.step
+        step = torch.compile(opt.step, backend=backend) if compiled else opt.step
         for _ in range(5):  # refreshes at steps 1, 3 and 5
             model(torch.randn(16, 64)).square().mean().backward()
             step()

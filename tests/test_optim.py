@@ -842,23 +842,17 @@ def test_loading_torch_state_of_another_size_is_refused():
 
 
 @pytest.mark.parametrize("cls,norm", [(AdamW8bit, "block"), (AdamW4bit, "block"), (AdamW8bit, "rank1")])
-def test_compiled_step_equals_eager(cls, norm):
+def test_compiled_step_equals_eager(cls, norm, inductor_recording):
     # torch.compile(opt.step), as torch's optimizer docs show it: Dynamo traces the Python
     # bookkeeping (with graph breaks), the step op is captured in a graph through its schema
     # and fake kernel and run by Inductor's code, and the result is eager's, bit for bit
-    from torch._inductor.compile_fx import compile_fx
-    torch._dynamo.reset()
-    captured = set()
-
-    def inductor_recording_ops(gm, example_inputs):
-        captured.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return compile_fx(gm, example_inputs)
+    backend, captured = inductor_recording
 
     def train(compiled):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10))
         opt = cls(model.parameters(), lr=1e-2, min_quant_size=0, exp_avg_sq_norm=norm)
-        step = torch.compile(opt.step, backend=inductor_recording_ops) if compiled else opt.step
+        step = torch.compile(opt.step, backend=backend) if compiled else opt.step
         for _ in range(3):
             model(torch.randn(16, 64)).square().mean().backward()
             step()
