@@ -85,19 +85,14 @@ LOWRANK_CPU_CLONES void dequantize_span(const uint8_t* __restrict q, int64_t fir
 
 // scale[k] = rank1_scale(row[i], col[j]) (optim_math.h; Li et al. 2023: it bounds |v_ij|) of
 // elements first .. first + n - 1 of a row-major [rows, cols] tensor; one run per row the span
-// crosses. The row's NaN test is hoisted out of the run: the rest of the rule, r < c ? r : c
-// (a NaN c gives c), vectorizes as a min.
+// crosses (the row's value is invariant in a run: the rule vectorizes as a compare and blends).
 LOWRANK_CPU_CLONES void rank1_scales(const float* __restrict row, const float* __restrict col, int64_t cols,
                                      int64_t first, int n, float* __restrict scale) {
   int64_t i = first / cols, j = first % cols;
   for (int k = 0; k < n; ++i, j = 0) {
     const int len = static_cast<int>(std::min<int64_t>(n - k, cols - j));
     const float r = row[i];
-    if (r != r) {
-      for (int t = 0; t < len; ++t) scale[k + t] = r;
-    } else {
-      for (int t = 0; t < len; ++t) scale[k + t] = r < col[j + t] ? r : col[j + t];
-    }
+    for (int t = 0; t < len; ++t) scale[k + t] = rank1_scale(r, col[j + t]);
     k += len;
   }
 }

@@ -291,7 +291,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) {
       const uint64_t e = static_cast<uint64_t>(e0 + k);
-      const float vm = quant::normalize(m[k], am), vv = quant::normalize(v[k], RANK1 ? scale_v[k * kChunkThreads + tid] : av);
+      const float vm = quant::normalize(m[k], am);
+      const float vv = quant::normalize(v[k], RANK1 ? scale_v[k * kChunkThreads + tid] : av);
       im[k] = p.stochastic_exp_avg ? quant::stochastic_index(code_m, kCode, vm, uniform_from_bits16(random16(rnd_m, e)))
                                    : quant::nearest_index(mids_m, kCode - 1, vm);
       iv[k] = p.stochastic_exp_avg_sq
