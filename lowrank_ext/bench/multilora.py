@@ -23,9 +23,9 @@ Providers:
 * ``PEFT mixed batch``: a real PEFT LoraModel with every adapter loaded, called with
   ``adapter_names`` (one sample per token, x [N, 1, d]); full forward only.
 
-Check: y (and the gradients) against the reference within 1e-4 of their max magnitude; the
-floor and the one-adapter batch compute something else (shape only). TFLOP/s counts the
-base GEMM and the LoRA products at each adapter's own rank.
+Check: y (and the gradients) against the reference within 1e-4 of their max magnitude (2e-2 in
+bf16, as the lora family); the floor and the one-adapter batch compute something else (shape
+only). TFLOP/s counts the base GEMM and the LoRA products at each adapter's own rank.
 """
 from __future__ import annotations
 
@@ -241,7 +241,9 @@ def check(case: Case, inputs: dict, ref_out, out, provider: Provider) -> str | N
     names = ["y", "grad x", "grad a", "grad b"][:len(out)]
     if provider.name in (SINGLE, FLOOR):  # other computations: shapes only
         return check_close(names, out, ref_out[:len(out)], float("inf"))
-    return check_close(names, out, ref_out, 1e-4)
+    # fp32: 1e-4 of the max; bf16 (the CUDA cases): as the lora family, a few units in the last
+    # place of y's largest entries (one bf16 ulp there is 2^-8 of it)
+    return check_close(names, out, ref_out, 1e-4 if case.params["dtype"] == torch.float32 else 2e-2)
 
 
 def _ms(row: Row) -> str:

@@ -85,10 +85,20 @@ class _RaiseOnBackward(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
+# Which device types have autocast, asked at import for the common ones: Dynamo constant-folds
+# torch.is_autocast_enabled and a dict lookup, but torch 2.11's cannot trace
+# torch.amp.is_autocast_available (a graph break; an error under fullgraph=True). Another device
+# type is asked on its first (eager) call.
+_AUTOCAST_AVAILABLE = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+
+
 def autocast_on(device_type: str) -> bool:
     """torch.is_autocast_enabled(device_type), and False on device types without autocast (meta,
     where torch's check raises): the layers then run there as nn.Linear does."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return available and torch.is_autocast_enabled(device_type)
 
 
 def autocast_off(device_type: str):
