@@ -242,11 +242,16 @@ def test_rsvd_matches_the_fp64_reference_algorithm(cpu_algorithms):
     s = 0.8 ** torch.arange(60, dtype=torch.float64)
     a = _with_spectrum(90, 60, s)
     u, sv, vh = ops.rsvd(a, 8, 6, 1, 5)
-    ur, svr, vhr = rsvd_ref(a, 8, 6, 1, 5)  # same sketch, Householder QR, LAPACK SVD
-    # with CholeskyQR: rounding differences of ~u * kappa of the power-iterated bases
-    torch.testing.assert_close(sv, svr, atol=1e-10, rtol=0)
-    torch.testing.assert_close(u, ur, atol=1e-9, rtol=0)
-    torch.testing.assert_close(vh, vhr, atol=1e-9, rtol=0)
+    # the kernel's own Omega (A = I sketches to Omega itself): the reference's Box-Muller rounds
+    # differently by fp32 ulps, and the power iteration's tail carries that 1e-7 into U at
+    # ~1e-9 (torch 2.11's log/sin/cos on the H100 machine: 1.03e-9)
+    omega = ops.gaussian_sketch(torch.eye(60, dtype=torch.float64), 14, seed=5)
+    ur, svr, vhr = rsvd_ref(a, 8, 6, 1, 5, omega=omega)  # same sketch, Householder QR, LAPACK SVD
+    # with CholeskyQR: rounding differences of ~u * kappa of the power-iterated bases (seen:
+    # 1e-15 with Householder QR, up to ~1e-12 allowed for CholeskyQR's)
+    torch.testing.assert_close(sv, svr, atol=1e-12, rtol=0)
+    torch.testing.assert_close(u, ur, atol=1e-11, rtol=0)
+    torch.testing.assert_close(vh, vhr, atol=1e-11, rtol=0)
 
 
 def test_rsvd_exact_on_low_rank_and_reproducible():

@@ -60,10 +60,13 @@ def jacobi_svd_ref(a: torch.Tensor):
 
 
 def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, seed: int = 0,
-             start: torch.Tensor | None = None):
+             start: torch.Tensor | None = None, omega: torch.Tensor | None = None):
     """Halko-Martinsson-Tropp with the op's sketch, Householder QR after every product and
     LAPACK's SVD of B = Q^T A, all in fp64. A warm start [.., m, j] takes the first j columns
-    of the first basis (the sketch gives the other l - j)."""
+    of the first basis (the sketch gives the other l - j). `omega` [n, l - j], if given, is the
+    sketch matrix itself: sketch_matrix_ref's Box-Muller goes through torch's vectorised log,
+    sin and cos, which differ from the kernel's by fp32 ulps (by how many depends on the torch
+    build), and a comparison of the algorithms at fp64 rounding needs the kernel's own Omega."""
     m, n = a.shape[-2:]
     if not 1 <= k <= min(m, n):
         raise RuntimeError(f"rsvd: k must be in [1, min(m, n)], got {k}")
@@ -72,7 +75,9 @@ def rsvd_ref(a: torch.Tensor, k: int, oversample: int = 10, n_iter: int = 2, see
     j = 0 if start is None else start.shape[-1]
     if start is not None and (not 1 <= j <= l or start.shape[:-1] != a.shape[:-1]):
         raise RuntimeError(f"rsvd: start must be [.., m, j] with 1 <= j <= {l}, got {tuple(start.shape)}")
-    y = ad @ sketch_matrix_ref(n, l - j, seed, a.device).double()  # Omega's columns nest: the first l - j
+    if omega is None:
+        omega = sketch_matrix_ref(n, l - j, seed, a.device)  # Omega's columns nest: the first l - j
+    y = ad @ omega.double()
     if start is not None:
         y = torch.cat([start.double(), y], dim=-1)
     q = torch.linalg.qr(y).Q
