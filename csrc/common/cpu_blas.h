@@ -5,6 +5,7 @@
 // the x86-64 wheels, which export them), found once at load time. ATen's cpublas::gemm would
 // be the natural call but libtorch_cpu does not export it; where the symbols are missing
 // (another BLAS, another platform) each call goes through at::mm_out / addmm_ instead.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -47,9 +48,15 @@ blas_gemm_fn<Acc> find_blas_gemm() {
 // is per thread and returns the previous value, restored on exit; with another BLAS the
 // symbol is missing and nothing is done. The exported symbol is the Fortran entry point
 // (the C name is an alias of it in torch's static MKL): its argument goes by pointer.
+// ATen sets up each thread's thread count lazily, at its first parallel op there (inside
+// linalg_qr_out: the triu), by at::set_num_threads, whose mkl_set_num_threads_local(intra-op
+// threads) undid the guard on a fresh worker: its first QR ran MKL's nested team (seen in gdb
+// with torch 2.11 and 2.14; the batched rsvd hung on the 16-core H100 machine).
+// at::get_num_threads does that setup now, before the guard.
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas() {
+    (void)at::get_num_threads();
     int one = 1;
     if (set_local_ != nullptr) previous_ = set_local_(&one);
   }
