@@ -226,7 +226,7 @@ setup(
     ext_modules=[Extension("lowrank_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.11",  # the pinned test and bench dependencies (numpy 2.4, ...) need 3.11
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],  # the oldest torch run (README)
     extras_require={
         "test": ["pytest", "hypothesis"],
         "bench": ["tqdm", "matplotlib", "peft", "bitsandbytes", "torchao", "galore-torch"],
