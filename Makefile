@@ -16,7 +16,7 @@ export CCACHE_DIR ?= $(HOME)/.cache/lowrank_ext-ccache
 # paths below the checkout hash as relative ones: a clone elsewhere (CI's) reuses the objects
 export CCACHE_BASEDIR ?= $(CURDIR)
 
-.PHONY: test bench build deps bench-deps gpu-check clean
+.PHONY: test bench build deps bench-deps gpu-check gpu-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ bench: build bench-deps
 
 gpu-check:
 	python3 tools/gpu_check.py --results-dir $(RESULTS_DIR) $(GPU_CHECK_ARGS)
+
+# Here, before a GPU session: the benchmark peers the GPU machines lack, copied from this venv
+# (after `make bench-deps`) into .peers/ (git-ignored; carry it: gpu_check puts it on the
+# path). bitsandbytes keeps its CPU and CUDA 13 libraries only (all of them: ~120 MB, over the
+# 64 MiB a call carries).
+gpu-peers:
+	rm -rf .peers && mkdir -p .peers
+	site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	cp -r $$site/bitsandbytes $$site/galore_torch .peers/
+	find .peers/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*_cpu.so' ! -name '*_cuda130.so' -delete
+	find .peers -name __pycache__ -prune -exec rm -rf {} +
+	du -sh .peers
 
 clean:
 	rm -rf build lowrank_ext/_C*.so *.egg-info

@@ -104,3 +104,24 @@ def test_a_hung_step_is_killed_at_its_own_limit_and_the_rest_runs(tmp_path):
     report = next(open(results / f).read() for f in os.listdir(results) if f.endswith(".md"))
     assert f"| test | `{tmp_path / 'test_hangs.py'} -m 'not cuda'` | timed out |" in report
     assert "| bench | `no-such-family` | failed |" in report  # it ran: the hang did not take the deadline
+
+
+def test_the_build_travels_to_a_later_call(tmp_path):
+    # a later call on a fresh machine runs --phases bench against the extension a first call built:
+    # the archive holds it at its place in the checkout, byte for byte
+    import glob
+    import tarfile
+    built = sorted(glob.glob(os.path.join(ROOT, "lowrank_ext", "_C*.so")))
+    if not built:
+        pytest.skip("no in-place build of the extension here")
+    check = gpu_check.GpuCheck(gpu_check.parse_args(["--allow-cpu", "--results-dir", str(tmp_path)]),
+                               {"name": "cpu", "slug": "cpu-dry-run", "torch": "x"})
+    check.pack_build()
+    check.log.close()
+    with tarfile.open(check.build_archive) as tar:
+        names = tar.getnames()
+        assert names == [os.path.relpath(f, ROOT) for f in built]
+        tar.extractall(tmp_path / "fresh", filter="data")
+    for f in built:
+        with open(f, "rb") as a, open(tmp_path / "fresh" / os.path.relpath(f, ROOT), "rb") as b:
+            assert a.read() == b.read()

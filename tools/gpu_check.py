@@ -7,9 +7,13 @@ every test (the CUDA ones first), runs the benchmarks, and writes into --results
                              the failures, the benchmark tables
   <gpu>-<date>.log           every step's full output
   <gpu>-<date>-bench.tar.gz  the benchmark families' .md and .json files
+  <gpu>-<date>-build.tar.gz  the built extension (lowrank_ext/_C*.so), after a build: a later
+                             call on a fresh machine unpacks it and runs --phases bench
+                             without building again (README: the GPU check in three calls)
 
-Three files, whatever the number of families: the device tool brings back at most eight
-from $OUT. Built for that tool's limits and for kernels that have never run on a GPU:
+Four files, whatever the number of families: the device tool brings back at most eight
+from $OUT. Peers for the benchmarks (bitsandbytes, galore-torch: not on those machines) go
+on the path from ROOT/.peers when that folder exists (`make gpu-peers` fills it here). Built for that tool's limits and for kernels that have never run on a GPU:
 - every step runs in its own process group with a time limit, the whole check under a
   deadline (--deadline-s, default 570 s: the tool stops a command at 600 s); a step that
   would start too late is listed as not run, so the report always comes back;
@@ -98,6 +102,7 @@ class GpuCheck:
         self.report_path = os.path.join(self.results_dir, f"{stem}.md")
         self.log_path = os.path.join(self.results_dir, f"{stem}.log")
         self.bench_archive = os.path.join(self.results_dir, f"{stem}-bench.tar.gz")
+        self.build_archive = os.path.join(self.results_dir, f"{stem}-build.tar.gz")
         self.work_dir = os.path.join(ROOT, "build", "gpu-check", stem)  # step logs, bench files
         self.bench_dir = os.path.join(self.work_dir, "bench")
         os.makedirs(self.results_dir, exist_ok=True)
@@ -106,9 +111,11 @@ class GpuCheck:
         jobs = args.jobs or max(1, min(4, (os.cpu_count() or 2) // 4))
         self.jobs = jobs
         threads = max(1, (os.cpu_count() or 2) // jobs)
+        peers = os.path.join(ROOT, ".peers")
+        path = [ROOT] + ([peers] if os.path.isdir(peers) else []) + [os.environ.get("PYTHONPATH", "")]
         self.env = dict(os.environ, LOWRANK_EXT_CUDA="1", PYTHONUNBUFFERED="1", THP_MEM_ALLOC_ENABLE="1",
                         MAX_JOBS=os.environ.get("MAX_JOBS", str(min(16, os.cpu_count() or 2))),
-                        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                        PYTHONPATH=os.pathsep.join(path))
         if device.get("arch") and not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # e.g. a user's 9.0a stays
             self.env["TORCH_CUDA_ARCH_LIST"] = device["arch"]
         self.test_env = dict(self.env, OMP_NUM_THREADS=str(threads))  # parallel pytest processes share the cores
@@ -194,7 +201,17 @@ class GpuCheck:
             probe = subprocess.run([sys.executable, "-c", "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info()))"],
                                    cwd=ROOT, env=self.env, capture_output=True, text=True)
             self.device["build_info"] = probe.stdout.strip() or probe.stderr.strip()[-500:]
+            self.pack_build()
         return step.status == "ok"
+
+    def pack_build(self) -> None:
+        """The built extension, for a later call on a fresh machine (the build takes ~90 s of a
+        10-minute call): unpack it in the checkout's root there."""
+        tmp = self.build_archive + ".tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for f in sorted(glob.glob(os.path.join(ROOT, "lowrank_ext", "_C*.so"))):
+                tar.add(f, arcname=os.path.relpath(f, ROOT))
+        os.replace(tmp, self.build_archive)
 
     def test(self) -> None:
         files = self.args.test_files or sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
