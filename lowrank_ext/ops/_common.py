@@ -85,11 +85,21 @@ class _RaiseOnBackward(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
-# Which device types have autocast, asked at import for the common ones: Dynamo constant-folds
+# Which device types have autocast, asked at import for the known ones: Dynamo constant-folds
 # torch.is_autocast_enabled and a dict lookup, but torch 2.11's cannot trace
 # torch.amp.is_autocast_available (a graph break; an error under fullgraph=True). Another device
-# type is asked on its first (eager) call.
-_AUTOCAST_AVAILABLE = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+# type is asked on its first call (traced there if that call is compiled).
+def _autocast_availability() -> dict[str, bool]:
+    known = {}
+    for t in ("cpu", "cuda", "meta", "xpu", "mps", "hpu", torch._C._get_privateuse1_backend_name()):
+        try:
+            known[t] = torch.amp.is_autocast_available(t)
+        except RuntimeError:  # a device type this torch does not know
+            pass
+    return known
+
+
+_AUTOCAST_AVAILABLE = _autocast_availability()
 
 
 def autocast_on(device_type: str) -> bool:
