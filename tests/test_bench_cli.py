@@ -25,3 +25,26 @@ def test_provider_names_keep_the_commas_inside_names():
     assert provider_names("torch AdamW,lowrank_ext GaLoreAdamW 8-bit, INT4 projection,galore-torch") == [
         "torch AdamW", "lowrank_ext GaLoreAdamW 8-bit, INT4 projection", "galore-torch"]
     assert provider_names("a,,b") == ["a", "b"]
+
+
+def test_profile_lists_the_ops_that_take_a_calls_time():
+    # --profile: torch.profiler over our provider's calls, per call, the heaviest op first
+    import torch
+
+    import lowrank_ext  # noqa: F401  (registers torch.ops.lowrank)
+    from lowrank_ext.bench.__main__ import parse_args
+    from lowrank_ext.bench.harness import profile_calls
+
+    x = torch.randn(1 << 20)
+    code = torch.linspace(-1, 1, 256)
+
+    def call():
+        q, absmax = torch.ops.lowrank.quantize_blockwise(x, code, 256, 8)
+        return torch.ops.lowrank.dequantize_blockwise(q, absmax, code, 256, 8, x.shape, x.dtype)
+    prof = profile_calls(call, torch.device("cpu"), calls=3)
+    assert prof[0]["name"] == "(wall)" and prof[0]["us"] > 0 and prof[0]["measures"] == "self CPU time"
+    by_name = {e["name"]: e for e in prof[1:]}
+    assert by_name["lowrank::quantize_blockwise"]["calls"] == 1.0
+    assert by_name["lowrank::dequantize_blockwise"]["calls"] == 1.0
+    assert [e["us"] for e in prof[1:]] == sorted((e["us"] for e in prof[1:]), reverse=True)
+    assert parse_args(["quant", "--profile"]).profile and not parse_args(["quant"]).profile

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--list", action="store_true", help="list families and exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run our providers' calls under torch.profiler and list, per case, the ops and "
+                         "kernels that take the time (a section under each table, a 'profile' list in the JSON)")
     ap.add_argument("--system-allocator", action="store_true",
                     help="keep this process's allocator settings (default: restart under BENCH_MALLOC_TUNABLES "
                          "and THP_MEM_ALLOC_ENABLE=1, which glibc reads only at process start)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cfg = RunConfig(device=device, quick=args.quick, dtype=DTYPES.get(args.dtype),
                     out_dir=args.out, providers=args.providers, plot=not args.no_plot,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, profile=args.profile)
     ok = True
     for name in names:
         ok &= run_and_report(get_family(name), cfg)

@@ -27,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,7 @@ class Row:
     bytes: float | None = None               # Timed.bytes: overrides the case's
     vs_ref: float | None = None              # reference time / this time (>1: faster)
     vs_peer: dict[str, float] = field(default_factory=dict)   # peer time / this time
+    profile: list[dict[str, Any]] = field(default_factory=list)  # --profile: top ops / kernels per call
 
 
 @dataclass
@@ -146,6 +148,7 @@ class RunConfig:
     providers: Sequence[str] | None = None   # only these provider names (None: all)
     plot: bool = True
     progress: bool = True
+    profile: bool = False   # our providers' calls under torch.profiler too (a table per family)
 
     @property
     def min_run_time(self) -> float:
@@ -427,7 +430,42 @@ def _run_one(family: Family, cfg: RunConfig, case: Case, inputs: Any, p: Provide
     m = measure(timed.fn, cfg.device, cfg, p.slow)
     row.median_s, row.iqr_s, row.samples, row.times_s = m.median, m.iqr, len(m.times), m.times
     _fill_metrics(row, cfg.device)
+    if cfg.profile and (p.kind == "ours" or p.ours):
+        row.profile = profile_calls(timed.fn, cfg.device, calls=1 if p.slow else PROFILE_CALLS)
     return keep
+
+
+PROFILE_CALLS = 5
+PROFILE_TOP = 12
+
+
+def profile_calls(fn: Callable[[], Any], device: torch.device, calls: int = PROFILE_CALLS,
+                  top: int = PROFILE_TOP) -> list[dict[str, Any]]:
+    """Where one call's time goes: `calls` calls under torch.profiler, the `top` ops and kernels
+    by self time on the device (CUDA: kernel time; CPU: the ops' own CPU time), per call. The
+    first entry, "(wall)", is the wall time per profiled call, host and device together."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - t0) / calls
+    on_device = device.type == "cuda"
+
+    def self_us(e) -> float:
+        if on_device:
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    events.sort(key=self_us, reverse=True)
+    out = [{"name": "(wall)", "calls": 1.0, "us": wall * 1e6,
+            "measures": "kernel time on the GPU" if on_device else "self CPU time"}]
+    out += [{"name": e.key, "calls": e.count / calls, "us": self_us(e) / calls} for e in events[:top]]
+    return out
 
 
 # ----------------------------------------------------------------------------- output
@@ -492,6 +530,14 @@ def markdown(family: Family, hdr: dict[str, Any], rows: list[Row], skipped: list
         lines += ["", "Skipped peers: " + "; ".join(skipped)]
     if summary:
         lines += [""] + [f"- {s}" for s in summary]
+    profiled = [r for r in rows if r.profile]
+    if profiled:
+        lines += ["", "### Profile (--profile: torch.profiler, per call; ops and kernels by "
+                  f"{profiled[0].profile[0]['measures']})", ""]
+        for r in profiled:
+            wall, entries = r.profile[0], r.profile[1:]
+            lines += [f"- {r.case.op} / {r.case.label} / {r.provider}: {wall['us']:.0f} us wall per call; "
+                      + "; ".join(f"{e['name'][:60]} {e['us']:.1f} us ({e['calls']:.3g}x)" for e in entries)]
     return "\n".join(lines) + "\n"
 
 
