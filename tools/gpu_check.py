@@ -13,7 +13,8 @@ every test (the CUDA ones first), runs the benchmarks, and writes into --results
 
 Four files, whatever the number of families: the device tool brings back at most eight
 from $OUT. Peers for the benchmarks (bitsandbytes, galore-torch: not on those machines) go
-on the path from ROOT/.peers when that folder exists (`make gpu-peers` fills it here). Built for that tool's limits and for kernels that have never run on a GPU:
+on the path from ROOT/.peers when that folder exists (`make gpu-peers` fills it here).
+Built for that tool's limits and for kernels that have never run on a GPU:
 - every step runs in its own process group with a time limit, the whole check under a
   deadline (--deadline-s, default 570 s: the tool stops a command at 600 s); a step that
   would start too late is listed as not run, so the report always comes back;

@@ -457,9 +457,7 @@ def profile_calls(fn: Callable[[], Any], device: torch.device, calls: int = PROF
     on_device = device.type == "cuda"
 
     def self_us(e) -> float:
-        if on_device:
-            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
-        return float(e.self_cpu_time_total)
+        return float(e.self_device_time_total if on_device else e.self_cpu_time_total)
     events = [e for e in prof.key_averages() if self_us(e) > 0]
     events.sort(key=self_us, reverse=True)
     out = [{"name": "(wall)", "calls": 1.0, "us": wall * 1e6,
