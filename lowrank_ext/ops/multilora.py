@@ -18,8 +18,8 @@ transposed stacks; the stacks' gradients are ``lora_grouped_outer``, a per-adapt
 outer products over that adapter's tokens. ``ranks`` and ``scales`` are constants.
 
 Kernels: CPU (tokens grouped by adapter, one BLAS product per adapter) and CUDA (device
-sort + tiled kernels over the sorted rows, no host synchronisation; unverified on a GPU so
-far: see the README).
+sort + tiled kernels over the sorted rows, no host synchronisation; its tests passed on an H100,
+2026-11-25: see the README).
 """
 from __future__ import annotations
 

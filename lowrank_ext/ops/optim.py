@@ -59,7 +59,7 @@ def adamw_step_rank1_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     is stored as a code index of ``v_ij / min(row_max[i], col_max[j])``, where the fp32 row and
     column maxima of ``|v|`` replace the per-block absmax. The first moment stays block-wise
     (``blocksize_exp_avg``). The new maxima are taken over the updated moment before it is
-    re-quantized (a statistics pass, then the update pass). The CUDA kernels have not yet run on a GPU.
+    re-quantized (a statistics pass, then the update pass). CPU and CUDA (its tests passed on an H100, 2026-11-25).
     """
     if not params:
         return
