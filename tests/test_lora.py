@@ -246,6 +246,27 @@ def test_cpu_and_cuda_draw_the_same_mask(dtype):
     _assert_close(xa_cuda.cpu(), xa_cpu, dtype, "xa")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dropout_passes_over_several_chunks(dtype):
+    # x larger than the 64 MiB chunk of kept rows of the CUDA dropout passes (csrc/lora/cuda.cu):
+    # each chunk's mask offset, its GEMMs, and grad A summed over the chunks (in fp32 for bf16).
+    # Against the CPU kernel (the same Philox mask; checked against the reference by the tests
+    # above): the fp64 reference's mask takes ~10 s to draw at this size
+    n, d_in, d_out, r = (9000 if dtype == torch.float32 else 17000), 2048, 16, 8
+    assert n * d_in * torch.finfo(dtype).bits // 8 > 64 * 2 ** 20
+    x, w, b, a, bb, _, _ = _tensors(n, d_in, d_out, r, dtype, "plain")
+    g = torch.randn(n, d_out).to(dtype)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        x_, w_, b_, a_, bb_, g_ = (t.to(dev) for t in (x, w, b, a, bb, g))
+        y, xa = lora_forward(x_, w_, b_, a_, bb_, scale=0.5, dropout_p=0.2, seed=77)
+        grads = lora_backward(g_, x_, w_, a_, bb_, None, None, xa, scale=0.5, dropout_p=0.2, seed=77)
+        outs[dev] = [t.cpu() for t in (y, xa, *grads[:3])]
+    for name, got, want in zip(["y", "xa", "grad x", "grad lora_a", "grad lora_b"], outs["cuda"], outs["cpu"]):
+        _assert_close(got, want, dtype, name)
+
+
 # ----------------------------------------------------------------------------- layers
 
 def _peft_layer(base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, **kw):
