@@ -515,6 +515,17 @@ def test_cuda_kernels_agree_with_cpu():
     m = torch.randn(6, 40, 33, dtype=torch.float64)
     for got, want in zip(ops.jacobi_svd(m.cuda()), ops.jacobi_svd(m)):
         torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=0)
+    # the Jacobi kernel's two forms: columns in shared memory (p x p fp32 up to p ~ 165 on an
+    # H100) and in global memory (this fp64 180-column one, ~0.55 MB); the block's warps, one
+    # per pair, from 32 down to 1 (p = 2)
+    for mat in (torch.randn(3, 200, 180, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)):
+        for got, want in zip(ops.jacobi_svd(mat.cuda()), ops.jacobi_svd(mat)):
+            torch.testing.assert_close(got.cpu(), want, atol=1e-8, rtol=0)
+    a32 = _with_spectrum(96, 64, 0.97 ** torch.arange(64, dtype=torch.float64), dtype=torch.float32, batch=(5,))
+    u, sv, vh = (t.cpu() for t in ops.jacobi_svd(a32.cuda()))
+    torch.testing.assert_close(sv, ops.jacobi_svd(a32)[1], atol=1e-5, rtol=0)
+    assert float((u * sv.unsqueeze(1) @ vh - a32).abs().max()) < 1e-5
+    assert _orth_err(u) < 1e-5 and _orth_err(vh.transpose(1, 2)) < 1e-5
     s = 0.8 ** torch.arange(60, dtype=torch.float64)
     b = _with_spectrum(90, 60, s, batch=(2,))
     for got, want in zip(ops.rsvd(b.cuda(), 8), ops.rsvd(b, 8)):

@@ -1,15 +1,20 @@
-// CUDA kernels of the svd family. Verified on a GPU: every CUDA test of
-// tests/test_svd.py passed on an H100 (2026-11-25, commit a7295fc, torch 2.11:
-// benchmarks/results/gpu-check-h100-80gb-hbm3-2026-11-25-a7295fc-tests.md).
+// CUDA kernels of the svd family. Every CUDA test of tests/test_svd.py passed on an H100
+// (2026-11-25, commit a7295fc, torch 2.11:
+// benchmarks/results/gpu-check-h100-80gb-hbm3-2026-11-25-a7295fc-tests.md); the Jacobi kernel
+// has changed since (below).
 //
 // gaussian_sketch: Y = A Omega in one tiled SIMT GEMM whose B tiles are generated in shared
 // memory from Philox (svd_math.h) and never written to global memory. Each 64 x 64 output
 // tile regenerates its 16 x 64 Omega tiles (a few Philox rounds per element: cheap next to
 // memory traffic). fp32 (fp16/bf16 inputs are widened by the op first) and fp64.
-// jacobi_svd: one thread block per matrix, columns in global memory (L1/L2 resident for the
-// small matrices this is for): the round-robin order of the CPU kernel, each warp rotating
-// whole column pairs of a step (warp-shuffle dot products in double), a block barrier
-// between steps. Same order and formula as the CPU: results agree up to rounding.
+// jacobi_svd: one thread block per matrix, the round-robin order of the CPU kernel, each warp
+// rotating whole column pairs of a step (warp-shuffle dot products in double), a block barrier
+// between steps. Same order and formula as the CPU: results agree up to rounding. Since the
+// H100 run (where one 256-thread block per matrix, columns in global memory, took ~11 ms per
+// 64 x 64 matrix and set rsvd's ~8 ms floor, the warps waiting on L2 latency pair after pair):
+// up to 32 warps, one per pair of a step, and the columns, V and the norms in shared memory
+// where they fit (p x p fp32 up to p ~ 165 on an H100; larger ones stay in global memory).
+// That version is compiled in CI but NOT YET RUN ON A GPU.
 #include <torch/library.h>
 
 #include <ATen/core/grad_mode.h>
@@ -100,7 +105,7 @@ at::Tensor gaussian_sketch_cuda(const at::Tensor& a_in, int64_t l, int64_t seed)
   return y;
 }
 
-constexpr int kJacobiThreads = 256, kWarps = kJacobiThreads / 32;
+constexpr int kJacobiMaxThreads = 1024;
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -116,25 +121,43 @@ __device__ double warp_dot(const T* x, const T* y, int64_t m, int lane) {
 }
 
 // One matrix per block: w [n][m] (row j = column j), v [n][n]; norm2 is n doubles of scratch.
-template <typename T>
-__global__ void jacobi_kernel(T* __restrict__ w_all, T* __restrict__ v_all, double* __restrict__ norm2_all,
-                              int64_t n, int64_t m, double tol) {
+// kInShared: w, v and norm2 are copied into dynamic shared memory first and back at the end
+// (the launcher picks it where they fit): every dot product and rotation then reads shared
+// memory instead of L2, whose latency each warp's chain of pairs otherwise waits on. A warp
+// per pair of a step, up to 32 warps (the launcher sizes the block to the pairs).
+template <typename T, bool kInShared>
+__global__ void __launch_bounds__(kJacobiMaxThreads) jacobi_kernel(T* __restrict__ w_all, T* __restrict__ v_all,
+                                                                   double* __restrict__ norm2_all, int64_t n,
+                                                                   int64_t m, double tol) {
   constexpr int kMaxSweeps = 60;
-  T* w = w_all + static_cast<int64_t>(blockIdx.x) * n * m;
-  T* v = v_all + static_cast<int64_t>(blockIdx.x) * n * n;
-  double* norm2 = norm2_all + static_cast<int64_t>(blockIdx.x) * n;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  T* const w_global = w_all + static_cast<int64_t>(blockIdx.x) * n * m;
+  T* const v_global = v_all + static_cast<int64_t>(blockIdx.x) * n * n;
+  T* w = w_global;
+  T* v = v_global;
+  double* norm2;
+  if constexpr (kInShared) {
+    extern __shared__ double shared_words[];  // norm2 [n], then w [n * m], then v [n * n]
+    norm2 = shared_words;
+    w = reinterpret_cast<T*>(shared_words + n);
+    v = w + n * m;
+    for (int64_t i = threadIdx.x; i < n * m; i += blockDim.x) w[i] = w_global[i];
+    for (int64_t i = threadIdx.x; i < n * n; i += blockDim.x) v[i] = v_global[i];
+    __syncthreads();
+  } else {
+    norm2 = norm2_all + static_cast<int64_t>(blockIdx.x) * n;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const int64_t players = n + (n & 1), half = players / 2;
   __shared__ int rotated;
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
-    for (int64_t j = warp; j < n; j += kWarps) {
+    for (int64_t j = warp; j < n; j += warps) {
       const double d = warp_dot(w + j * m, w + j * m, m, lane);
       if (lane == 0) norm2[j] = d;
     }
     if (threadIdx.x == 0) rotated = 0;
     __syncthreads();
     for (int64_t step = 0; step + 1 < players; ++step) {
-      for (int64_t i = warp; i < half; i += kWarps) {
+      for (int64_t i = warp; i < half; i += warps) {
         int64_t a = i == 0 ? players - 1 : (step + i) % (players - 1);
         int64_t b = (step - i + players - 1) % (players - 1);
         if (a >= n || b >= n) continue;
@@ -165,20 +188,46 @@ __global__ void jacobi_kernel(T* __restrict__ w_all, T* __restrict__ v_all, doub
       }
       __syncthreads();
     }
-    if (!rotated) return;
-    __syncthreads();
+    const bool converged = !rotated;  // every thread reads it after the step's barrier
+    __syncthreads();                  // before thread 0 resets it for the next sweep
+    if (converged) break;
   }
+  if constexpr (kInShared) {
+    for (int64_t i = threadIdx.x; i < n * m; i += blockDim.x) w_global[i] = w[i];
+    for (int64_t i = threadIdx.x; i < n * n; i += blockDim.x) v_global[i] = v[i];
+  }
+}
+
+// The dynamic shared memory a matrix needs in the kInShared kernel, or 0 where it does not fit.
+template <typename T>
+size_t jacobi_shared_bytes(int64_t n, int64_t m) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(double)) + (n * m + n * n) * static_cast<int64_t>(sizeof(T));
+  return bytes + 64 <= optin ? static_cast<size_t>(bytes) : 0;  // 64: the static `rotated` and slack
 }
 
 void jacobi_columns_cuda(at::Tensor& cols, at::Tensor& v) {
   const int64_t batch = cols.size(0), n = cols.size(1), m = cols.size(2);
   if (batch == 0) return;
   TORCH_CHECK(batch <= 2147483647, "jacobi_svd: batch too large for one CUDA grid");
-  at::Tensor norm2 = at::zeros({batch, n}, cols.options().dtype(at::kDouble));
+  const int64_t pairs = (n + 1) / 2;
+  const int threads = 32 * static_cast<int>(std::clamp<int64_t>(pairs, 1, kJacobiMaxThreads / 32));
+  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(cols.scalar_type(), "jacobi_svd_cuda", [&] {
     const double tol = std::sqrt(static_cast<double>(m)) * std::numeric_limits<scalar_t>::epsilon();
-    jacobi_kernel<scalar_t><<<static_cast<unsigned>(batch), kJacobiThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        cols.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), norm2.data_ptr<double>(), n, m, tol);
+    const size_t shared = jacobi_shared_bytes<scalar_t>(n, m);
+    if (shared > 0) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_kernel<scalar_t, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(shared)));
+      jacobi_kernel<scalar_t, true><<<static_cast<unsigned>(batch), threads, shared, stream>>>(
+          cols.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), nullptr, n, m, tol);
+    } else {
+      at::Tensor norm2 = at::zeros({batch, n}, cols.options().dtype(at::kDouble));
+      jacobi_kernel<scalar_t, false><<<static_cast<unsigned>(batch), threads, 0, stream>>>(
+          cols.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), norm2.data_ptr<double>(), n, m, tol);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
