@@ -8,14 +8,24 @@
 // strides (1, d_mid, nblocks) over (l, n, r)) — cuBLAS needs a unit stride in every
 // operand and would need a permuted copy, so this kernel reads the permuted elements
 // straight into its shared-memory tiles. fp32 SIMT tiles (64 x 64 x 16, 4 x 4 per thread),
-// fp32 accumulation (fp64 for fp64); intermediates are kept in the accumulation type.
-// Not tuned: no tensor cores, no split over N for the weight gradients (small blocks give
-// few CTAs there). A tensor-core (mma) version is the next step once this is verified.
+// fp32 accumulation (fp64 for fp64). That SIMT kernel passed every CUDA test on an H100
+// (2026-11-25), at 10-28% of the fp32 GEMM rate and 2-4% of the bf16 one there.
+// fp16/bf16 (since then; compiled in CI, NOT YET RUN ON A GPU): on compute capability >= 8.0
+// the same strided tiles go through tensor cores (strided_bmm_tc_kernel: WMMA 16 x 16 x 16
+// fragments, fp32 accumulators), so the intermediates h and grad h are kept in the inputs'
+// dtype, as torch's bf16 bmm reference keeps them (fp32 before, which no tensor-core product
+// takes). Not tuned: scalar tile loads, no double buffering, no split over N for the weight
+// gradients (small blocks give few CTAs there).
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
@@ -102,8 +112,106 @@ void launch_strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The WMMA element type of a 16-bit ATen type (same bits).
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// C[b] = A[b] B[b] as strided_bmm_kernel, A and B 16-bit (passed as their bits), on tensor
+// cores: the 64 x 64 output tile in eight warps of 16 x 32 (two 16 x 16 fp32 accumulator
+// fragments each), K staged 32 at a time in shared memory (raw bits: a zero pad is +0), the
+// finished tile written back through shared memory to C's strides.
+constexpr int kTcBK = 32, kTcLdAB = kTcBK + 8, kTcLdB = kBN + 8, kTcLdC = kBN + 4;  // WMMA: ldm % 8 (16-bit), % 4 (fp32)
+
+template <typename WT, typename TC>
+__global__ void __launch_bounds__(kThreads)
+    strided_bmm_tc_kernel(const uint16_t* __restrict__ a, Strides3 sa, const uint16_t* __restrict__ b, Strides3 sb,
+                          TC* __restrict__ c, Strides3 sc, int64_t m_size, int64_t n_size, int64_t k_size) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  __shared__ __align__(32) uint16_t tile_a[kBM][kTcLdAB];  // (m, k)
+  __shared__ __align__(32) uint16_t tile_b[kTcBK][kTcLdB];  // (k, n)
+  __shared__ __align__(32) float tile_c[kBM][kTcLdC];
+  const int64_t batch = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  a += batch * sa.sb;
+  b += batch * sb.sb;
+  c += batch * sc.sb;
+  const int tid = threadIdx.x, warp = tid / 32, warp_m = warp % 4, warp_n = warp / 4;
+  const bool a_m_fast = sa.sr == 1, b_n_fast = sb.sc == 1, c_m_fast = sc.sr == 1;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int64_t k0 = 0; k0 < k_size; k0 += kTcBK) {
+    for (int e = tid; e < kBM * kTcBK; e += kThreads) {
+      const int mm = a_m_fast ? e % kBM : e / kTcBK, kk = a_m_fast ? e / kBM : e % kTcBK;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      tile_a[mm][kk] = (m < m_size && k < k_size) ? a[m * sa.sr + k * sa.sc] : uint16_t{0};
+    }
+    for (int e = tid; e < kBN * kTcBK; e += kThreads) {
+      const int nn = b_n_fast ? e % kBN : e / kTcBK, kk = b_n_fast ? e / kBN : e % kTcBK;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      tile_b[kk][nn] = (n < n_size && k < k_size) ? b[k * sb.sr + n * sb.sc] : uint16_t{0};
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTcBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, reinterpret_cast<const WT*>(&tile_a[warp_m * 16][kk]), kTcLdAB);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, reinterpret_cast<const WT*>(&tile_b[kk][warp_n * 32 + j * 16]), kTcLdB);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    wmma::store_matrix_sync(&tile_c[warp_m * 16][warp_n * 32 + j * 16], acc[j], kTcLdC, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < kBM * kBN; e += kThreads) {
+    const int mm = c_m_fast ? e % kBM : e / kBN, nn = c_m_fast ? e / kBM : e % kBN;
+    const int64_t m = m0 + mm, n = n0 + nn;
+    if (m < m_size && n < n_size) c[m * sc.sr + n * sc.sc] = static_cast<TC>(tile_c[mm][nn]);
+  }
+#else
+  __trap();  // not launched: strided_bmm takes this kernel on compute capability >= 8.0 only
+#endif
+}
+
+bool tensor_cores_for_16_bit() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+
+template <typename T, typename TC>
+void launch_strided_bmm_tc(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+  const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  if (batch == 0 || m == 0 || n == 0) return;
+  if (k == 0) {  // the tiles' loop would not run: C = 0
+    c.zero_();
+    return;
+  }
+  TORCH_CHECK(batch <= 65535, "monarch: at most 65535 blocks on CUDA, got ", batch);
+  TORCH_CHECK(ceil_div<int64_t>(n, kBN) <= 65535, "monarch: a block of more than ", 65535 * kBN, " columns");
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(m, kBM)), static_cast<unsigned>(ceil_div<int64_t>(n, kBN)),
+                  static_cast<unsigned>(batch));
+  strided_bmm_tc_kernel<typename WmmaType<T>::type, TC><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint16_t*>(a.const_data_ptr<T>()), strides_of(a),
+      reinterpret_cast<const uint16_t*>(b.const_data_ptr<T>()), strides_of(b), c.mutable_data_ptr<TC>(),
+      strides_of(c), m, n, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // c = a b over strided views whose dtypes are each T (the inputs' dtype) or its accumulation
-// type: the combinations the family uses.
+// type: the combinations the family uses. fp16/bf16 a and b go to the tensor-core kernel where
+// the GPU has one for them.
 template <typename T>
 void strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
   using Acc = acc_t<T>;
@@ -112,6 +220,8 @@ void strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
   } else {
     const auto acc = c10::CppTypeToScalarType<Acc>::value;
     const bool a_acc = a.scalar_type() == acc, b_acc = b.scalar_type() == acc, c_acc = c.scalar_type() == acc;
+    if (!a_acc && !b_acc && tensor_cores_for_16_bit())
+      return c_acc ? launch_strided_bmm_tc<T, Acc>(a, b, c) : launch_strided_bmm_tc<T, T>(a, b, c);
     if (!a_acc && !b_acc && c_acc) return launch_strided_bmm<T, T, Acc, Acc>(a, b, c);
     if (a_acc && !b_acc && !c_acc) return launch_strided_bmm<Acc, T, T, Acc>(a, b, c);
     if (!a_acc && !b_acc && !c_acc) return launch_strided_bmm<T, T, T, Acc>(a, b, c);
@@ -122,6 +232,12 @@ void strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The dtype of the intermediates h and grad h: the inputs' own where tensor cores take fp16/bf16
+// products (which need both operands 16-bit), else the accumulation type.
+at::ScalarType intermediate_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) && tensor_cores_for_16_bit() ? t : acc_type(t);
+}
 
 // The views of the family, each [nblocks, rows, cols] over a 2-D row-major tensor:
 // block k of the contiguous layout (x[n, k*bs + p], and h in stage 1) ...
@@ -139,9 +255,9 @@ std::tuple<at::Tensor, at::Tensor> monarch_forward_cuda(const at::Tensor& x_in, 
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();  // the weights may have any strides
   at::Tensor y = at::empty({d.n, d.d_out()}, x.options());
-  // R x in the accumulation type, feature-major [d_mid, N] (the saved h's layout); its
+  // R x in the intermediate type, feature-major [d_mid, N] (the saved h's layout); its
   // transpose is the token-major [N, d_mid] both stages index
-  at::Tensor ht = at::empty({d.d_mid(), d.n}, x.options().dtype(acc_type(x.scalar_type())));
+  at::Tensor ht = at::empty({d.d_mid(), d.n}, x.options().dtype(intermediate_type(x.scalar_type())));
   at::Tensor h_tokens = ht.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "monarch_forward_cuda", [&] {
     at::Tensor stage1_out = blocks_contiguous(h_tokens, d.nblocks);
@@ -164,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_cuda(const at::T
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad_y = grad_y_in.contiguous();
   const std::optional<at::Tensor> h = h_in ? std::optional<at::Tensor>(h_in->contiguous()) : std::nullopt;
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type()), inter = intermediate_type(x.scalar_type());
   at::Tensor gx = mask[0] ? at::empty({d.n, d.d_in()}, x.options()) : at::empty({0}, x.options());
   at::Tensor gw1 = at::empty({0}, x.options()), gw2 = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "monarch_backward_cuda", [&] {
@@ -174,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_cuda(const at::T
       if (h) {
         h_tokens = h->t();
       } else {
-        h_tokens = at::empty({d.d_mid(), d.n}, x.options().dtype(acc)).t();
+        h_tokens = at::empty({d.d_mid(), d.n}, x.options().dtype(inter)).t();
         at::Tensor out = blocks_contiguous(h_tokens, d.nblocks);
         strided_bmm<scalar_t>(blocks_contiguous(x, d.nblocks), w1.transpose(1, 2), out);
       }
@@ -183,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_backward_cuda(const at::T
       gw2 = dw2.to(x.scalar_type());
     }
     if (!mask[0] && !mask[1]) return;
-    // grad of h, token-major [N, d_mid] in the accumulation type: block l = gy_l w2[l] (P^T by view)
-    at::Tensor dh = at::empty({d.n, d.d_mid()}, x.options().dtype(acc));
+    // grad of h, token-major [N, d_mid] in the intermediate type: block l = gy_l w2[l] (P^T by view)
+    at::Tensor dh = at::empty({d.n, d.d_mid()}, x.options().dtype(inter));
     at::Tensor dh_out = blocks_interleaved(dh, d.nblocks);
     strided_bmm<scalar_t>(gy_blocks, w2, dh_out);
     const at::Tensor dh_blocks = blocks_contiguous(dh, d.nblocks);  // [nb, N, mid]

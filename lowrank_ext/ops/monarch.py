@@ -12,7 +12,7 @@ The layout is HazyResearch's ``blockdiag_butterfly_multiply`` (fly / m2): stage 
 copy. Backward saves x and, by default, the intermediate h = R x ([nblocks*mid, N], in x's
 dtype); with ``save_intermediate=False`` it recomputes R x instead (less memory, one more
 block GEMM). Kernels: CPU, and CUDA (a strided batched-GEMM kernel; its tests passed on an H100,
-2026-11-25: see the README).
+2026-11-25; fp16/bf16 on tensor cores since, not yet run on a GPU: see the README).
 """
 from __future__ import annotations
 
