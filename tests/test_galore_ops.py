@@ -182,13 +182,14 @@ def test_apply_updates_a_leaf_param_that_requires_grad(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_keeps_nan_when_the_decay_is_total(dtype):
-    # lr * weight_decay = 1: (1 - lr wd) W is 0 * W, NaN where W is; BLAS's beta = 0 ignored W
+def test_apply_keeps_nan_when_the_decay_is_total(device, dtype):
+    # lr * weight_decay = 1: (1 - lr wd) W is 0 * W, NaN where W is; BLAS's (cuBLAS's) beta = 0 ignored W
     m, n, r = 8, 6, 2
-    p = torch.linalg.qr(torch.randn(m, r)).Q.contiguous()
+    p = torch.linalg.qr(torch.randn(m, r)).Q.contiguous().to(device)
     w = torch.randn(m, n).to(dtype)
     w[3, 3], w[4, 4] = float("nan"), float("inf")
-    galore_apply_(w, torch.randn(r, n), p, rank=r, right=False, lr=0.5, scale=1.0, weight_decay=2.0)
-    bad = torch.zeros(m, n, dtype=torch.bool)
+    w = w.to(device)
+    galore_apply_(w, torch.randn(r, n, device=device), p, rank=r, right=False, lr=0.5, scale=1.0, weight_decay=2.0)
+    bad = torch.zeros(m, n, dtype=torch.bool, device=device)
     bad[3, 3] = bad[4, 4] = True
     assert w[bad].isnan().all() and w[~bad].isfinite().all()

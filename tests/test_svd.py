@@ -515,8 +515,8 @@ def test_cuda_kernels_agree_with_cpu():
     m = torch.randn(6, 40, 33, dtype=torch.float64)
     for got, want in zip(ops.jacobi_svd(m.cuda()), ops.jacobi_svd(m)):
         torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=0)
-    # the Jacobi kernel's two forms: columns in shared memory (p x p fp32 up to p ~ 165 on an
-    # H100) and in global memory (this fp64 180-column one, ~0.55 MB); the block's warps, one
+    # the Jacobi kernel's two forms: columns in shared memory (fp32 up to ~140-165 columns on
+    # an H100) and in global memory (this fp64 180-column one, ~0.55 MB); the block's warps, one
     # per pair, from 32 down to 1 (p = 2)
     for mat in (torch.randn(3, 200, 180, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)):
         for got, want in zip(ops.jacobi_svd(mat.cuda()), ops.jacobi_svd(mat)):

@@ -2,7 +2,12 @@
 // tests/test_galore_ops.py passed on an H100 (2026-11-25, commit a7295fc, torch 2.11:
 // benchmarks/results/gpu-check-h100-80gb-hbm3-2026-11-25-a7295fc-tests.md).
 //
-// Both ops are SIMT tile products (64 x 64 outputs per block of 256 threads, 4 x 4 per
+// fp32 gradients / params with a dense fp32 P (GaLore mode) go to cuBLAS as on the CPU: the
+// projection is one at::mm, the apply one addmm_ into param (beta = the weight decay). On the
+// H100 the SIMT tiles below ran that case at 9% of the fp32 peak (project + apply 0.24x the
+// torch composition); the cuBLAS path is NOT YET RUN ON A GPU (2026-11-25). Everything else
+// (quantized P, fp16/bf16, Fira and FRUGAL) stays on the tiles, which passed every CUDA test:
+// SIMT tile products (64 x 64 outputs per block of 256 threads, 4 x 4 per
 // thread, K in steps of 16) whose operands are read through loaders: the projection P is
 // dense fp32 or block-wise INT8/INT4, dequantized as its tile is loaded (the fp32 P never
 // exists in memory), and transposes are strides. galore_apply_ computes back(direction)
@@ -16,6 +21,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
@@ -154,6 +160,9 @@ at::Tensor galore_project_cuda(const at::Tensor& grad, const at::Tensor& proj, c
   const Projection p = check_projection(proj, absmax, code, rank, blocksize, right, m, n, grad, op);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   const at::Tensor g = grad.contiguous();
+  if (!p.quantized() && g.scalar_type() == at::kFloat) {  // fp32 P and G: cuBLAS, as on the CPU
+    return right ? at::mm(g, p.dense.t()) : at::mm(p.dense.t(), g);
+  }
   at::Tensor out = at::empty({right ? m : rank, right ? rank : n}, grad.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -262,8 +271,23 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
   const bool residual = mode != Mode::Galore;
   const c10::cuda::OptionalCUDAGuard guard(param.device());
   if (param.numel() == 0) return;
-  at::Tensor work = param.is_contiguous() ? param : param.contiguous();
   const at::Tensor d = direction.contiguous();
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  if (mode == Mode::Galore && !p.quantized() && param.scalar_type() == at::kFloat) {
+    // fp32 param, fp32 P: one cuBLAS addmm_ into param (beta = decay inside its epilogue), as
+    // the CPU kernel does; beta = 0 (lr wd = 1) would let BLAS ignore param: decay it first, so
+    // NaN/Inf stay
+    const at::Tensor x = d.mul(static_cast<float>(-lr * scale) * decay);
+    float beta = decay;
+    if (decay == 0.f) {
+      param.mul_(0.0);
+      beta = 1.f;
+    }
+    if (right) param.addmm_(x, p.dense, beta, 1.0);
+    else param.addmm_(p.dense, x, beta, 1.0);
+    return;
+  }
+  at::Tensor work = param.is_contiguous() ? param : param.contiguous();
   const at::Tensor lo = residual ? low->contiguous() : at::Tensor();
   const at::Tensor g = residual ? grad->contiguous() : at::Tensor();
   const at::Tensor s = mode == Mode::Fira ? fira_residual_scale(d, lo, right) : at::Tensor();
@@ -273,7 +297,6 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
     sumsq = at::zeros({1}, param.options().dtype(at::kDouble));
     factor = at::empty({1}, param.options().dtype(at::kFloat));
   }
-  const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "galore_apply_cuda", [&] {
     ApplyParams<scalar_t> ap{};

@@ -13,8 +13,8 @@
 // - forward, xa = keep (x*m) A^T: per chunk of rows (kChunkBytes of x*m at a time), one
 //   Philox pass writes x*m and one cuBLAS GEMM with alpha = keep rounds it once into xa;
 // - backward, grad A = keep t^T (x*m): t rounded to x's dtype first, as the p = 0 path's
-//   t^T x is (ops.cpp), then the same chunks; 2-byte dtypes accumulate chunks after the first
-//   in fp32;
+//   t^T x is (ops.cpp), then the same chunks; 2-byte dtypes over several chunks take each
+//   chunk's product in fp32 (cuBLAS's 16-bit-in, fp32-out GEMM) and sum them in fp32;
 // - backward, grad x += keep m * (t A): one fused pass over grad x (masked_ta_add_kernel), the
 //   mask drawn as it is read, t A formed in registers (K = r is small): no [N, d_in] product
 //   in memory.
@@ -173,9 +173,9 @@ at::Tensor t_dropped_x_cuda(const at::Tensor& t, const at::Tensor& x, const Drop
     return grad_a;
   }
   at::Tensor sum = at::zeros({r, d_in}, x.options().dtype(at::kFloat));
-  for (int64_t r0 = 0; r0 < n; r0 += step) {
+  for (int64_t r0 = 0; r0 < n; r0 += step) {  // each chunk's product straight to fp32 (mm.dtype: 16-bit in, fp32 out)
     const int64_t rows = std::min(step, n - r0);
-    sum.add_(at::mm(t_x.narrow(0, r0, rows).t(), kept_rows(x, r0, rows, d01)));
+    sum.add_(at::mm(t_x.narrow(0, r0, rows).t(), kept_rows(x, r0, rows, d01), at::kFloat));
   }
   return sum.mul_(d.keep_scale).to(x.scalar_type());
 }

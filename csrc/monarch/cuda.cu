@@ -188,7 +188,17 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-bool tensor_cores_for_16_bit() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }
+// Whether strided_bmm takes the tensor-core kernel: a GPU of compute capability >= 8.0 running
+// code compiled for >= 8.0 (a build for older archs, JIT-compiled from their PTX on a newer
+// GPU, has only the kernel's __trap() branch).
+bool tensor_cores_for_16_bit() {
+  static const bool compiled_for_80 = [] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, strided_bmm_tc_kernel<__nv_bfloat16, float>));
+    return attr.ptxVersion >= 80;
+  }();
+  return at::cuda::getCurrentDeviceProperties()->major >= 8 && compiled_for_80;
+}
 
 template <typename T, typename TC>
 void launch_strided_bmm_tc(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {

@@ -13,7 +13,8 @@
 // H100 run (where one 256-thread block per matrix, columns in global memory, took ~11 ms per
 // 64 x 64 matrix and set rsvd's ~8 ms floor, the warps waiting on L2 latency pair after pair):
 // up to 32 warps, one per pair of a step, and the columns, V and the norms in shared memory
-// where they fit (p x p fp32 up to p ~ 165 on an H100; larger ones stay in global memory).
+// where they fit (fp32 up to p ~ 140-165 columns on an H100, by the row count; larger ones
+// stay in global memory).
 // That version is compiled in CI but NOT YET RUN ON A GPU.
 #include <torch/library.h>
 
@@ -201,9 +202,7 @@ __global__ void __launch_bounds__(kJacobiMaxThreads) jacobi_kernel(T* __restrict
 // The dynamic shared memory a matrix needs in the kInShared kernel, or 0 where it does not fit.
 template <typename T>
 size_t jacobi_shared_bytes(int64_t n, int64_t m) {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const auto optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t bytes = n * static_cast<int64_t>(sizeof(double)) + (n * m + n * n) * static_cast<int64_t>(sizeof(T));
   return bytes + 64 <= optin ? static_cast<size_t>(bytes) : 0;  // 64: the static `rotated` and slack
 }

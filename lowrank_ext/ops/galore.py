@@ -14,7 +14,8 @@ the residual step is nothing (``mode="galore"``), Fira's ``lr scale S (G - back(
 S the per-column (left) / per-row (right) ratio ||direction|| / ||low|| and the norm of the
 scaled residual limited to ``residual_growth`` times the previous one (``residual_prev_norm``,
 a one-element fp32 tensor updated in place; 0 means no limit), or FRUGAL's state-free
-``lr sign(G - back(low))``. Kernels: CPU and CUDA (its tests passed on an H100, 2026-11-25: see the README).
+``lr sign(G - back(low))``. Kernels: CPU and CUDA (its tests passed on an H100, 2026-11-25; fp32 with a dense P goes to cuBLAS
+since, not yet run on a GPU: see the README).
 """
 from __future__ import annotations
 
