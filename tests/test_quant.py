@@ -44,6 +44,22 @@ def test_matches_reference(device, cpu_table_search, bits, blocksize, dtype, num
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_of_unaligned_q_matches_reference(device, bits, dtype):
+    # q one byte into its storage: CUDA's vectorized dequantize needs 16-byte-aligned q and
+    # output and hands this one to its scalar kernel; both paths give the reference's bits
+    x = torch.randn(3001) * 2
+    code = quant.dynamic_code(bits)
+    q_ref, absmax_ref = quantize_blockwise_ref(x, code, 128, bits)
+    buf = torch.zeros(q_ref.numel() + 1, dtype=torch.uint8, device=device)
+    buf[1:].copy_(q_ref)
+    want = dequantize_blockwise_ref(q_ref, absmax_ref, code, 128, bits, x.shape, dtype)
+    for q in (buf[1:], buf[1:].clone()):  # unaligned, then aligned (a fresh tensor)
+        y = dequantize_blockwise(q, absmax_ref.to(device), code.to(device), 128, bits, shape=x.shape, dtype=dtype)
+        assert torch.equal(y.cpu(), want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("code_kind", ["dynamic", "linear"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_match_reference(device, cpu_table_search, bits, code_kind, signed):

@@ -1,13 +1,19 @@
 // CUDA kernels of the quant family. Run and checked bit for bit against the references on
-// an H100 (see the README's op table and benchmarks/results/).
+// an H100 (see the README's op table and benchmarks/results/), except the vectorized
+// dequantize (dequantize_vec_kernel, 2026-11-25), which has not yet run on a GPU.
 //
 // quantize: one warp per quantization block (grid-stride over blocks). Each lane takes
 // four consecutive elements per step, so a warp reads 512 contiguous values and writes
 // 128 (8-bit) or 64 (4-bit) contiguous bytes per step. The absmax is a warp-shuffle
 // reduction; the code and its midpoints sit in shared memory; the second pass re-reads
 // the block (from L1/L2) rather than holding up to 128 values per lane in registers.
-// dequantize: one thread per four elements, the code in shared memory.
+// dequantize: one thread per 16-byte word of q (below: 128-bit loads and stores) where q and
+// the output are 16-byte aligned, else one thread per four elements; the code in shared memory.
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "common/cuda_utils.cuh"
 #include "quant/ops.h"
@@ -116,6 +122,51 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantizeParams p
   }
 }
 
+// dequantize, vectorized: each thread takes one 16-byte word of q (16 values at 8 bits, 32 at
+// 4) with a 128-bit load and writes its values with 16-byte stores, where q and out are 16-byte
+// aligned (dequantize_blockwise_cuda checks; else the kernel above runs). The span's values
+// share a quantization block (blocksize >= 64, a power of two, spans aligned to their size).
+// The same arithmetic per value as dequantize_kernel; the numel % span tail is done by one
+// thread. Written after the H100 run of 2026-11-25, where the kernel above moved 64M fp32
+// values at 27% of peak bandwidth (0.35x bitsandbytes): NOT YET RUN ON A GPU.
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads) dequantize_vec_kernel(DequantizeParams p, int log2_blocksize) {
+  constexpr int kCodeSize = 1 << BITS, kSpan = 128 / BITS, kStores = kSpan * static_cast<int>(sizeof(T)) / 16;
+  static_assert(kStores * 16 == kSpan * static_cast<int>(sizeof(T)), "a span's output is whole 16-byte words");
+  __shared__ float s_code[kCodeSize];
+  for (int i = threadIdx.x; i < kCodeSize; i += blockDim.x) s_code[i] = p.code[i];
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.out);
+  const int64_t nspans = p.numel / kSpan;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t s = first; s < nspans; s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e0 = s * kSpan;
+    const uint4 word = reinterpret_cast<const uint4*>(p.q)[s];
+    const uint32_t w[4] = {word.x, word.y, word.z, word.w};
+    const float absmax = p.absmax[e0 >> log2_blocksize];
+    T vals[kSpan];
+#pragma unroll
+    for (int k = 0; k < kSpan; ++k) {  // element k: bits [k BITS, (k + 1) BITS) of the little-endian word
+      const int index = static_cast<int>((w[k * BITS / 32] >> ((k * BITS) % 32)) & (kCodeSize - 1));
+      vals[k] = static_cast<T>(dequantize_value(s_code, index, absmax));
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + e0);
+#pragma unroll
+    for (int j = 0; j < kStores; ++j) {
+      uint4 v;
+      memcpy(&v, reinterpret_cast<const unsigned char*>(vals) + 16 * j, 16);
+      dst[j] = v;
+    }
+  }
+  if (first == 0) {
+    for (int64_t e = nspans * kSpan; e < p.numel; ++e) {
+      const int index = BITS == 8 ? p.q[e] : (p.q[e >> 1] >> ((e & 1) * 4)) & 0xF;
+      out[e] = static_cast<T>(dequantize_value(s_code, index, p.absmax[e >> log2_blocksize]));
+    }
+  }
+}
+
 int grid_for(int64_t work_items, int items_per_cta) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -166,10 +217,17 @@ void dequantize_blockwise_cuda(const DequantizeParams& p, cudaStream_t stream) {
   if (p.numel == 0) return;
   int log2_blocksize = 0;
   while ((int64_t{1} << log2_blocksize) < p.blocksize) ++log2_blocksize;
-  const int grid = grid_for(ceil_div<int64_t>(p.numel, kVec), kThreads);
+  const bool aligned = reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  const int64_t span = 128 / p.bits;  // values per 16-byte word of q
+  const int grid = aligned ? grid_for(std::max<int64_t>(p.numel / span, 1), kThreads)
+                           : grid_for(ceil_div<int64_t>(p.numel, kVec), kThreads);
   LOWRANK_DISPATCH_FLOAT(p.out_kind, T, [&] {
-    if (p.bits == 8) {
+    if (p.bits == 8 && aligned) {
+      dequantize_vec_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p, log2_blocksize);
+    } else if (p.bits == 8) {
       dequantize_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p, log2_blocksize);
+    } else if (aligned) {
+      dequantize_vec_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p, log2_blocksize);
     } else {
       dequantize_kernel<T, 4><<<grid, kThreads, 0, stream>>>(p, log2_blocksize);
     }
