@@ -157,8 +157,11 @@ TORCH_LIBRARY(lowrank, m) {
 
   // ---- sparse: sparse adapters (SHiRA, SLTrain) on a dense weight ----
   // weight.view(-1)[indices[a][i]] += alphas[a] * values[a][i] for each adapter a, in place; repeated
-  // indices accumulate; every index is checked before anything is written
-  m.def("sparse_scatter_add_(Tensor(a!) weight, Tensor[] indices, Tensor[] values, float[] alphas) -> ()");
+  // indices accumulate; every index is checked before anything is written. check_indices=False: the
+  // caller has checked them (lowrank_ext.sparse.apply does, once for all weights): CUDA then skips its
+  // host synchronisation and an out-of-range index trips a device assertion; the CPU checks anyway
+  m.def("sparse_scatter_add_(Tensor(a!) weight, Tensor[] indices, Tensor[] values, float[] alphas, "
+        "bool check_indices=True) -> ()");
   // SDDMM: grad_values[i] = sum_n grad_out[n, rows[i]] * x[n, cols[i]]; never the dense d_out x d_in gradient
   m.def("sddmm(Tensor grad_out, Tensor x, Tensor rows, Tensor cols) -> Tensor");
 

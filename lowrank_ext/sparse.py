@@ -96,6 +96,24 @@ def _check_adapter_entry(name: str, w: torch.Tensor, idx: torch.Tensor, val: tor
         raise TypeError(f"adapter values for {name!r} must be floating point, got {val.dtype}; nothing was written")
 
 
+def _check_ranges(model: nn.Module, per_weight: dict[str, tuple[list, list, list]]) -> None:
+    """Raises if any adapter index leaves its weight. The bounds of every index tensor on one
+    device come back to the host in one transfer (one synchronisation per device for the whole
+    apply, not one per weight), so the scatters can skip their own check."""
+    by_device: dict[torch.device, list[tuple[str, int, torch.Tensor]]] = {}
+    for name, (i, _, _) in per_weight.items():
+        numel = _weight(model, name).numel()
+        for t in i:
+            if t.numel():
+                by_device.setdefault(t.device, []).append((name, numel, torch.stack(torch.aminmax(t))))
+    for entries in by_device.values():
+        bounds = torch.stack([b for _, _, b in entries]).tolist()
+        for (name, numel, _), (lo, hi) in zip(entries, bounds):
+            if lo < 0 or hi >= numel:
+                raise RuntimeError(f"adapter indices for {name!r} are out of range for its {numel} weights; "
+                                   "nothing was written")
+
+
 @torch.no_grad()
 def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float | Sequence[float] = 1.0) -> Handle:
     """Adds ``alpha * values`` at each adapter's indices into the named weights, in place: several
@@ -119,12 +137,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
             i.append(idx.to(device=w.device, dtype=torch.int64))
             v.append(val.to(w.device))
             al.append(a)
-    for name, (i, v, al) in per_weight.items():
-        numel = _weight(model, name).numel()
-        for t in i:
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= numel):
-                raise RuntimeError(f"adapter indices for {name!r} are out of range for its {numel} weights; "
-                                   "nothing was written")
+    _check_ranges(model, per_weight)
     written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         for name, (i, v, al) in per_weight.items():
@@ -132,7 +145,7 @@ def apply(model: nn.Module, adapters: Adapter | Sequence[Adapter], alpha: float 
             idx = torch.cat(i)
             before = w.view(-1)[idx].clone()
             written.append((w, idx, before))  # before the write: an interrupt inside it is rolled back too
-            sparse_scatter_add_(w, i, v, al)
+            sparse_scatter_add_(w, i, v, al, check_indices=False)  # checked above, for every weight at once
             handle.entries[name] = (i, v, al, before)
     except BaseException:  # whatever stopped the writes: the weights go back as they were
         for w, idx, before in reversed(written):
@@ -172,7 +185,7 @@ def remove(model: nn.Module, handle: Handle) -> None:
         if last and handle.exact and untouched:
             w.view(-1)[torch.cat(i)] = before
         else:
-            sparse_scatter_add_(w, i, v, [-a for a in al])
+            sparse_scatter_add_(w, i, v, [-a for a in al], check_indices=False)  # apply checked them
     for w in weights:
         _applied(w).remove(handle)
     handle.removed = True

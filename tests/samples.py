@@ -277,6 +277,8 @@ def sparse_scatter_add_samples(device: str) -> Iterator[Sample]:
         yield Sample((w, [torch.arange(0, 800, 7, device=device), torch.tensor([3, 3, 799, 0], device=device)],
                       [torch.randn(115, device=device), torch.randn(4, device=device, dtype=dtype)], [1.0, -2.0]),
                      name=f"{dtype}-two-adapters")
+        yield Sample((w, [torch.randperm(800, device=device)[:50]], [torch.randn(50, device=device, dtype=dtype)],
+                      [0.25], False), name=f"{dtype}-checked-by-the-caller")
 
 
 def sddmm_samples(device: str) -> Iterator[Sample]:

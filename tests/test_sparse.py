@@ -112,6 +112,39 @@ def test_out_of_range_index_writes_nothing(device):
         assert torch.equal(w, w0)
 
 
+def test_indices_checked_by_the_caller(device):
+    # check_indices=False (what sparse.apply passes after its one check of every weight): the
+    # same result where the indices are in range; the CPU kernel still checks and writes nothing
+    w = torch.randn(40, 25, device=device)
+    idx = [torch.randperm(1000, device=device)[:90], torch.tensor([7, 7, 999, 0], device=device)]
+    vals = [torch.randn(90, device=device), torch.randn(4, device=device)]
+    want = w.clone()
+    sparse_scatter_add_(want, idx, vals, [0.5, -1.0])
+    sparse_scatter_add_(w, idx, vals, [0.5, -1.0], check_indices=False)
+    assert torch.equal(w, want)
+    if device == "cpu":  # on CUDA an out-of-range index would trip a device assertion (context lost)
+        with pytest.raises(RuntimeError, match="out of range"):
+            sparse_scatter_add_(w, [idx[0], torch.tensor([5, 1000])], [vals[0], torch.ones(2)], 1.0,
+                                check_indices=False)
+        assert torch.equal(w, want)
+
+
+def test_apply_checks_all_weights_in_one_transfer_then_skips_the_scatters_check(monkeypatch):
+    import lowrank_ext.sparse as sparse_mod
+    model = _model()
+    real, flags = sparse_mod.sparse_scatter_add_, []
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("check_indices", True))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sparse_mod, "sparse_scatter_add_", spy)
+    adapter = {"0": (torch.tensor([0, 5, 9]), torch.ones(3)), "2": (torch.tensor([1, 2]), torch.ones(2))}
+    handle = sparse.apply(model, adapter, alpha=0.5)
+    model[0].weight.data.view(-1)[0] += 1.0  # written since: remove subtracts through the scatter
+    sparse.remove(model, handle)
+    assert flags and not any(flags)
+
+
 @pytest.mark.parametrize("descent_at", [1, 16384, 20000])
 def test_one_descent_anywhere_is_seen_as_unsorted(descent_at):
     # The CPU scan checks order in parallel chunks (16384 or more indices; 20000 each on 2

@@ -94,8 +94,10 @@ void scatter_adapter(T* w, int64_t numel, const int64_t* idx, const V* val, int6
   });
 }
 
+// check_indices is not read: the CPU checks every index anyway (one pass over them, no
+// synchronisation to save), so an out-of-range one always raises before anything is written.
 void sparse_scatter_add_cpu(const at::Tensor& weight, at::TensorList indices, at::TensorList values,
-                            at::ArrayRef<double> alphas) {
+                            at::ArrayRef<double> alphas, bool /*check_indices*/) {
   check_scatter_args(weight, indices, values, alphas);
   const int64_t numel = weight.numel();
   std::vector<at::Tensor> idx(indices.size()), val(values.size());

@@ -26,10 +26,19 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def sparse_scatter_add_(weight: torch.Tensor, indices: torch.Tensor | Sequence[torch.Tensor],
-                        values: torch.Tensor | Sequence[torch.Tensor], alpha: float | Sequence[float] = 1.0) -> None:
+                        values: torch.Tensor | Sequence[torch.Tensor], alpha: float | Sequence[float] = 1.0, *,
+                        check_indices: bool = True) -> None:
     """``weight.view(-1)[indices] += alpha * values`` in place, for one adapter (tensors and a
     float) or several fused in one call (lists). Indices are flat int64 positions into the
     contiguous weight; values any float dtype (added in fp32, rounded into weight's dtype).
+
+    Every index is checked before anything is written: an out-of-range one raises and the
+    weight is unchanged. On CUDA that check reads the indices' bounds back to the host, one
+    synchronisation per call. ``check_indices=False`` says the caller has checked them (as
+    :func:`lowrank_ext.sparse.apply` does, once for all weights, and :func:`~lowrank_ext.sparse.remove`
+    with the indices apply checked): CUDA then does not synchronise, and an out-of-range index
+    trips a device-side assertion instead (the CUDA context is lost, as with torch's index
+    kernels; entries may have been written). The CPU checks either way.
 
     >>> import torch, lowrank_ext
     >>> w = torch.zeros(2, 3)
@@ -42,7 +51,8 @@ def sparse_scatter_add_(weight: torch.Tensor, indices: torch.Tensor | Sequence[t
         indices, values, alpha = [indices], [values], [alpha]
     elif is_scalar(alpha):
         alpha = [float(alpha)] * len(indices)
-    torch.ops.lowrank.sparse_scatter_add_(weight, list(indices), list(values), [float(a) for a in alpha])
+    torch.ops.lowrank.sparse_scatter_add_(weight, list(indices), list(values), [float(a) for a in alpha],
+                                          bool(check_indices))
 
 
 def sddmm(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -55,7 +65,7 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: tor
 
 
 @torch.library.register_fake("lowrank::sparse_scatter_add_")
-def _sparse_scatter_add_fake(weight, indices, values, alphas):
+def _sparse_scatter_add_fake(weight, indices, values, alphas, check_indices=True):
     torch._check(weight.dtype in _DTYPES, lambda: f"weight must be a float tensor, got {weight.dtype}")
     torch._check(len(indices) == len(values) == len(alphas), lambda: "indices, values and alphas: one entry each")
     for i, v in zip(indices, values):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 
-def sparse_scatter_add_ref(weight, indices, values, alphas):
+def sparse_scatter_add_ref(weight, indices, values, alphas, check_indices=True):
     """In place, like the op: each adapter's alpha * values summed per position in fp64 and
     added to the weight with one rounding (the kernels round once per entry: equal where no
-    index repeats within an adapter, within rounding where one does)."""
+    index repeats within an adapter, within rounding where one does). Indices are checked
+    whatever ``check_indices`` says (the op's flag only lets a device skip its own check)."""
     flat = weight.view(-1)
     numel = flat.numel()
     for idx in indices:
