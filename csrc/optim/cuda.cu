@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
     mids_m[i] = quant::code_midpoint(code_m, i);
     mids_v[i] = quant::code_midpoint(code_v, i);
   }
+  if (threadIdx.x == 0) mids_m[kCode - 1] = mids_v[kCode - 1] = INFINITY;  // nearest_index_padded's padding
   __syncthreads();
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -294,10 +295,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       const float vm = quant::normalize(m[k], am);
       const float vv = quant::normalize(v[k], RANK1 ? scale_v[k * kChunkThreads + tid] : av);
       im[k] = p.stochastic_exp_avg ? quant::stochastic_index(code_m, kCode, vm, uniform_from_bits16(random16(rnd_m, e)))
-                                   : quant::nearest_index(mids_m, kCode - 1, vm);
+                                   : quant::nearest_index_padded(mids_m, kCode, vm);
       iv[k] = p.stochastic_exp_avg_sq
                   ? quant::stochastic_index(code_v, kCode, vv, uniform_from_bits16(random16(rnd_v, e)))
-                  : quant::nearest_index(mids_v, kCode - 1, vv);
+                  : quant::nearest_index_padded(mids_v, kCode, vv);
       out[k] = store_param<P>(param[k], p, rnd_p, e0 + k);
     }
     store8(static_cast<P*>(s.param), e0, end, out);

@@ -32,6 +32,7 @@ __device__ __forceinline__ void load_code(const float* code, float* s_code, floa
   for (int i = threadIdx.x; i < kCodeSize; i += blockDim.x) s_code[i] = code[i];
   __syncthreads();
   for (int i = threadIdx.x; i < kCodeSize - 1; i += blockDim.x) s_mids[i] = code_midpoint(s_code, i);
+  if (threadIdx.x == 0) s_mids[kCodeSize - 1] = INFINITY;  // the padding of nearest_index_padded
   __syncthreads();
 }
 
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
         if constexpr (STOCHASTIC) {
           idx[k] = stochastic_index(s_code, kCodeSize, v, uniform_from_bits16(random16(r, static_cast<uint64_t>(base + i))));
         } else {
-          idx[k] = nearest_index(s_mids, kCodeSize - 1, v);
+          idx[k] = nearest_index_padded(s_mids, kCodeSize, v);
         }
       }
       if constexpr (BITS == 8) {

@@ -38,6 +38,18 @@ LOWRANK_HD int count_less_equal_pow2(const float* arr, int n, float v) {
   return lo + (arr[lo] <= v ? 1 : 0);
 }
 
+// #{j : arr[j] < v} over a sorted arr[0, n) with n a power of two, branch-free (a select per
+// step, log2(n) + 1 loads): count_less's answer without its data-dependent loop, which
+// diverges across a warp. A caller padding a shorter array to n puts +inf in the padding.
+LOWRANK_HD int count_less_pow2(const float* arr, int n, float v) {
+  int lo = 0;
+  for (int len = n; len > 1; len >>= 1) {
+    const int half = len >> 1;
+    lo += arr[lo + half - 1] < v ? half : 0;
+  }
+  return lo + (arr[lo] < v ? 1 : 0);
+}
+
 LOWRANK_HD float code_midpoint(const float* code, int j) { return 0.5f * (code[j] + code[j + 1]); }
 
 // NaN-propagating |x| max step: the flag records any non-finite value seen.
@@ -57,6 +69,11 @@ LOWRANK_HD float normalize(float x, float absmax) { return absmax > 0.f ? x / ab
 LOWRANK_HD int nearest_index(const float* mids, int n_mids, float v) {
   return count_less(mids, 0, n_mids, v);
 }
+
+// The same for a code of n = 2^bits entries whose n - 1 midpoints are followed by +inf in
+// mids[n - 1] (the CUDA kernels' shared-memory tables): nearest_index(mids, n - 1, v) for
+// every v that is not NaN (normalize() never gives NaN).
+LOWRANK_HD int nearest_index_padded(const float* mids, int n, float v) { return count_less_pow2(mids, n, v); }
 
 // The stochastic rounding decision for lo <= v < hi: up with probability (v - lo) / (hi - lo),
 // written without the division (u * gap < distance; u has 16 random bits).
