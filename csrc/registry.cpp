@@ -3,6 +3,7 @@
 // <family>/cuda.cu; fake (meta) and autograd registrations live in lowrank_ext/ops/.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -31,6 +32,17 @@ void bump_written_args(const c10::OperatorHandle& op, c10::DispatchKeySet keys, 
   }
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// The Autocast kernel of every op: the kernels compose ATen calls (GEMMs, QR, conversions) that
+// autocast, left on, would run in fp16/bf16 inside an autocast region, changing the ops' output
+// dtypes (rsvd's U came back bf16 for an fp32 A, galore_project's fp32 result bf16). The ops
+// compute in their inputs' dtypes; casting inputs under autocast is the Python layers' job
+// (lora_linear and the nn layers cast as nn.Linear does). Autocast is excluded for the kernel
+// and everything it calls, as torch's own autocast wrappers do for the ops they cast.
+void run_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.redispatchBoxed(keys - c10::autocast_dispatch_keyset, stack);
 }
 
 // The Autograd kernel of the in-place adapter ops (lora_merge_, lora_expand_,
@@ -228,4 +240,21 @@ TORCH_LIBRARY_IMPL(lowrank, ADInplaceOrView, m) {
   for (const char* name : {"adamw_step_quantized_", "adamw_step_rank1_", "adamw_step_fp32_", "lora_merge_", "lora_expand_",
                            "sparse_scatter_add_", "galore_apply_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_args>());
+}
+
+// Every op runs with autocast off inside (see run_without_autocast); test_registry checks the list
+// covers the namespace.
+constexpr const char* kAllOps[] = {
+    "quantize_blockwise", "dequantize_blockwise", "adamw_step_quantized_", "adamw_step_rank1_", "adamw_step_fp32_",
+    "lora_forward", "lora_backward", "lora_merge_", "lora_shrink", "lora_expand_", "lora_expand",
+    "lora_grouped_outer", "monarch_forward", "monarch_backward", "blockdiag_forward", "blockdiag_backward",
+    "sparse_scatter_add_", "sddmm", "gaussian_sketch", "jacobi_svd", "rsvd", "batched_rsvd", "svd_update",
+    "galore_project", "galore_apply_"};
+
+TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
+  for (const char* name : kAllOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+}
+
+TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
+  for (const char* name : kAllOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
 }

@@ -47,6 +47,43 @@ def test_op_is_complete(op):
     assert not missing, f"{op} lacks: {', '.join(missing)}"
 
 
+def _clone_args(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else [t.clone() for t in a]
+            if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else a for a in args]
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_compute_in_their_inputs_dtypes_under_autocast(op):
+    # the kernels compose ATen GEMMs that autocast, left on inside them, ran in bf16: rsvd's U
+    # came back bf16 for an fp32 A. Every op has an Autocast kernel that switches it off inside
+    # (csrc/registry.cpp: run_without_autocast); outputs and written arguments must equal the
+    # call's without autocast, bit for bit
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op}: no {key} kernel"
+    fn = getattr(torch.ops.lowrank, op.split("::")[1])
+    sample = next(s for s in SAMPLES[op]("cpu")
+                  if all(t.dtype != torch.float16 and t.dtype != torch.bfloat16 for t in _tensors(s.args)))
+    args_plain, args_autocast = _clone_args(sample.args), _clone_args(sample.args)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = fn(*args_plain)
+    torch.manual_seed(0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*args_autocast)
+    for g, w in zip(_tensors([got, args_autocast]), _tensors([want, args_plain])):
+        assert g.dtype == w.dtype, f"{op}: {g.dtype} under autocast, {w.dtype} without"
+        assert torch.equal(g, w) or (g.is_floating_point() and torch.equal(g.isnan(), w.isnan())
+                                     and torch.equal(g.nan_to_num(), w.nan_to_num())), op
+
+
 def test_build_info():
     info = lowrank_ext.build_info()
     for key in ("version", "torch_version", "cuda", "cuda_archs", "openmp", "cxx_compiler"):

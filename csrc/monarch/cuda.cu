@@ -188,16 +188,15 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// Whether strided_bmm takes the tensor-core kernel: a GPU of compute capability >= 8.0 running
-// code compiled for >= 8.0 (a build for older archs, JIT-compiled from their PTX on a newer
-// GPU, has only the kernel's __trap() branch).
+// Whether strided_bmm takes the tensor-core kernel on the current device: compute capability
+// >= 8.0 and the kernel image it runs compiled for >= 8.0 (a build for older archs,
+// JIT-compiled from their PTX on a newer GPU, has only the kernel's __trap() branch). The image
+// is per device, so the answer is too (a host call; cheap next to a launch).
 bool tensor_cores_for_16_bit() {
-  static const bool compiled_for_80 = [] {
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, strided_bmm_tc_kernel<__nv_bfloat16, float>));
-    return attr.ptxVersion >= 80;
-  }();
-  return at::cuda::getCurrentDeviceProperties()->major >= 8 && compiled_for_80;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, strided_bmm_tc_kernel<__nv_bfloat16, float>));
+  return attr.ptxVersion >= 80;
 }
 
 template <typename T, typename TC>
