@@ -168,11 +168,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   // none is asked (LoRA-FA: dB alone), neither t nor the mask pass is computed. fp16 forms it
   // in fp32: an fp16 g B can pass 65504 where t = scale g B fits (a loss-scaled g with
   // scale < 1), and folding the scale into B first would push small B entries into fp16's
-  // subnormals. (CUDA could skip g's fp32 copy with mm's out_dtype overload; not yet run there.)
+  // subnormals. On CUDA, fp16 and bf16 take cuBLAS's 16-bit-in, fp32-out GEMM (aten::mm.dtype,
+  // CUDA only): no fp32 copy of g, no rounding of g B to 16 bits, tensor cores (since 2026-11-25,
+  // not yet run on a GPU).
   const bool x_or_a = output_mask[0] || output_mask[1];
   if (!(x_or_a || (core && output_mask[3]) || (rank_scale && output_mask[4])))
     return {grad_x, grad_a, grad_b, grad_core, grad_rank_scale};
-  at::Tensor t = (dtype == at::kHalf ? at::mm(g.to(acc), lora_b.to(acc)) : at::mm(g, lora_b).to(acc)).mul_(scale);
+  const bool sixteen_bit = dtype == at::kHalf || dtype == at::kBFloat16;
+  at::Tensor t = (g.is_cuda() && sixteen_bit ? at::mm(g, lora_b, acc)
+                  : dtype == at::kHalf       ? at::mm(g.to(acc), lora_b.to(acc))
+                                             : at::mm(g, lora_b).to(acc))
+                     .mul_(scale);
   if (core) {
     if (output_mask[3]) grad_core = at::mm(t.t(), u).to(dtype);
     t = at::mm(t, core->to(acc));
