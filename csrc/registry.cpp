@@ -6,6 +6,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -242,19 +244,21 @@ TORCH_LIBRARY_IMPL(lowrank, ADInplaceOrView, m) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_args>());
 }
 
-// Every op runs with autocast off inside (see run_without_autocast); test_registry checks the list
-// covers the namespace.
-constexpr const char* kAllOps[] = {
-    "quantize_blockwise", "dequantize_blockwise", "adamw_step_quantized_", "adamw_step_rank1_", "adamw_step_fp32_",
-    "lora_forward", "lora_backward", "lora_merge_", "lora_shrink", "lora_expand_", "lora_expand",
-    "lora_grouped_outer", "monarch_forward", "monarch_backward", "blockdiag_forward", "blockdiag_backward",
-    "sparse_scatter_add_", "sddmm", "gaussian_sketch", "jacobi_svd", "rsvd", "batched_rsvd", "svd_update",
-    "galore_project", "galore_apply_"};
-
-TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
-  for (const char* name : kAllOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+// Every op runs with autocast off inside (see run_without_autocast). The ops are read from the
+// dispatcher: the TORCH_LIBRARY block above has defined them by now (static initialisers of one
+// file run in order), so an op added there gets these kernels without a second list.
+namespace {
+void register_without_autocast(torch::Library& m) {
+  for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {
+    constexpr std::string_view kPrefix = "lowrank::";
+    if (op.name.rfind(kPrefix, 0) != 0) continue;
+    std::string name = op.name.substr(kPrefix.size());
+    if (!op.overload_name.empty()) name += "." + op.overload_name;
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+  }
 }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
-  for (const char* name : kAllOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
-}
+TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) { register_without_autocast(m); }
+
+TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) { register_without_autocast(m); }

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch._library import simple_registry
+from torch.utils._pytree import tree_leaves, tree_map
 
 import lowrank_ext
 from lowrank_ext.bench import FAMILIES, get_family
@@ -47,17 +48,8 @@ def test_op_is_complete(op):
     assert not missing, f"{op} lacks: {', '.join(missing)}"
 
 
-def _clone_args(args):
-    return [a.clone() if isinstance(a, torch.Tensor) else [t.clone() for t in a]
-            if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else a for a in args]
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+def _tensors_of(x):
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -70,15 +62,17 @@ def test_ops_compute_in_their_inputs_dtypes_under_autocast(op):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op}: no {key} kernel"
     fn = getattr(torch.ops.lowrank, op.split("::")[1])
     sample = next(s for s in SAMPLES[op]("cpu")
-                  if all(t.dtype != torch.float16 and t.dtype != torch.bfloat16 for t in _tensors(s.args)))
-    args_plain, args_autocast = _clone_args(sample.args), _clone_args(sample.args)
+                  if all(t.dtype != torch.float16 and t.dtype != torch.bfloat16 for t in _tensors_of(s.args)))
+    def clone(args):
+        return tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, list(args))
+    args_plain, args_autocast = clone(sample.args), clone(sample.args)
     torch.manual_seed(0)
     with torch.no_grad():
         want = fn(*args_plain)
     torch.manual_seed(0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = fn(*args_autocast)
-    for g, w in zip(_tensors([got, args_autocast]), _tensors([want, args_plain])):
+    for g, w in zip(_tensors_of([got, args_autocast]), _tensors_of([want, args_plain])):
         assert g.dtype == w.dtype, f"{op}: {g.dtype} under autocast, {w.dtype} without"
         assert torch.equal(g, w) or (g.is_floating_point() and torch.equal(g.isnan(), w.isnan())
                                      and torch.equal(g.nan_to_num(), w.nan_to_num())), op

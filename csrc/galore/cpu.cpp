@@ -167,14 +167,7 @@ void galore_apply_cpu(at::Tensor& param, const at::Tensor& direction, const at::
   if (param.scalar_type() == at::kFloat) {
     // fp32: the product goes straight into param through BLAS (beta = decay, inside its
     // kernel), then the residual term in one more pass
-    // beta = 0 (lr wd = 1) would let BLAS ignore param: decay it first, so NaN/Inf stay
-    float beta = decay;
-    if (decay == 0.f) {
-      param.mul_(0.0);
-      beta = 1.f;
-    }
-    if (right) param.addmm_(x, pm, beta, 1.0);
-    else param.addmm_(pm, x, beta, 1.0);
+    addmm_back_into_fp32_(param, pm, x, right, decay);
     if (mode == Mode::Fira) param.addcmul_(g, right ? s.unsqueeze(1) : s.unsqueeze(0), fa);
     if (mode == Mode::Frugal) {
       at::Tensor work = param.is_contiguous() ? param : param.contiguous();

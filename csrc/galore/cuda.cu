@@ -274,17 +274,8 @@ void galore_apply_cuda(at::Tensor& param, const at::Tensor& direction, const at:
   const at::Tensor d = direction.contiguous();
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   if (mode == Mode::Galore && !p.quantized() && param.scalar_type() == at::kFloat) {
-    // fp32 param, fp32 P: one cuBLAS addmm_ into param (beta = decay inside its epilogue), as
-    // the CPU kernel does; beta = 0 (lr wd = 1) would let BLAS ignore param: decay it first, so
-    // NaN/Inf stay
-    const at::Tensor x = d.mul(static_cast<float>(-lr * scale) * decay);
-    float beta = decay;
-    if (decay == 0.f) {
-      param.mul_(0.0);
-      beta = 1.f;
-    }
-    if (right) param.addmm_(x, p.dense, beta, 1.0);
-    else param.addmm_(p.dense, x, beta, 1.0);
+    // fp32 param, fp32 P: one cuBLAS addmm_ into param, as the CPU kernel does
+    addmm_back_into_fp32_(param, p.dense, d.mul(static_cast<float>(-lr * scale) * decay), right, decay);
     return;
   }
   at::Tensor work = param.is_contiguous() ? param : param.contiguous();

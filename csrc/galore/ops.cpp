@@ -128,4 +128,14 @@ at::Tensor fira_residual_scale(const at::Tensor& direction, const at::Tensor& lo
   return at::div(num, at::clamp_min(at::linalg_vector_norm(low, 2, at::IntArrayRef{dim}), 1e-30)).contiguous();
 }
 
+void addmm_back_into_fp32_(at::Tensor& param, const at::Tensor& pm, const at::Tensor& x, bool right, float decay) {
+  float beta = decay;
+  if (decay == 0.f) {
+    param.mul_(0.0);
+    beta = 1.f;
+  }
+  if (right) param.addmm_(x, pm, beta, 1.0);
+  else param.addmm_(pm, x, beta, 1.0);
+}
+
 }  // namespace lowrank::galore

@@ -38,4 +38,10 @@ Mode check_apply_args(const at::Tensor& param, const at::Tensor& direction, cons
 // [n] or [m] on the device (ATen reductions of the small [rank, .] tensors: no host sync).
 at::Tensor fira_residual_scale(const at::Tensor& direction, const at::Tensor& low, bool right);
 
+// param = decay param + back(x) for an fp32 param, in place, as one BLAS / cuBLAS addmm_ with the
+// decay as its beta: back(x) = pm x (left, pm [m, rank]) or x pm (right, pm [rank, n]), pm the
+// dense fp32 P. beta = 0 (lr wd = 1) would let BLAS ignore param: it is zeroed first then, so
+// NaN/Inf in param stay NaN as in (0 * param).
+void addmm_back_into_fp32_(at::Tensor& param, const at::Tensor& pm, const at::Tensor& x, bool right, float decay);
+
 }  // namespace lowrank::galore

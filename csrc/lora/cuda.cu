@@ -13,8 +13,8 @@
 // - forward, xa = keep (x*m) A^T: per chunk of rows (kChunkBytes of x*m at a time), one
 //   Philox pass writes x*m and one cuBLAS GEMM with alpha = keep rounds it once into xa;
 // - backward, grad A = keep t^T (x*m): t rounded to x's dtype first, as the p = 0 path's
-//   t^T x is (ops.cpp), then the same chunks; 2-byte dtypes over several chunks take each
-//   chunk's product in fp32 (cuBLAS's 16-bit-in, fp32-out GEMM) and sum them in fp32;
+//   t^T x is (ops.cpp), then the same chunks; 2-byte dtypes take each chunk's product in fp32
+//   (cuBLAS's 16-bit-in, fp32-out GEMM), sum them in fp32 and round once;
 // - backward, grad x += keep m * (t A): one fused pass over grad x (masked_ta_add_kernel), the
 //   mask drawn as it is read, t A formed in registers (K = r is small): no [N, d_in] product
 //   in memory.
@@ -163,7 +163,7 @@ at::Tensor t_dropped_x_cuda(const at::Tensor& t, const at::Tensor& x, const Drop
   const at::Tensor t_x = t.to(x.scalar_type());
   const Dropout d01 = mask01(d);
   if (n == 0) return at::zeros({r, d_in}, x.options());
-  if (step >= n || x.element_size() >= 4) {  // one chunk, or a dtype that accumulates chunks itself
+  if (x.element_size() >= 4) {  // fp32 / fp64: the chunks accumulate in grad A itself (beta = 1)
     at::Tensor grad_a = at::empty({r, d_in}, x.options());
     for (int64_t r0 = 0; r0 < n; r0 += step) {
       const int64_t rows = std::min(step, n - r0);

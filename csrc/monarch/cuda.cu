@@ -98,14 +98,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One CTA per 64 x 64 output tile of each block (both kernels below).
+dim3 tile_grid(int64_t batch, int64_t m, int64_t n) {
+  TORCH_CHECK(batch <= 65535, "monarch: at most 65535 blocks on CUDA, got ", batch);
+  TORCH_CHECK(ceil_div<int64_t>(n, kBN) <= 65535, "monarch: a block of more than ", 65535 * kBN, " columns");
+  return dim3(static_cast<unsigned>(ceil_div<int64_t>(m, kBM)), static_cast<unsigned>(ceil_div<int64_t>(n, kBN)),
+              static_cast<unsigned>(batch));
+}
+
 template <typename TA, typename TB, typename TC, typename Acc>
 void launch_strided_bmm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   if (batch == 0 || m == 0 || n == 0) return;
-  TORCH_CHECK(batch <= 65535, "monarch: at most 65535 blocks on CUDA, got ", batch);
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(m, kBM)), static_cast<unsigned>(ceil_div<int64_t>(n, kBN)),
-                  static_cast<unsigned>(batch));
-  TORCH_CHECK(ceil_div<int64_t>(n, kBN) <= 65535, "monarch: a block of more than ", 65535 * kBN, " columns");
+  const dim3 grid = tile_grid(batch, m, n);
   strided_bmm_kernel<TA, TB, TC, Acc><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       a.const_data_ptr<TA>(), strides_of(a), b.const_data_ptr<TB>(), strides_of(b), c.mutable_data_ptr<TC>(),
       strides_of(c), m, n, k);
@@ -203,14 +208,7 @@ template <typename T, typename TC>
 void launch_strided_bmm_tc(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   if (batch == 0 || m == 0 || n == 0) return;
-  if (k == 0) {  // the tiles' loop would not run: C = 0
-    c.zero_();
-    return;
-  }
-  TORCH_CHECK(batch <= 65535, "monarch: at most 65535 blocks on CUDA, got ", batch);
-  TORCH_CHECK(ceil_div<int64_t>(n, kBN) <= 65535, "monarch: a block of more than ", 65535 * kBN, " columns");
-  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(m, kBM)), static_cast<unsigned>(ceil_div<int64_t>(n, kBN)),
-                  static_cast<unsigned>(batch));
+  const dim3 grid = tile_grid(batch, m, n);  // k = 0: no K step runs, the zeroed accumulators are stored
   strided_bmm_tc_kernel<typename WmmaType<T>::type, TC><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint16_t*>(a.const_data_ptr<T>()), strides_of(a),
       reinterpret_cast<const uint16_t*>(b.const_data_ptr<T>()), strides_of(b), c.mutable_data_ptr<TC>(),

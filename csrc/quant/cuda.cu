@@ -162,8 +162,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_vec_kernel(DequantizePara
   }
   if (first == 0) {
     for (int64_t e = nspans * kSpan; e < p.numel; ++e) {
-      const int index = BITS == 8 ? p.q[e] : (p.q[e >> 1] >> ((e & 1) * 4)) & 0xF;
-      out[e] = static_cast<T>(dequantize_value(s_code, index, p.absmax[e >> log2_blocksize]));
+      out[e] = static_cast<T>(dequantize_value(s_code, code_index(p.q, e, BITS), p.absmax[e >> log2_blocksize]));
     }
   }
 }

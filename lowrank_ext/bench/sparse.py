@@ -145,11 +145,8 @@ def _ours(case: Case, inputs: dict) -> Timed:
 
 def _ours_prechecked(case: Case, inputs: dict) -> Timed:
     from lowrank_ext.ops.sparse import sparse_scatter_add_
-    for w, idx in zip(inputs["weights"], inputs["idx"]):  # the caller's check, once, outside the timing
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.numel()):
-            raise SkipProvider("indices out of range")
 
-    def one(i, w, half=0):
+    def one(i, w, half=0):  # make_inputs draws the indices in range: the caller's check, done once
         if half != 2:
             sparse_scatter_add_(w, inputs["idx"][i], inputs["vals"][i], 1.0, check_indices=False)
         if half != 1:
